@@ -1,0 +1,302 @@
+"""The ``mangwale`` command line: a thin shell over ``Client`` (and ``serve`` over the server).
+
+Each command parses options, makes one client call and hands the result to ``render``. Errors
+become one line on stderr and an exit code in ``run`` (see ``errors.ExitCode``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import ExitCode, InvalidInput, MangwaleError
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+EXIT_CODES_HELP = """Exit codes: 0 ok/succeeded, 1 job failed or request refused, 2 usage error or invalid
+input, 3 cancelled, 4 not found, 5 not authorised, 6 timeout, 7 gave up reconnecting,
+8 server unreachable."""
+
+app = typer.Typer(
+    name="mangwale",
+    help="ML training jobs with live progress: run the server, manage datasets and jobs.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+datasets_app = typer.Typer(help="Create, list, show and delete datasets.", no_args_is_help=True, epilog=EXIT_CODES_HELP)
+jobs_app = typer.Typer(help="Create, list, show, cancel and delete training jobs.", no_args_is_help=True, epilog=EXIT_CODES_HELP)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+
+UrlOpt = Annotated[
+    Optional[str],
+    typer.Option("--url", envvar="MANGWALE_URL", help="server URL [default: http://localhost:8080]"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+
+
+def _client(url: str | None) -> Client:
+    from ..client import Client
+
+    return Client(url)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mangwale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """ML training jobs with live progress."""
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="address to bind [default: 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port for REST and WebSocket [default: 8080]")] = None,
+    data_dir: Annotated[
+        Optional[Path], typer.Option("--data-dir", help="where the store lives [default: $MANGWALE_HOME or ~/.local/share/mangwale]")
+    ] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="jobs run at once [default: 2]")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config file [default: DATA_DIR/mangwale.toml]")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="critical, error, warning, info, debug")] = None,
+) -> None:
+    """Run the server: REST API, WebSocket at /ws/training and the job runner, on one port."""
+    from ..server.run import serve as run_server
+    from ..settings import load
+
+    settings = load(
+        {
+            "host": host,
+            "port": port,
+            "data_dir": data_dir,
+            "runner_concurrency": concurrency,
+            "config_file": config,
+            "log_level": log_level,
+        }
+    )
+    run_server(settings)
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+
+@datasets_app.command("list")
+def datasets_list(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """List datasets."""
+    from . import render
+
+    rows = _client(url).list_datasets()
+    render.print_json(rows) if as_json else render.datasets_table(rows)
+
+
+@datasets_app.command("create")
+def datasets_create(
+    name: Annotated[str, typer.Argument(help="dataset name")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="examples: JSONL, CSV (text,intent or text,category) or a JSON array")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or json [default: from the file name]")] = None,
+    description: Annotated[Optional[str], typer.Option(help="free text")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the new dataset's id")] = False,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a dataset from a file of labelled examples."""
+    from ..datafile import DataFileError, parse_examples
+    from . import render
+
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {file}: {exc.strerror}", field="file") from None
+    try:
+        examples = parse_examples(data, filename=file.name, fmt=fmt)
+    except DataFileError as exc:
+        raise InvalidInput(f"{file}: {exc}", field="file") from None
+    ds = _client(url).create_dataset(name, examples, description)
+    if quiet:
+        typer.echo(ds["id"])
+    elif as_json:
+        render.print_json(ds)
+    else:
+        typer.echo(f"created dataset {ds['id']} ({ds['size']} examples, {ds.get('intentCount', 0)} intents)")
+
+
+@datasets_app.command("show")
+def datasets_show(
+    dataset_id: Annotated[str, typer.Argument(help="dataset id")], url: UrlOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Show a dataset and its intents."""
+    from . import render
+
+    ds = _client(url).get_dataset(dataset_id)
+    render.print_json(ds) if as_json else render.dataset_detail(ds)
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: Annotated[str, typer.Argument(help="dataset id")], url: UrlOpt = None) -> None:
+    """Delete a dataset (refused while a queued or running job uses it)."""
+    _client(url).delete_dataset(dataset_id)
+    typer.echo(f"deleted dataset {dataset_id}", err=True)
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+def _parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if raw:
+        try:
+            loaded = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidInput(f"--params is not valid JSON: {exc}", field="params") from None
+        if not isinstance(loaded, dict):
+            raise InvalidInput("--params must be a JSON object", field="params")
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"--param {pair!r} is not KEY=VALUE", field="param")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def _resolve_dataset(client: Client, ref: str | None) -> str | None:
+    """Accept a dataset id or a unique dataset name."""
+    if ref is None or ref.startswith("ds-"):
+        return ref
+    matches = [d["id"] for d in client.list_datasets() if d["name"] == ref]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise InvalidInput(f"several datasets are named {ref!r}; pass an id", field="dataset")
+    return ref
+
+
+@jobs_app.command("create")
+def jobs_create(
+    kind: Annotated[str, typer.Argument(help="job kind: nlu-train, fine-tune, simulate, ...")],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="dataset id or name")] = None,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses); repeatable")] = [],  # noqa: B006
+    params: Annotated[Optional[str], typer.Option("--params", help="params as a JSON object")] = None,
+    agent: Annotated[Optional[str], typer.Option("--agent", help="agent id")] = None,
+    idempotency_key: Annotated[
+        Optional[str], typer.Option("--idempotency-key", envvar="MANGWALE_IDEMPOTENCY_KEY", help="retries with the same key return the first job")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the job id")] = False,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue a training job."""
+    from . import render
+
+    client = _client(url)
+    job = client.create_job(
+        kind,
+        _resolve_dataset(client, dataset),
+        params=_parse_params(param, params),
+        agent_id=agent,
+        idempotency_key=idempotency_key,
+    )
+    if quiet:
+        typer.echo(job["id"])
+    elif as_json:
+        render.print_json(job)
+    else:
+        typer.echo(f"queued job {job['id']} ({job['kind']})")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[list[str], typer.Option("--status", "-s", help="only this status; repeatable")] = [],  # noqa: B006
+    limit: Annotated[int, typer.Option(help="at most this many jobs", min=1, max=1000)] = 50,
+    cursor: Annotated[Optional[str], typer.Option(help="continue after this job id (the next-page cursor)")] = None,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest first."""
+    from . import render
+
+    rows, nxt = _client(url).list_jobs(statuses=status or None, limit=limit, cursor=cursor)
+    if as_json:
+        render.print_json(rows)
+    else:
+        render.jobs_table(rows)
+        if nxt:
+            typer.echo(f"more: --cursor {nxt}", err=True)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one job."""
+    from . import render
+
+    job = _client(url).get_job(job_id)
+    render.print_json(job) if as_json else render.job_detail(job)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Cancel a queued or running job."""
+    from . import render
+
+    job = _client(url).cancel_job(job_id)
+    render.print_json(job) if as_json else typer.echo(f"job {job['id']} {job['status']}")
+
+
+@jobs_app.command("delete")
+def jobs_delete(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None) -> None:
+    """Delete a finished job and what it stored."""
+    _client(url).delete_job(job_id)
+    typer.echo(f"deleted job {job_id}", err=True)
+
+
+@jobs_app.command("kinds")
+def jobs_kinds(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """List the job kinds the server can run."""
+    from . import render
+
+    rows = _client(url).list_kinds()
+    if as_json:
+        render.print_json(rows)
+    else:
+        for k in rows:
+            typer.echo(f"{k['kind']:<16} {k['description']}")
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def run() -> None:
+    """Console-script entry: run the app, turning mangwale errors into one line + exit code."""
+    from . import render
+
+    try:
+        app()
+    except MangwaleError as exc:
+        render.error_line(exc.message)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(int(ExitCode.FAILED))

@@ -1,0 +1,159 @@
+"""Every error mangwale raises on purpose, and the exit code each one maps to.
+
+The tree::
+
+    MangwaleError                    (exit 1)  root; carries code, message, field, HTTP status
+    ├── InvalidInput                 (exit 2)  HTTP 400/422: a bad field, bad JSON, bad params
+    │   └── PayloadTooLarge          (exit 2)  HTTP 413
+    ├── NotFound                     (exit 4)  HTTP 404: unknown dataset, job, route
+    ├── Conflict                     (exit 1)  HTTP 409: cancel a finished job, delete a used dataset
+    ├── Unauthorized                 (exit 5)  HTTP 401
+    │   └── Forbidden                (exit 5)  HTTP 403
+    ├── Unavailable                  (exit 1)  HTTP 503: the store is failing, the server is full
+    ├── ServerError                  (exit 1)  HTTP 5xx the server did not explain
+    ├── Unreachable                  (exit 8)  client side: no TCP connection to the server
+    ├── StoreError                   (exit 1)  start-up: the store is corrupt, locked or too new
+    └── ConfigError                  (exit 2)  start-up: a setting has a bad value
+
+The server turns a ``MangwaleError`` into ``{"error": {"code", "message", "field"}}`` with its
+``status``; the client turns that body back into the same class (``from_response``); the CLI
+turns it into one line on stderr and ``exit_code``. That round trip is the only error path.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+
+class ExitCode(IntEnum):
+    """Exit codes of every client command. Documented in the README and ``--help``."""
+
+    OK = 0  # the command did what was asked; a followed job succeeded
+    FAILED = 1  # a followed job failed, or the server refused the request (conflict, 5xx)
+    USAGE = 2  # bad flags or arguments, or the server rejected the input as invalid
+    CANCELLED = 3  # a followed job was cancelled
+    NOT_FOUND = 4  # the job or dataset does not exist
+    UNAUTHORIZED = 5  # 401 or 403
+    TIMEOUT = 6  # --timeout reached
+    GAVE_UP = 7  # gave up reconnecting (--max-retries / --give-up-after)
+    UNREACHABLE = 8  # the server could not be reached by a one-shot command
+
+
+class MangwaleError(Exception):
+    """Root of mangwale's errors. ``field`` names the bad input, when there is one."""
+
+    status: int = 500
+    code: str = "error"
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON error body the server sends."""
+        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(MangwaleError):
+    status = 422
+    code = "invalid"
+    exit_code = ExitCode.USAGE
+
+
+class PayloadTooLarge(InvalidInput):
+    status = 413
+    code = "too_large"
+
+
+class NotFound(MangwaleError):
+    status = 404
+    code = "not_found"
+    exit_code = ExitCode.NOT_FOUND
+
+
+class Conflict(MangwaleError):
+    status = 409
+    code = "conflict"
+
+
+class Unauthorized(MangwaleError):
+    status = 401
+    code = "unauthorized"
+    exit_code = ExitCode.UNAUTHORIZED
+
+
+class Forbidden(Unauthorized):
+    status = 403
+    code = "forbidden"
+
+
+class Unavailable(MangwaleError):
+    status = 503
+    code = "unavailable"
+
+
+class ServerError(MangwaleError):
+    status = 500
+    code = "server_error"
+
+
+class Unreachable(MangwaleError):
+    status = 0
+    code = "unreachable"
+    exit_code = ExitCode.UNREACHABLE
+
+
+class StoreError(MangwaleError):
+    code = "store"
+
+
+class ConfigError(MangwaleError):
+    code = "config"
+    exit_code = ExitCode.USAGE
+
+
+_BY_STATUS: dict[int, type[MangwaleError]] = {
+    400: InvalidInput,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: InvalidInput,
+    503: Unavailable,
+}
+
+
+def from_response(status: int, body: Any) -> MangwaleError:
+    """Rebuild the error a server described in an HTTP response."""
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        cls = ServerError if status >= 500 else InvalidInput
+    message = f"HTTP {status}"
+    field = None
+    code = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        err = body["error"]
+        message = str(err.get("message") or message)
+        field = err.get("field")
+        code = err.get("code")
+    elif isinstance(body, dict) and "detail" in body:
+        message = str(body["detail"])
+    return cls(message, field=field, code=code, status=status)

@@ -1,0 +1,186 @@
+"""REST routes for datasets and jobs (the seed's paths and shapes)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request
+from starlette.responses import Response
+
+from .. import wire
+from ..errors import InvalidInput
+from ..service import Service
+from ..wire import DatasetCreate, DatasetPatch, JobCreate, JobStatus
+from .app import JSONOut
+
+router = APIRouter()
+
+ERRORS = {
+    400: {"model": wire.ErrorOut, "description": "Malformed request"},
+    404: {"model": wire.ErrorOut, "description": "Not found"},
+    409: {"model": wire.ErrorOut, "description": "Conflict"},
+    422: {"model": wire.ErrorOut, "description": "Invalid field"},
+}
+
+
+def svc(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+@router.get("/healthz", response_model=wire.HealthOut, tags=["meta"])
+async def healthz(request: Request) -> Response:
+    """Liveness, version, event-log position and job counts."""
+    return JSONOut(await svc(request).health())
+
+
+@router.get("/training/kinds", tags=["jobs"])
+async def list_kinds(request: Request) -> Response:
+    """Job kinds this server can run."""
+    return JSONOut(
+        [
+            {
+                "kind": t.kind,
+                "description": t.description,
+                "requiresDataset": t.requires_dataset,
+            }
+            for t in svc(request).trainers.kinds()
+        ]
+    )
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+
+@router.get("/training/datasets", response_model=list[wire.DatasetSummaryOut], tags=["datasets"])
+async def list_datasets(request: Request) -> Response:
+    """All datasets, oldest first, without their examples."""
+    return JSONOut([d.summary() for d in await svc(request).list_datasets()])
+
+
+@router.post(
+    "/training/datasets",
+    status_code=201,
+    response_model=wire.DatasetOut,
+    responses=ERRORS,
+    tags=["datasets"],
+)
+async def create_dataset(request: Request, body: DatasetCreate) -> Response:
+    """Create a dataset from labelled examples; broadcasts ``dataset_update`` (created)."""
+    ds = await svc(request).create_dataset(body)
+    return JSONOut(ds.to_dict(), status_code=201)
+
+
+@router.get("/training/datasets/{dataset_id}", response_model=wire.DatasetOut, responses=ERRORS, tags=["datasets"])
+async def get_dataset(request: Request, dataset_id: str) -> Response:
+    """One dataset with its examples."""
+    return JSONOut((await svc(request).get_dataset(dataset_id)).to_dict())
+
+
+@router.put("/training/datasets/{dataset_id}", response_model=wire.DatasetOut, responses=ERRORS, tags=["datasets"])
+async def update_dataset(request: Request, dataset_id: str, body: DatasetPatch) -> Response:
+    """Rename a dataset and/or replace its examples; broadcasts ``dataset_update`` (updated)."""
+    return JSONOut((await svc(request).update_dataset(dataset_id, body)).to_dict())
+
+
+@router.delete("/training/datasets/{dataset_id}", status_code=204, responses=ERRORS, tags=["datasets"])
+async def delete_dataset(request: Request, dataset_id: str) -> Response:
+    """Delete a dataset (409 while a queued or running job uses it)."""
+    await svc(request).delete_dataset(dataset_id)
+    return Response(status_code=204)
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+@router.get("/training/jobs", response_model=list[wire.JobOut], responses=ERRORS, tags=["jobs"])
+async def list_jobs(
+    request: Request,
+    status: Annotated[
+        list[JobStatus] | None, Query(description="only these statuses (repeat or comma-separate)")
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
+    cursor: Annotated[str | None, Query(max_length=100, description="X-Next-Cursor of the previous page")] = None,
+) -> Response:
+    """Jobs, newest first, as a bare JSON array. When more remain, ``X-Next-Cursor`` holds the
+    cursor of the next page."""
+    statuses = _parse_statuses(request)
+    jobs = await svc(request).list_jobs(statuses=statuses, limit=limit + 1 if limit else None, before=cursor)
+    headers = {}
+    if limit and len(jobs) > limit:
+        jobs = jobs[:limit]
+        headers["X-Next-Cursor"] = jobs[-1].id
+        nxt = request.url.include_query_params(cursor=jobs[-1].id)
+        headers["Link"] = f'<{nxt}>; rel="next"'
+    return JSONOut([j.to_dict() for j in jobs], headers=headers)
+
+
+def _parse_statuses(request: Request) -> list[JobStatus] | None:
+    raw = request.query_params.getlist("status")
+    if not raw:
+        return None
+    out = []
+    for chunk in raw:
+        for part in chunk.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                out.append(JobStatus(part))
+            except ValueError:
+                allowed = ", ".join(s.value for s in JobStatus)
+                raise InvalidInput(f"status {part!r} is not one of {allowed}", field="status") from None
+    return out or None
+
+
+@router.post(
+    "/training/jobs",
+    status_code=201,
+    response_model=wire.JobOut,
+    responses=ERRORS,
+    tags=["jobs"],
+)
+async def create_job(
+    request: Request,
+    body: JobCreate,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", max_length=200, description="retries with the same key return the first job"),
+    ] = None,
+) -> Response:
+    """Queue a training job; broadcasts ``job_created``."""
+    job, created = await svc(request).create_job(body, idempotency_key)
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return JSONOut(job.to_dict(), status_code=201, headers=headers)
+
+
+@router.get("/training/jobs/{job_id}", response_model=wire.JobOut, responses=ERRORS, tags=["jobs"])
+async def get_job(request: Request, job_id: str) -> Response:
+    """One job."""
+    return JSONOut((await svc(request).get_job(job_id)).to_dict())
+
+
+@router.post("/training/jobs/{job_id}/cancel", response_model=wire.JobOut, responses=ERRORS, tags=["jobs"])
+async def cancel_job(request: Request, job_id: str) -> Response:
+    """Cancel a queued or running job (409 when it already finished)."""
+    return JSONOut((await svc(request).cancel_job(job_id)).to_dict())
+
+
+@router.delete("/training/jobs/{job_id}", status_code=204, responses=ERRORS, tags=["jobs"])
+async def delete_job(request: Request, job_id: str) -> Response:
+    """Delete a finished job and what it stored (409 while queued or running)."""
+    await svc(request).delete_job(job_id)
+    return Response(status_code=204)
+
+
+@router.get("/training/jobs/{job_id}/events", response_model=list[wire.EventOut], responses=ERRORS, tags=["events"])
+async def job_events(
+    request: Request,
+    job_id: str,
+    since: Annotated[int, Query(ge=0, description="only events with seq > since")] = 0,
+) -> Response:
+    """The job's logged events still kept by the event log, oldest first."""
+    records = await svc(request).job_events(job_id, since)
+    return JSONOut("[" + ",".join(r.text for r in records) + "]")
+
+
+__all__ = ["router"]

@@ -1,0 +1,255 @@
+"""The application core: what every REST route and CLI operation does, without HTTP.
+
+``Service`` owns the data dir, the store, the event log and bus, the trainer registry and the
+runner. The server module translates HTTP and WebSocket to calls on it; tests can drive it
+directly. It never imports the web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any
+
+from . import __version__, wire
+from .errors import Conflict, InvalidInput, NotFound
+from .eventlog import FileEventLog, Record
+from .events import EventBus
+from .runner import Runner
+from .settings import Settings
+from .store.base import Store
+from .store.datadir import DataDir
+from .store.tinydb_store import TinyDBStore
+from .trainers import Registry
+from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DATASET_NAME = "food-delivery-sample"
+EVENT_HEAD_KEY = "eventHead"
+
+
+class Service:
+    def __init__(self, settings: Settings, trainers: Registry | None = None) -> None:
+        self.settings = settings
+        self.trainers = trainers or Registry()
+        self.datadir = DataDir(settings.data_dir)
+        self.store: Store = TinyDBStore(self.datadir, flush_interval=settings.store_flush_interval)
+        self.bus: EventBus | None = None
+        self.runner: Runner | None = None
+        self._last_created = 0
+        self._started = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.datadir.prepare()
+        try:
+            await self.store.open()
+            head = await self.store.get_meta(EVENT_HEAD_KEY)
+            elog = FileEventLog(
+                self.datadir.events,
+                retention=self.settings.events_retention,
+                fallback_head=head if isinstance(head, int) else 0,
+            )
+            elog.open()
+        except BaseException:
+            self.datadir.unlock()
+            raise
+        self.bus = EventBus(elog, queue_size=self.settings.ws_client_queue)
+        self.bus.start(self.settings.events_fsync_interval)
+        await self.store.set_meta(EVENT_HEAD_KEY, elog.head)
+        if self.settings.runner_sample_dataset:
+            await self.ensure_sample_dataset()
+        self.runner = Runner(
+            self.store,
+            self.bus,
+            self.trainers,
+            concurrency=self.settings.runner_concurrency,
+            max_attempts=self.settings.runner_max_attempts,
+        )
+        await self.runner.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        assert self.runner is not None and self.bus is not None
+        await self.runner.stop()
+        self.bus.flush()
+        await self.store.set_meta(EVENT_HEAD_KEY, self.bus.head)
+        await self.bus.stop()
+        await self.store.close()
+        self.datadir.unlock()
+
+    async def ensure_sample_dataset(self) -> Dataset | None:
+        """Load the shipped sample data set into a store that has never had one."""
+        if await self.store.get_meta("sampleLoaded"):
+            return None
+        from .datafile import load_sample_examples
+
+        ds = await self.create_dataset(
+            DatasetCreate(
+                name=SAMPLE_DATASET_NAME,
+                description="Sample food-delivery intents shipped with mangwale (20 intents x 15)",
+                examples=[wire.Example.model_validate(e) for e in load_sample_examples()],
+            )
+        )
+        await self.store.set_meta("sampleLoaded", ds.id)
+        return ds
+
+    # --- ids ------------------------------------------------------------------------------
+
+    def _stamp(self) -> int:
+        """Creation time in ms, strictly increasing so newest-first order is total."""
+        t = max(now_ms(), self._last_created + 1)
+        self._last_created = t
+        return t
+
+    @staticmethod
+    def _new_id(prefix: str, t: int) -> str:
+        return f"{prefix}-{t}-{secrets.token_hex(3)}"
+
+    # --- datasets -------------------------------------------------------------------------
+
+    async def list_datasets(self) -> list[Dataset]:
+        return await self.store.list_datasets()
+
+    async def get_dataset(self, dataset_id: str) -> Dataset:
+        ds = await self.store.get_dataset(dataset_id)
+        if ds is None:
+            raise NotFound(f"dataset {dataset_id} not found", field="datasetId")
+        return ds
+
+    async def create_dataset(self, body: DatasetCreate) -> Dataset:
+        t = self._stamp()
+        ds = Dataset(
+            id=self._new_id("ds", t),
+            name=body.name,
+            description=body.description,
+            examples=[e.to_dict() for e in body.examples],
+            created_at=t,
+            updated_at=t,
+        )
+        await self.store.create_dataset(ds)
+        self._publish(wire.dataset_update(ds.id, "created"))
+        return ds
+
+    async def update_dataset(self, dataset_id: str, body: DatasetPatch) -> Dataset:
+        ds = await self.get_dataset(dataset_id)
+        if body.name is not None:
+            ds.name = body.name
+        if body.description is not None:
+            ds.description = body.description
+        if body.examples is not None:
+            ds.examples = [e.to_dict() for e in body.examples]
+        ds.updated_at = now_ms()
+        await self.store.save_dataset(ds)
+        self._publish(wire.dataset_update(ds.id, "updated"))
+        return ds
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        await self.get_dataset(dataset_id)
+        users = [
+            j.id
+            for j in await self.store.list_jobs(statuses=ACTIVE)
+            if j.dataset_id == dataset_id
+        ]
+        if users:
+            raise Conflict(
+                f"dataset {dataset_id} is used by {len(users)} queued or running job(s): {', '.join(users[:5])}",
+                field="datasetId",
+                code="in_use",
+            )
+        await self.store.delete_dataset(dataset_id)
+        self._publish(wire.dataset_update(dataset_id, "deleted"))
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    async def create_job(self, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Validate and queue a job. Returns (job, created); a replayed key returns False."""
+        trainer = self.trainers.get(body.kind)
+        bad = wire.find_non_finite(body.params)
+        if bad:
+            raise InvalidInput(f"params.{bad} must be a finite number", field=f"params.{bad}")
+        if body.dataset_id is None:
+            if trainer.requires_dataset:
+                raise InvalidInput(f"kind {body.kind!r} needs a datasetId", field="datasetId")
+        else:
+            ds = await self.store.get_dataset(body.dataset_id)
+            if ds is None:
+                raise InvalidInput(
+                    f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset"
+                )
+            if trainer.requires_examples and ds.size == 0:
+                raise InvalidInput(f"dataset {body.dataset_id} has no examples", field="datasetId", code="empty_dataset")
+        trainer.validate_params(body.params)
+        t = self._stamp()
+        job = Job(
+            id=self._new_id("job", t),
+            kind=body.kind,
+            dataset_id=body.dataset_id,
+            agent_id=body.agent_id,
+            params=body.params,
+            created_at=t,
+            updated_at=t,
+        )
+        idem = (idempotency_key, body.fingerprint()) if idempotency_key else None
+        job, created = await self.store.create_job(job, idem)
+        if created:
+            self._publish(wire.job_created(job))
+            assert self.runner is not None
+            self.runner.submit(job)
+            log.info("job %s (%s) queued", job.id, job.kind)
+        return job, created
+
+    async def get_job(self, job_id: str) -> Job:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", field="jobId")
+        return job
+
+    async def list_jobs(
+        self, *, statuses: list[JobStatus] | None = None, limit: int | None = None, before: str | None = None
+    ) -> list[Job]:
+        if before is not None and await self.store.get_job(before) is None:
+            raise InvalidInput(f"cursor {before!r} does not name a job", field="cursor")
+        return await self.store.list_jobs(statuses=statuses, limit=limit, before=before)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        job = await self.get_job(job_id)
+        if job.status.terminal:
+            raise Conflict(f"job {job_id} already {job.status.value}", field="jobId", code="finished")
+        assert self.runner is not None
+        return await self.runner.cancel(job)
+
+    async def delete_job(self, job_id: str) -> None:
+        job = await self.get_job(job_id)
+        if not job.status.terminal:
+            raise Conflict(f"job {job_id} is {job.status.value}; cancel it first", field="jobId", code="active")
+        await self.store.delete_job(job_id)
+        assert self.runner is not None
+        await asyncio.to_thread(self.runner.remove_artifacts, job_id)
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _publish(self, event: dict[str, Any]) -> int:
+        assert self.bus is not None
+        return self.bus.publish(event)
+
+    async def job_events(self, job_id: str, since: int = 0) -> list[Record]:
+        await self.get_job(job_id)
+        assert self.bus is not None
+        return self.bus.history(since, {job_id})
+
+    async def health(self) -> dict[str, Any]:
+        assert self.bus is not None
+        return {
+            "status": "ok",
+            "version": __version__,
+            "epoch": self.bus.epoch,
+            "headSeq": self.bus.head,
+            "jobs": await self.store.count_jobs(),
+        }

@@ -1,0 +1,247 @@
+"""Server settings: one typed object, read from flags, then ``MANGWALE_*``, then TOML, then defaults.
+
+Each setting is declared once in ``SPECS`` with its TOML location (``section.key``), its
+environment variable and its default. The README's settings table is generated from it, and the
+config file is validated against it: an unknown key or a wrong type fails at start-up with a
+message naming the file, the key and the value.
+
+Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir)::
+
+    [server]      host, port, allowed_origins, log_level, shutdown_grace
+    [websocket]   ping_interval, ping_timeout, max_message_size, client_queue, max_connections
+    [store]       backend, flush_interval
+    [events]      retention, fsync_interval
+    [runner]      concurrency, max_attempts, heartbeat_interval, kill_grace, sample_dataset
+
+Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 8080
+CONFIG_NAME = "mangwale.toml"
+
+LOOPBACK_ORIGINS = [
+    r"https?://localhost(:\d+)?",
+    r"https?://127\.0\.0\.1(:\d+)?",
+    r"https?://\[::1\](:\d+)?",
+]
+
+
+def default_home() -> Path:
+    """Per-user data dir: ``$MANGWALE_HOME``, else ``$XDG_DATA_HOME/mangwale``, else ~/.local/share."""
+    env = os.environ.get("MANGWALE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "mangwale"
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # attribute of Settings
+    section: str  # TOML section
+    kind: type  # int, float, str, bool or list
+    help: str
+    minimum: float | None = None
+
+    @property
+    def env(self) -> str:
+        return "MANGWALE_" + self.name.upper()
+
+    @property
+    def toml_key(self) -> str:
+        prefix = _NAME_PREFIX.get(self.section, self.section + "_")
+        return f"{self.section}.{self.name.removeprefix(prefix)}"
+
+
+_NAME_PREFIX = {"server": "", "websocket": "ws_"}
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: Path = field(default_factory=default_home)
+    allowed_origins: list[str] = field(default_factory=lambda: list(LOOPBACK_ORIGINS))
+    log_level: str = "info"
+    shutdown_grace: float = 5.0
+    ws_ping_interval: float = 30.0
+    ws_ping_timeout: float = 20.0
+    ws_max_message_size: int = 64 * 1024
+    ws_client_queue: int = 1000
+    ws_max_connections: int = 10000
+    store_backend: str = "tinydb"
+    store_flush_interval: float = 0.5
+    events_retention: int = 100_000
+    events_fsync_interval: float = 1.0
+    runner_concurrency: int = 2
+    runner_max_attempts: int = 3
+    runner_kill_grace: float = 3.0
+    runner_sample_dataset: bool = True
+    config_file: Path | None = None
+    # Sections later issues add (trainers, auth) are kept raw here until they are read.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return self.http_url.replace("http://", "ws://", 1) + "/ws/training"
+
+
+SPECS: list[Spec] = [
+    Spec("host", "server", str, "address to bind"),
+    Spec("port", "server", int, "port for REST and WebSocket", minimum=0),
+    Spec("allowed_origins", "server", list, "Origin regexes admitted by CORS and the WebSocket check"),
+    Spec("log_level", "server", str, "critical, error, warning, info or debug"),
+    Spec("shutdown_grace", "server", float, "seconds running jobs get to stop on shutdown", 0),
+    Spec("ws_ping_interval", "websocket", float, "seconds between keepalive pings (0 = off)", 0),
+    Spec("ws_ping_timeout", "websocket", float, "seconds to wait for a pong before closing", 0),
+    Spec("ws_max_message_size", "websocket", int, "largest client message in bytes", 1),
+    Spec("ws_client_queue", "websocket", int, "events buffered per client before it is dropped", 1),
+    Spec("ws_max_connections", "websocket", int, "WebSocket connections before 503", 1),
+    Spec("store_backend", "store", str, "'tinydb' (embedded, in the data dir)"),
+    Spec("store_flush_interval", "store", float, "seconds progress writes may wait", 0),
+    Spec("events_retention", "events", int, "events the log keeps for replay", 10),
+    Spec("events_fsync_interval", "events", float, "seconds between event-log fsyncs", 0),
+    Spec("runner_concurrency", "runner", int, "jobs run at once", 1),
+    Spec("runner_max_attempts", "runner", int, "attempts before an interrupted job fails", 1),
+    Spec("runner_kill_grace", "runner", float, "seconds a cancelled trainer gets before SIGKILL", 0),
+    Spec("runner_sample_dataset", "runner", bool, "load the sample dataset into an empty store"),
+]
+_BY_NAME = {s.name: s for s in SPECS}
+_BY_TOML = {s.toml_key: s for s in SPECS}
+OPEN_SECTIONS = ("trainers", "auth")  # owned by later modules, validated there
+
+
+def _coerce(spec: Spec, value: Any, where: str) -> Any:
+    try:
+        if spec.kind is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                out = True
+            elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif spec.kind is list:
+            if isinstance(value, str):
+                out = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                out = list(value)
+            else:
+                raise ValueError
+        elif spec.kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif spec.kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if out != out or out in (float("inf"), float("-inf")):
+                raise ValueError
+        else:
+            if not isinstance(value, str):
+                raise ValueError
+            out = value
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: {spec.toml_key} must be a {spec.kind.__name__}, got {value!r}",
+            field=spec.toml_key,
+        ) from None
+    if spec.minimum is not None and out < spec.minimum:
+        raise ConfigError(f"{where}: {spec.toml_key} must be >= {spec.minimum}, got {value!r}", field=spec.toml_key)
+    if spec.name == "port" and out > 65535:
+        raise ConfigError(f"{where}: server.port must be <= 65535, got {value!r}", field="server.port")
+    if spec.name == "log_level" and out not in ("critical", "error", "warning", "info", "debug"):
+        raise ConfigError(f"{where}: server.log_level must be one of critical, error, warning, info, debug", field="server.log_level")
+    if spec.name == "store_backend" and out != "tinydb":
+        raise ConfigError(f"{where}: store.backend {out!r} is not supported (use 'tinydb')", field="store.backend")
+    return out
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flatten a TOML config into (settings by name, open sections). Unknown keys are errors."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", field="config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}", field="config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", field="config") from None
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for section, body in raw.items():
+        if section in OPEN_SECTIONS:
+            extra[section] = body
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]", field=section)
+        for key, value in body.items():
+            spec = _BY_TOML.get(f"{section}.{key}")
+            if spec is None:
+                raise ConfigError(f"{path}: unknown setting {section}.{key}", field=f"{section}.{key}")
+            values[spec.name] = _coerce(spec, value, str(path))
+    return values, extra
+
+
+def load(
+    flags: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Resolve settings: flags (non-None), then MANGWALE_* env, then the config file, then defaults."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = dict(os.environ if env is None else env)
+
+    data_dir = flags.get("data_dir") or env.get("MANGWALE_DATA_DIR") or env.get("MANGWALE_HOME")
+    data_dir = Path(data_dir).expanduser() if data_dir else default_home()
+    config_file = flags.get("config_file") or env.get("MANGWALE_CONFIG")
+    config_path: Path | None = Path(config_file).expanduser() if config_file else None
+    if config_path is None and (data_dir / CONFIG_NAME).is_file():
+        config_path = data_dir / CONFIG_NAME
+
+    merged: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if config_path is not None:
+        merged, extra = read_config_file(config_path)
+    for spec in SPECS:
+        if spec.env in env:
+            merged[spec.name] = _coerce(spec, env[spec.env], f"${spec.env}")
+    for name, value in flags.items():
+        if name in _BY_NAME:
+            merged[name] = _coerce(_BY_NAME[name], value, f"--{name.replace('_', '-')}")
+    known = {f.name for f in fields(Settings)}
+    return Settings(
+        data_dir=data_dir,
+        config_file=config_path,
+        extra=extra,
+        **{k: v for k, v in merged.items() if k in known},
+    )
+
+
+def settings_table() -> str:
+    """Markdown table of every setting, for the README."""
+    d = Settings(data_dir=Path("~"))
+    rows = ["| config key | environment | default | meaning |", "|---|---|---|---|"]
+    for s in SPECS:
+        default = getattr(d, s.name)
+        if isinstance(default, list):
+            default = ", ".join(default)
+        rows.append(f"| `{s.toml_key}` | `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)

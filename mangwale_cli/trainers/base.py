@@ -1,0 +1,106 @@
+"""The trainer plug-in interface.
+
+A trainer is given a ``TrainingContext`` (the job, its dataset, validated params, a progress
+reporter and a directory for artifacts) and runs as a coroutine. Cancelling the coroutine
+cancels the training; CPU-heavy trainers do their work in another process
+(``trainers.process.run_in_process``) so the server's event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import InvalidInput
+from ..wire import Dataset, Job
+
+
+class Reporter(Protocol):
+    async def progress(
+        self,
+        progress: float,
+        message: str | None = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        eta: float | None = None,
+    ) -> None:
+        """Report progress (0..100, never backwards within an attempt) and the current step."""
+
+
+@dataclass
+class TrainingContext:
+    job: Job
+    dataset: Dataset | None
+    params: dict[str, Any]
+    reporter: Reporter
+    artifacts_dir: Path
+
+
+class Trainer(ABC):
+    """One job kind."""
+
+    kind: str = ""
+    description: str = ""
+    requires_dataset: bool = True
+    requires_examples: bool = False
+
+    def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Return params with defaults applied; raise ``InvalidInput`` naming the field."""
+        return dict(params)
+
+    @abstractmethod
+    async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:
+        """Train; return final metrics (stored on the job) or None."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared numeric/bool parameter with bounds, for ``validate_declared``."""
+
+    name: str
+    kind: type
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def validate_declared(params: dict[str, Any], declared: list[Param]) -> dict[str, Any]:
+    """Check params against declarations: unknown names, types, bounds, NaN/inf."""
+    known = {p.name: p for p in declared}
+    for name in params:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise InvalidInput(f"unknown parameter {name!r} (allowed: {allowed})", field=f"params.{name}")
+    out: dict[str, Any] = {}
+    for p in declared:
+        value = params.get(p.name, p.default)
+        field = f"params.{p.name}"
+        if value is None:
+            out[p.name] = None
+            continue
+        if p.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{field} must be true or false, got {value!r}", field=field)
+        elif p.kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not value.is_integer()
+            ):
+                raise InvalidInput(f"{field} must be an integer, got {value!r}", field=field)
+            value = int(value)
+        elif p.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInput(f"{field} must be a number, got {value!r}", field=field)
+            if not math.isfinite(value):
+                raise InvalidInput(f"{field} must be finite", field=field)
+            value = float(value)
+        elif p.kind is str and not isinstance(value, str):
+            raise InvalidInput(f"{field} must be a string, got {value!r}", field=field)
+        if p.minimum is not None and value < p.minimum:
+            raise InvalidInput(f"{field} must be >= {p.minimum}, got {value!r}", field=field)
+        if p.maximum is not None and value > p.maximum:
+            raise InvalidInput(f"{field} must be <= {p.maximum}, got {value!r}", field=field)
+        out[p.name] = value
+    return out

@@ -1,0 +1,429 @@
+"""The wire format: the only module that knows JSON field names.
+
+REST bodies, WebSocket/SSE messages and stored documents all use the seed's camelCase shapes
+(``jobId``, ``datasetId``, ``createdAt``...). Timestamps are integer milliseconds since the
+epoch. Server, client, storage backends and the CLI go through the helpers here.
+
+Messages (server to client) on ``/ws/training`` and ``/training/events``:
+
+* ``connected``      greeting, not logged: ``message``, ``timestamp``, ``headSeq``, ``epoch``
+* ``job_created``    logged: ``job`` (the job document)
+* ``training_update`` logged: ``jobId``, ``status``, ``progress``, ``message``, ``timestamp``,
+  ``attempt`` and, when the trainer reports them, ``metrics`` and ``eta``
+* ``dataset_update`` logged: ``datasetId``, ``action`` (created/updated/deleted)
+* ``resync``, ``error``, ``pong``: control messages, not logged
+
+Every logged event carries ``seq`` (global, +1 per event), ``epoch`` (the log's id) and, when
+it concerns a job, ``jobSeq`` (+1 per event of that job). See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROTOCOL_VERSION = 1
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+class MsgType:
+    CONNECTED = "connected"
+    JOB_CREATED = "job_created"
+    TRAINING_UPDATE = "training_update"
+    DATASET_UPDATE = "dataset_update"
+    RESYNC = "resync"
+    ERROR = "error"
+    PING = "ping"
+    PONG = "pong"
+
+
+LOGGED_TYPES = frozenset({MsgType.JOB_CREATED, MsgType.TRAINING_UPDATE, MsgType.DATASET_UPDATE})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(text: str | bytes) -> Any:
+    """Strict JSON: NaN, Infinity and -Infinity are errors, as in RFC 8259."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON; refuses NaN and infinities rather than writing invalid JSON."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def find_non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite float inside ``value``, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "."
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = find_non_finite(v, f"{path}.{k}" if path else str(k))
+            if hit:
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = find_non_finite(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+# --- request bodies (validated by the server, documented in OpenAPI) -------------------------
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+MAX_TEXT = 2000
+MAX_NAME = 200
+
+
+class EntitySpan(BaseModel):
+    model_config = _STRICT
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    value: str = Field(max_length=MAX_TEXT)
+    entity: str = Field(min_length=1, max_length=MAX_NAME)
+
+
+class Example(BaseModel):
+    """One labelled utterance. Entity offsets are character offsets into ``text``."""
+
+    model_config = _STRICT
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    intent: str = Field(min_length=1, max_length=MAX_NAME)
+    entities: list[EntitySpan] | None = None
+
+    @field_validator("text", "intent")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("entities")
+    @classmethod
+    def _spans_match(cls, v: list[EntitySpan] | None, info: Any) -> list[EntitySpan] | None:
+        text = info.data.get("text")
+        if v is None or text is None:
+            return v
+        for i, span in enumerate(v):
+            if span.end <= span.start or span.end > len(text):
+                raise ValueError(f"entity {i}: span {span.start}..{span.end} is outside the text")
+            if text[span.start : span.end] != span.value:
+                raise ValueError(f"entity {i}: value {span.value!r} is not text[{span.start}:{span.end}]")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class DatasetCreate(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    examples: list[Example] = Field(default_factory=list)
+    description: str | None = Field(default=None, max_length=MAX_TEXT)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be blank")
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+
+class DatasetPatch(BaseModel):
+    """``PUT /training/datasets/{id}``: rename and/or replace the examples."""
+
+    model_config = _STRICT
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
+    examples: list[Example] | None = None
+    description: str | None = Field(default=None, max_length=MAX_TEXT)
+
+    _name_ok = field_validator("name")(DatasetCreate._name_ok.__func__)  # type: ignore[attr-defined]
+
+
+class JobCreate(BaseModel):
+    model_config = _STRICT
+    kind: str = Field(min_length=1, max_length=100)
+    dataset_id: str | None = Field(default=None, alias="datasetId", max_length=100)
+    agent_id: str | None = Field(default=None, alias="agentId", max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Stable text of the request, to tell a retried POST from a different one."""
+        return dumps(self.model_dump(by_alias=True))
+
+
+# --- documents ----------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    dataset_id: str | None
+    agent_id: str | None = None
+    status: JobStatus = JobStatus.QUEUED
+    progress: float = 0
+    message: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+    started_at: int | None = None
+    finished_at: int | None = None
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "datasetId": self.dataset_id,
+            "agentId": self.agent_id,
+            "status": self.status.value,
+            "progress": self.progress,
+            "message": self.message,
+            "params": self.params,
+            "attempt": self.attempt,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "error": self.error,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Job:
+        return cls(
+            id=d["id"],
+            kind=d["kind"],
+            dataset_id=d.get("datasetId"),
+            agent_id=d.get("agentId"),
+            status=JobStatus(d.get("status", "queued")),
+            progress=d.get("progress", 0),
+            message=d.get("message"),
+            params=d.get("params") or {},
+            attempt=d.get("attempt", 0),
+            created_at=d.get("createdAt", 0),
+            updated_at=d.get("updatedAt", 0),
+            started_at=d.get("startedAt"),
+            finished_at=d.get("finishedAt"),
+            error=d.get("error"),
+            metrics=d.get("metrics"),
+        )
+
+
+@dataclass
+class Dataset:
+    id: str
+    name: str
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    description: str | None = None
+    created_at: int = 0
+    updated_at: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.examples)
+
+    def intents(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for ex in self.examples:
+            counts[ex["intent"]] = counts.get(ex["intent"], 0) + 1
+        return counts
+
+    def summary(self) -> dict[str, Any]:
+        """The list form: no examples."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "size": self.size,
+            "intentCount": len(self.intents()),
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Dataset:
+        return cls(
+            id=d["id"],
+            name=d["name"],
+            examples=d.get("examples") or [],
+            description=d.get("description"),
+            created_at=d.get("createdAt", 0),
+            updated_at=d.get("updatedAt", 0),
+        )
+
+
+# --- response models (for the OpenAPI document) ----------------------------------------------
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    datasetId: str | None
+    agentId: str | None
+    status: JobStatus
+    progress: float
+    message: str | None
+    params: dict[str, Any]
+    attempt: int
+    createdAt: int
+    updatedAt: int
+    startedAt: int | None
+    finishedAt: int | None
+    error: str | None
+    metrics: dict[str, Any] | None
+
+
+class DatasetSummaryOut(BaseModel):
+    id: str
+    name: str
+    description: str | None
+    size: int
+    intentCount: int
+    createdAt: int
+    updatedAt: int
+
+
+class DatasetOut(DatasetSummaryOut):
+    examples: list[Example]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+class EventOut(BaseModel):
+    """A logged event: one of job_created, training_update, dataset_update."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["job_created", "training_update", "dataset_update"]
+    seq: int
+    epoch: str
+    timestamp: int
+    jobSeq: int | None = None
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    epoch: str
+    headSeq: int
+    jobs: dict[str, int]
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def job_created(job: Job) -> dict[str, Any]:
+    return {"type": MsgType.JOB_CREATED, "jobId": job.id, "job": job.to_dict(), "timestamp": now_ms()}
+
+
+def training_update(
+    job: Job, *, metrics: dict[str, Any] | None = None, eta: float | None = None
+) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "type": MsgType.TRAINING_UPDATE,
+        "jobId": job.id,
+        "status": job.status.value,
+        "progress": job.progress,
+        "message": job.message,
+        "attempt": job.attempt,
+        "timestamp": now_ms(),
+    }
+    if job.error and job.status is JobStatus.FAILED:
+        msg["error"] = job.error
+    if metrics:
+        msg["metrics"] = metrics
+    if eta is not None:
+        msg["eta"] = eta
+    return msg
+
+
+def dataset_update(dataset_id: str, action: str) -> dict[str, Any]:
+    return {
+        "type": MsgType.DATASET_UPDATE,
+        "datasetId": dataset_id,
+        "action": action,
+        "timestamp": now_ms(),
+    }
+
+
+def connected(head_seq: int, epoch: str) -> dict[str, Any]:
+    return {
+        "type": MsgType.CONNECTED,
+        "message": "Connected to training updates",
+        "timestamp": now_ms(),
+        "headSeq": head_seq,
+        "epoch": epoch,
+        "protocol": PROTOCOL_VERSION,
+    }
+
+
+def resync(reason: str, head_seq: int, epoch: str) -> dict[str, Any]:
+    return {
+        "type": MsgType.RESYNC,
+        "reason": reason,
+        "headSeq": head_seq,
+        "epoch": epoch,
+        "timestamp": now_ms(),
+    }
+
+
+def error_message(code: str, message: str) -> dict[str, Any]:
+    return {"type": MsgType.ERROR, "code": code, "message": message, "timestamp": now_ms()}
+
+
+def pong() -> dict[str, Any]:
+    return {"type": MsgType.PONG, "timestamp": now_ms()}
+
+
+def event_job_id(event: dict[str, Any]) -> str | None:
+    """The job an event is about, if any."""
+    return event.get("jobId")
