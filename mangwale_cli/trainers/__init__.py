@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import InvalidInput
 from .base import Trainer, TrainingContext
-from .seedsteps import FineTunePlaceholder, NluTrainPlaceholder
+from .nlu import FineTuneTrainer, NluTrainer
 from .simulate import SimulateTrainer
 
 
@@ -29,7 +29,7 @@ class Registry:
 
 
 def builtin() -> list[Trainer]:
-    return [SimulateTrainer(), NluTrainPlaceholder(), FineTunePlaceholder()]
+    return [SimulateTrainer(), NluTrainer(), FineTuneTrainer()]
 
 
 __all__ = ["Registry", "Trainer", "TrainingContext", "builtin"]

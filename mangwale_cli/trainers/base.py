@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import InvalidInput
+from ..store.base import Store
 from ..wire import Dataset, Job
 
 
@@ -29,6 +30,9 @@ class Reporter(Protocol):
     ) -> None:
         """Report progress (0..100, never backwards within an attempt) and the current step."""
 
+    async def log(self, stream: str, line: str) -> None:
+        """Record one log line (``stream``: stdout, stderr or trainer)."""
+
 
 @dataclass
 class TrainingContext:
@@ -37,6 +41,7 @@ class TrainingContext:
     params: dict[str, Any]
     reporter: Reporter
     artifacts_dir: Path
+    kill_grace: float = 3.0  # seconds a cancelled child gets between SIGTERM and SIGKILL
 
 
 class Trainer(ABC):
@@ -50,6 +55,10 @@ class Trainer(ABC):
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Return params with defaults applied; raise ``InvalidInput`` naming the field."""
         return dict(params)
+
+    async def check(self, params: dict[str, Any], store: Store) -> None:
+        """Checks that need the store (e.g. a base job); raise ``InvalidInput``."""
+        return None
 
     @abstractmethod
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:

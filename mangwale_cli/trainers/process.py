@@ -23,7 +23,7 @@ from typing import Any
 
 from .base import Reporter
 
-Emit = Callable[..., None]
+Emit = Any  # callable as emit(progress, message, metrics=..., eta=...); emit.log(line, stream)
 Work = Callable[[dict[str, Any], Emit], dict[str, Any] | None]
 
 _ctx: Any = None
@@ -40,11 +40,26 @@ class TrainerCrashed(RuntimeError):
     """The child process died without reporting a result."""
 
 
+_lifeline_hooks: list[Callable[[], None]] = []
+
+
+def on_lifeline_lost(hook: Callable[[], None]) -> None:
+    """In a child: run ``hook`` before the child exits because the server died (or let go of
+    it). A child that started processes of its own uses this to end them; ``os._exit`` skips
+    every other cleanup. Hooks run in the lifeline thread."""
+    _lifeline_hooks.append(hook)
+
+
 def _watch_lifeline(lifeline: Connection) -> None:
     try:
         lifeline.recv()
     except (EOFError, OSError):
         pass
+    for hook in _lifeline_hooks:
+        try:
+            hook()
+        except Exception:  # noqa: BLE001  (exiting regardless; the next hook still runs)
+            traceback.print_exc()
     os._exit(70)
 
 
@@ -52,9 +67,14 @@ def _child(work: Work, payload: dict[str, Any], progress: Connection, lifeline: 
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the server's terminal is the server's
 
-    def emit(progress_: float, message: str | None = None, **extra: Any) -> None:
-        progress.send(("progress", progress_, message, extra))
+    class Emitter:
+        def __call__(self, progress_: float, message: str | None = None, **extra: Any) -> None:
+            progress.send(("progress", progress_, message, extra))
 
+        def log(self, line: str, stream: str = "trainer") -> None:
+            progress.send(("log", stream, line))
+
+    emit = Emitter()
     try:
         result = work(payload, emit)
     except BaseException as exc:  # report every failure, including SystemExit
@@ -101,6 +121,8 @@ async def run_in_process(
             if msg[0] == "progress":
                 _, pct, message, extra = msg
                 await reporter.progress(pct, message, metrics=extra.get("metrics"), eta=extra.get("eta"))
+            elif msg[0] == "log":
+                await reporter.log(msg[1], msg[2])
             elif msg[0] == "result":
                 return msg[1]
             elif msg[0] == "error":

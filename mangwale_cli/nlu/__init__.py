@@ -1,0 +1,1 @@
+"""Natural-language understanding: the intent model and the entity extractor."""

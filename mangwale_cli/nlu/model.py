@@ -1,0 +1,275 @@
+"""The intent model: TF-IDF word and character n-grams and a linear classifier trained by epochs.
+
+``train`` fits the model epoch by epoch (``SGDClassifier.partial_fit``, modified Huber loss, so
+``predict_proba`` gives a confidence) on a stratified training split and reports each epoch's
+loss and validation accuracy through ``emit``. ``fine_tune`` starts from a trained model and may
+add intents. A model is saved with joblib as ``model.joblib`` beside ``metrics.json``.
+
+Everything here runs in a trainer's child process (or, for ``predict``, in a worker thread); it
+never touches the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .entities import EntityExtractor
+
+MODEL_FILE = "model.joblib"
+METRICS_FILE = "metrics.json"
+FORMAT_VERSION = 1
+
+Emit = Callable[..., None]
+
+_DIGITS = re.compile(r"\d")
+
+
+def normalize(text: str) -> str:
+    """Lower-case, every digit as 0: intents rarely hinge on which number was said."""
+    return _DIGITS.sub("0", text.lower())
+
+
+@dataclass
+class IntentModel:
+    vectorizer: Any
+    classifier: Any
+    entities: EntityExtractor
+    intents: list[str]
+    trained_at: int
+    meta: dict[str, Any]
+
+    def predict(self, text: str, top: int = 5) -> dict[str, Any]:
+        x = self.vectorizer.transform([normalize(text)])
+        proba = self.classifier.predict_proba(x)[0]
+        order = np.argsort(proba)[::-1][:top]
+        classes = self.classifier.classes_
+        ranking = [{"intent": str(classes[i]), "confidence": round(float(proba[i]), 4)} for i in order]
+        return {
+            "text": text,
+            "intent": ranking[0]["intent"],
+            "confidence": ranking[0]["confidence"],
+            "ranking": ranking,
+            "entities": self.entities.extract(text),
+        }
+
+    def save(self, directory: Path) -> Path:
+        import joblib
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (MODEL_FILE + ".tmp")
+        joblib.dump(self, tmp, compress=3)
+        path = directory / MODEL_FILE
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def load(directory: Path) -> IntentModel:
+        import joblib
+
+        model = joblib.load(directory / MODEL_FILE)
+        if not isinstance(model, IntentModel):
+            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model")
+        return model
+
+
+def _vectorizer() -> Any:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import FeatureUnion
+
+    return FeatureUnion(
+        [
+            ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32)),
+            (
+                "chars",
+                TfidfVectorizer(
+                    analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, dtype=np.float32
+                ),
+            ),
+        ]
+    )
+
+
+def auto_alpha(n_train: int) -> float:
+    """Regularisation by data size: small sets (hundreds of examples) need much more of it."""
+    return float(min(1e-2, max(1e-4, 1.0 / max(n_train, 1))))
+
+
+def split(
+    texts: list[str], labels: list[str], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Stratified train/validation indices. Intents with one example stay in training."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    train: list[int] = []
+    val: list[int] = []
+    for idx in by_label.values():
+        idx = list(rng.permutation(idx))
+        n_val = int(round(len(idx) * fraction)) if fraction > 0 else 0
+        n_val = min(n_val, len(idx) - 1)
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return sorted(train), sorted(val)
+
+
+def _loss(clf: Any, X: Any, y: np.ndarray, rng: np.random.Generator, cap: int = 4000) -> float:
+    """Mean one-vs-rest modified Huber loss on (a sample of) the training split."""
+    if X.shape[0] > cap:
+        pick = rng.choice(X.shape[0], cap, replace=False)
+        X, y = X[pick], y[pick]
+    scores = clf.decision_function(X)
+    if scores.ndim == 1:
+        scores = np.stack([-scores, scores], axis=1)
+    target = np.where(clf.classes_[None, :] == y[:, None], 1.0, -1.0)
+    z = target * scores
+    loss = np.where(z >= 1, 0.0, np.where(z >= -1, (1 - z) ** 2, -4 * z))
+    return float(loss.mean())
+
+
+def _scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not y_true:
+        return {}
+    per = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "macroF1": round(float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)), 4),
+        "perIntentF1": {lab: round(float(f), 4) for lab, f in zip(labels, per)},
+    }
+
+
+def train(
+    examples: list[dict[str, Any]],
+    params: dict[str, Any],
+    emit: Emit,
+    out_dir: Path | None,
+    base: IntentModel | None = None,
+) -> dict[str, Any]:
+    """Train (or, with ``base``, fine-tune) and save a model; returns the final metrics.
+
+    ``emit(progress, message, metrics=..., eta=...)`` follows the seed's steps with real work.
+    """
+    from sklearn.linear_model import SGDClassifier
+
+    started = time.monotonic()
+    epochs: int = params["epochs"]
+    seed: int = params["seed"]
+    rng = np.random.default_rng(seed)
+
+    emit(5, "Preprocessing data...")
+    texts = [normalize(e["text"]) for e in examples]
+    labels = [e["intent"] for e in examples]
+    train_idx, val_idx = split(texts, labels, params["validationFraction"], seed)
+    if base is None:
+        vectorizer = _vectorizer()
+        X_train = vectorizer.fit_transform([texts[i] for i in train_idx])
+    else:
+        vectorizer = base.vectorizer
+        X_train = vectorizer.transform([texts[i] for i in train_idx])
+    y_train = np.array([labels[i] for i in train_idx])
+    X_val = vectorizer.transform([texts[i] for i in val_idx]) if val_idx else None
+    y_val = [labels[i] for i in val_idx]
+    classes = sorted(set(labels) | (set(base.intents) if base is not None else set()))
+    emit(
+        15,
+        f"Preprocessed {len(examples)} examples: {len(train_idx)} to train, {len(val_idx)} to validate, "
+        f"{len(classes)} intents, {X_train.shape[1]} features",
+    )
+
+    before: dict[str, Any] = {}
+    if base is not None and X_val is not None:
+        before = _scores(y_val, [str(p) for p in base.classifier.predict(X_val)], sorted(set(y_val)))
+
+    alpha = params.get("alpha") or auto_alpha(len(train_idx))
+    clf = SGDClassifier(loss="modified_huber", alpha=alpha, random_state=seed)
+    if base is not None:
+        _warm_start(clf, base.classifier, classes, X_train, y_train)
+    history: list[dict[str, Any]] = []
+    t_train = time.monotonic()
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(X_train.shape[0])
+        clf.partial_fit(X_train[order], y_train[order], classes=np.array(classes))
+        metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "loss": round(_loss(clf, X_train, y_train, rng), 5)}
+        if X_val is not None:
+            metrics["valAccuracy"] = round(float(np.mean(clf.predict(X_val) == np.array(y_val))), 4)
+        history.append(metrics)
+        per_epoch = (time.monotonic() - t_train) / epoch
+        emit(
+            15 + 55 * epoch / epochs,
+            f"Training intent classifier... epoch {epoch}/{epochs}",
+            metrics=metrics,
+            eta=round(per_epoch * (epochs - epoch) + 1.0, 2),
+        )
+
+    train_examples = [examples[i] for i in train_idx]
+    n_spans = sum(len(e.get("entities") or []) for e in train_examples)
+    emit(72, f"Training entity extractor... ({n_spans} annotated spans)" if n_spans else "Training entity extractor... (no annotations)")
+    extractor = EntityExtractor.fit(train_examples)
+    if base is not None:
+        merged = dict(base.entities.values)
+        merged.update(extractor.values)
+        extractor.values = merged
+        for ent, pats in base.entities.patterns.items():
+            extractor.patterns.setdefault(ent, [])
+            extractor.patterns[ent] = list(dict.fromkeys(extractor.patterns[ent] + pats))[:20]
+        extractor._compiled = None
+
+    emit(85, "Validating model...")
+    final: dict[str, Any] = {"examples": len(examples), "intents": len(classes), "epochs": epochs, "alpha": alpha}
+    if X_val is not None:
+        scores = _scores(y_val, [str(p) for p in clf.predict(X_val)], sorted(set(y_val)))
+        final.update(scores)
+        final["validationSize"] = len(val_idx)
+        val_examples = [examples[i] for i in val_idx]
+        if any(e.get("entities") for e in val_examples):
+            final["entityScores"] = extractor.evaluate(val_examples)
+    if history:
+        final["loss"] = history[-1]["loss"]
+    if base is not None:
+        final["before"] = {k: v for k, v in before.items() if k != "perIntentF1"}
+        final["after"] = {k: final[k] for k in ("accuracy", "macroF1") if k in final}
+        final["newIntents"] = sorted(set(labels) - set(base.intents))
+        final["baseJobId"] = params.get("baseJobId")
+
+    emit(95, "Saving model...")
+    model = IntentModel(
+        vectorizer=vectorizer,
+        classifier=clf,
+        entities=extractor,
+        intents=classes,
+        trained_at=int(time.time() * 1000),
+        meta={"format": FORMAT_VERSION, "params": params, "history": history},
+    )
+    final["trainSeconds"] = round(time.monotonic() - started, 3)
+    if out_dir is not None:
+        path = model.save(out_dir)
+        (out_dir / METRICS_FILE).write_text(json.dumps(final, indent=2))
+        final["modelBytes"] = path.stat().st_size
+    return final
+
+
+def _warm_start(clf: Any, old: Any, classes: list[str], X: Any, y: np.ndarray) -> None:
+    """Give ``clf`` the base model's weights for the intents it knew; new intents start at 0."""
+    clf.partial_fit(X[:1], y[:1], classes=np.array(classes))
+    if clf.coef_.shape[0] != len(clf.classes_) or old.coef_.shape[0] != len(old.classes_):
+        return  # a two-class model has one weight row; start fresh rather than guess
+    old_index = {str(c): i for i, c in enumerate(old.classes_)}
+    for row, c in enumerate(clf.classes_):
+        j = old_index.get(str(c))
+        if j is not None:
+            clf.coef_[row] = old.coef_[j]
+            clf.intercept_[row] = old.intercept_[j]
+        else:
+            clf.coef_[row] = 0.0
+            clf.intercept_[row] = 0.0
+    clf.t_ = max(getattr(old, "t_", 1.0), 1.0)
