@@ -1,0 +1,514 @@
+"""Follow training events live over the WebSocket, resuming after any disconnect.
+
+``Follower`` is the client side of the replay contract in docs/protocol.md:
+
+* It connects to ``/ws/training`` with ``since`` (the last seq it handled), ``epoch`` and
+  ``jobs``. Following job ids starts at ``since=0``, so the output holds each job's whole
+  history; following everything (``all_jobs``) starts live from the server's head.
+* It drops every event with ``seq <= last handled`` and advances ``last handled`` only after
+  the handler has returned.
+* On ``resync`` it re-fetches job state over REST (``SnapshotItem``) and continues live.
+* On a transport failure or a retryable close code (``reconnect.classify``) it reconnects
+  with exponential backoff and jitter (``reconnect.backoff``), reset after each good connection. Before each
+  reconnect it asks REST about the jobs, since they may have ended while it was away.
+* Fatal answers (401/403, unknown job, close 1008/4400) raise at once; ``max_retries`` and
+  ``give_up_after`` raise ``GaveUp``; ``timeout`` raises ``TimedOut``.
+
+Everything it learns goes to one handler, in order: ``EventItem`` (a logged event, with its
+text as the server sent it), ``ResyncItem``, ``SnapshotItem`` and ``ConnectionChange``. No typer
+or rich here: ``mangwale watch`` renders what this module reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+from . import __version__, wire
+from .client import AsyncClient
+from .errors import ExitCode, GaveUp, InvalidInput, NotFound, TimedOut
+from .reconnect import FollowSettings, backoff, classify, describe_failure
+from .wire import MsgType
+
+__all__ = [
+    "ConnectionChange", "EventItem", "FollowSettings", "Follower", "Item", "JobView", "Outcome",
+    "ResyncItem", "SnapshotItem", "backoff", "classify", "outcome_code",
+]
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = "mangwale.v1"
+
+# --- what the handler receives ---------------------------------------------------------------
+
+
+def is_terminal(status: str | None) -> bool:
+    return status in ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class JobView:
+    """The latest known state of one job, from its events (and REST snapshots)."""
+
+    id: str
+    kind: str | None = None
+    status: str | None = None  # None until an event or a snapshot said
+    progress: float = 0.0
+    message: str | None = None
+    attempt: int = 0
+    eta: float | None = None  # seconds left, as of ``eta_at``
+    eta_at: int | None = None  # ms
+    error: str | None = None
+    metrics: dict[str, Any] | None = None
+    started_at: int | None = None  # ms: start of the current attempt
+    finished_at: int | None = None  # ms
+    job_seq: int | None = None  # last jobSeq handled
+
+    @property
+    def terminal(self) -> bool:
+        return is_terminal(self.status)
+
+    @property
+    def seconds(self) -> float | None:
+        """How long the current (or last) attempt ran, once it has ended."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max(0.0, (self.finished_at - self.started_at) / 1000)
+
+    def apply_event(self, ev: Mapping[str, Any]) -> None:
+        kind = ev.get("type")
+        ts = ev.get("timestamp")
+        if kind == MsgType.JOB_CREATED:
+            self.apply_doc(ev.get("job") or {})
+        elif kind == MsgType.TRAINING_UPDATE:
+            status = ev.get("status")
+            attempt = ev.get("attempt", self.attempt)
+            if status == "running" and (self.status != "running" or attempt != self.attempt or self.started_at is None):
+                self.started_at = ts
+            elif status == "queued":
+                self.started_at = None
+            self.status = status
+            self.progress = float(ev.get("progress") or 0)
+            self.message = ev.get("message")
+            self.attempt = attempt
+            self.eta = ev.get("eta")
+            self.eta_at = ts
+            self.error = ev.get("error")
+            if ev.get("metrics"):
+                self.metrics = ev["metrics"]
+            self.finished_at = ts if is_terminal(status) else None
+            if self.terminal:
+                self.eta = None
+        job_seq = ev.get("jobSeq")
+        if isinstance(job_seq, int):
+            self.job_seq = job_seq
+
+    def apply_doc(self, doc: Mapping[str, Any]) -> None:
+        """Take the state of a job document (``GET /training/jobs/{id}`` or ``job_created``)."""
+        self.kind = doc.get("kind", self.kind)
+        self.status = doc.get("status", self.status)
+        self.progress = float(doc.get("progress") or 0)
+        self.message = doc.get("message")
+        self.attempt = doc.get("attempt", self.attempt)
+        self.error = doc.get("error")
+        if doc.get("metrics"):
+            self.metrics = doc["metrics"]
+        self.started_at = doc.get("startedAt")
+        self.finished_at = doc.get("finishedAt") if self.terminal else None
+        self.eta = None
+
+    def summary(self) -> dict[str, Any]:
+        """The job's entry in ``watch --json``'s summary line."""
+        return {
+            "status": self.status,
+            "progress": self.progress,
+            "attempt": self.attempt,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "error": self.error,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass(frozen=True)
+class EventItem:
+    """A logged event, new to this follower. ``raw`` is its JSON as the server sent it."""
+
+    event: dict[str, Any]
+    raw: str
+    job: JobView | None  # the job it concerns, already updated; None for dataset events
+
+    @property
+    def seq(self) -> int:
+        return int(self.event["seq"])
+
+
+@dataclass(frozen=True)
+class ResyncItem:
+    """The server could not replay everything (``reason``); a snapshot of each job follows."""
+
+    message: dict[str, Any]
+    raw: str
+
+    @property
+    def reason(self) -> str:
+        return str(self.message.get("reason"))
+
+
+@dataclass(frozen=True)
+class SnapshotItem:
+    """Job state fetched over REST: after a resync, or when a job ended while we were away
+    and its last events are no longer in the server's log."""
+
+    job: JobView
+    doc: dict[str, Any]
+    reason: Literal["resync", "ended_while_away"]
+
+
+ConnState = Literal["connecting", "live", "reconnecting"]
+
+
+@dataclass(frozen=True)
+class ConnectionChange:
+    state: ConnState
+    attempt: int = 0
+    delay: float | None = None
+    reason: str | None = None  # why the last connection ended, for "reconnecting"
+    retry_at: float | None = None  # time.monotonic() of the next attempt
+
+    def describe(self, now: float | None = None) -> str:
+        """"live", "connecting", or "reconnecting in 4 s, attempt 3" (counting down with ``now``)."""
+        if self.state != "reconnecting":
+            return self.state
+        delay = self.delay or 0.0
+        if now is not None and self.retry_at is not None:
+            delay = max(0.0, self.retry_at - now)
+        return f"reconnecting in {format_delay(delay)}, attempt {self.attempt}"
+
+
+Item = EventItem | ResyncItem | SnapshotItem | ConnectionChange
+Handler = Callable[[Item], Awaitable[None] | None]
+
+
+def format_delay(seconds: float) -> str:
+    if seconds >= 1 or seconds == 0:
+        return f"{seconds:.0f} s"
+    return f"{seconds:.2g} s"
+
+
+def outcome_code(statuses: Iterable[str | None]) -> ExitCode:
+    """The worst outcome wins: failed, then cancelled, then succeeded."""
+    seen = set(statuses)
+    if "failed" in seen:
+        return ExitCode.FAILED
+    if "cancelled" in seen:
+        return ExitCode.CANCELLED
+    return ExitCode.OK
+
+
+@dataclass
+class Outcome:
+    jobs: dict[str, JobView] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return outcome_code(v.status for v in self.jobs.values())
+
+
+class _Dropped(Exception):
+    """The connection ended without a fatal answer; reconnect."""
+
+
+class _HandlerFailed(Exception):
+    """The handler raised (its ``__cause__``): not a network problem, never retried."""
+
+
+# --- the follower ------------------------------------------------------------------------------
+
+
+class Follower:
+    """Follow ``jobs`` (or the newest job with ``latest``, or everything with ``all_jobs``).
+
+    ``run(handler)`` returns an ``Outcome`` once every followed job has ended (never with
+    ``all_jobs``, which stops only at ``timeout`` or when cancelled). ``backoff`` is a factory of
+    delay iterators (``FollowSettings.backoff`` by default); tests pass millisecond delays.
+    ``rest`` replaces the REST client (an ``AsyncClient``-like object).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        jobs: Sequence[str] = (),
+        all_jobs: bool = False,
+        latest: bool = False,
+        since: int | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        give_up_after: float | None = None,
+        settings: FollowSettings | None = None,
+        backoff: Callable[[], Iterator[float]] | None = None,
+        rest: AsyncClient | None = None,
+        token: str | None = None,
+        rest_timeout: float = 10.0,
+    ) -> None:
+        if sum((bool(jobs), all_jobs, latest)) != 1:
+            raise InvalidInput("follow job ids, the latest job or all jobs (exactly one of them)")
+        if since is not None and since < 0:
+            raise InvalidInput(f"since must be >= 0, got {since}", field="since")
+        self.settings = settings or FollowSettings()
+        self._backoff = backoff or self.settings.backoff
+        self._own_rest = rest is None
+        self.rest: Any = rest or AsyncClient(url, token=token, timeout=rest_timeout)
+        self.url: str = self.rest.url
+        self.all_jobs = all_jobs
+        self.latest = latest
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.give_up_after = give_up_after
+        self.followed: list[str] = list(dict.fromkeys(jobs))
+        self.jobs: dict[str, JobView] = {j: JobView(j) for j in self.followed}
+        # With job ids, start from their first event; with --all, live from the head.
+        self.last_seq: int | None = since if since is not None or all_jobs else 0
+        self.epoch: str | None = None
+        self.connection = ConnectionChange("connecting")
+        self.duplicates = 0
+        self.resyncs = 0
+        self.connections = 0
+        self._handler: Handler | None = None
+        self._server_error: dict[str, Any] | None = None
+        self._good = False
+        self._dropped = False
+
+    # --- public ------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Every followed job has reached a terminal state (never true with ``all_jobs``)."""
+        return bool(self.followed) and all(self.jobs[j].terminal for j in self.followed)
+
+    def outcome(self) -> Outcome:
+        ids = self.followed or list(self.jobs)
+        return Outcome({j: self.jobs[j] for j in ids if j in self.jobs})
+
+    async def run(self, handler: Handler) -> Outcome:
+        self._handler = handler
+        try:
+            if self.timeout is None:
+                await self._follow()
+            else:
+                try:
+                    async with asyncio.timeout(self.timeout) as deadline:
+                        await self._follow()
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise
+                    raise TimedOut(f"--timeout {self.timeout:g} s reached before the jobs ended") from None
+        except _HandlerFailed as exc:
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
+        finally:
+            if self._own_rest:
+                await self.rest.aclose()
+        return self.outcome()
+
+    def ws_url(self) -> str:
+        params: dict[str, Any] = {}
+        if self.last_seq is not None:
+            params["since"] = self.last_seq
+            if self.epoch:
+                params["epoch"] = self.epoch
+        if self.followed:
+            params["jobs"] = ",".join(self.followed)
+        query = urlencode(params, safe=",")
+        return self.rest.ws_url + ("?" + query if query else "")
+
+    # --- the loop ----------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        delays = self._backoff()
+        attempt = 0
+        lost_at = time.monotonic()
+        await self._state(ConnectionChange("connecting"))
+        while True:
+            self._good = False
+            try:
+                if await self._check_jobs():
+                    return
+                if await self._session():
+                    return
+                reason = "connection closed"
+            except _HandlerFailed:
+                raise
+            except _Dropped as exc:
+                reason = str(exc)
+            except Exception as exc:  # noqa: BLE001  (classify re-raises what is not a network failure)
+                fatal = classify(exc, self._server_error)
+                if fatal is not None:
+                    raise fatal from None
+                reason = describe_failure(exc)
+                log.debug("connection failed: %r", exc)
+            self._dropped = True
+            if self._good:  # the last connection was good: start the backoff over
+                delays, attempt, lost_at = self._backoff(), 0, time.monotonic()
+            attempt += 1
+            waited = time.monotonic() - lost_at
+            if self.max_retries is not None and attempt > self.max_retries:
+                raise GaveUp(f"gave up after {self.max_retries} retries ({reason})")
+            if self.give_up_after is not None and waited >= self.give_up_after:
+                raise GaveUp(f"gave up: no connection to {self.url} for {waited:.1f} s ({reason})")
+            delay = next(delays)
+            if self.give_up_after is not None:
+                delay = min(delay, self.give_up_after - waited)
+            now = time.monotonic()
+            await self._state(ConnectionChange("reconnecting", attempt, delay, reason, now + delay))
+            await asyncio.sleep(delay)
+
+    async def _check_jobs(self) -> bool:
+        """Before each connection: resolve ``latest``, check that the jobs exist and, after a
+        drop, whether they all ended meanwhile. True when there is nothing left to follow."""
+        if self.latest and not self.followed:
+            rows = await self.rest.list_jobs(limit=1)
+            if not rows:
+                raise NotFound("there are no jobs to follow yet", field="jobId")
+            self.followed = [rows[0]["id"]]
+            self.jobs[rows[0]["id"]] = JobView(rows[0]["id"], kind=rows[0].get("kind"))
+        pending = [j for j in self.followed if not self.jobs[j].terminal]
+        docs = {j: await self.rest.get_job(j) for j in pending}  # an unknown job: NotFound
+        for j, doc in docs.items():
+            self.jobs[j].kind = self.jobs[j].kind or doc.get("kind")
+        if not self._dropped or not docs:
+            return not pending and bool(self.followed)
+        if all(is_terminal(d.get("status")) for d in docs.values()):
+            await self._catch_up_over_rest(docs)
+            return True
+        return False
+
+    async def _catch_up_over_rest(self, docs: dict[str, dict[str, Any]]) -> None:
+        """Every followed job ended while we were away: read their remaining events over REST
+        instead of reconnecting, and trust the job document for what the log no longer has."""
+        since = self.last_seq or 0
+        events: list[dict[str, Any]] = []
+        for job_id in docs:
+            events.extend(await self.rest.job_events(job_id, since))
+        for ev in sorted(events, key=lambda e: e["seq"]):
+            await self._handle_event(ev, wire.dumps(ev))
+        for job_id, doc in docs.items():
+            if not self.jobs[job_id].terminal:
+                await self._snapshot(job_id, doc, "ended_while_away")
+
+    async def _session(self) -> bool:
+        """One WebSocket connection. True when the followed jobs are done; raises when the
+        connection ends."""
+        from websockets.asyncio.client import connect
+
+        s = self.settings
+        self._server_error = None
+        headers = {k: v for k, v in getattr(self.rest, "headers", {}).items() if k == "Authorization"}
+        async with connect(
+            self.ws_url(),
+            additional_headers=headers,
+            user_agent_header=f"mangwale/{__version__}",
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            compression=None,
+            open_timeout=max(5.0, s.ping_timeout),
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            close_timeout=min(2.0, s.ping_timeout),
+            max_size=2**24,
+        ) as ws:
+            self.connections += 1
+            while True:
+                raw = await ws.recv()
+                if await self._on_message(raw if isinstance(raw, str) else raw.decode()):
+                    return True
+
+    async def _on_message(self, raw: str) -> bool:
+        try:
+            msg = wire.loads(raw)
+        except ValueError:
+            raise _Dropped("the server sent a message that is not JSON") from None
+        if not isinstance(msg, dict):
+            raise _Dropped("the server sent a message that is not a JSON object")
+        kind = msg.get("type")
+        if kind == MsgType.CONNECTED:
+            self.epoch = msg.get("epoch") or self.epoch
+            if self.last_seq is None:  # live only: we are at the head now
+                self.last_seq = int(msg.get("headSeq", 0))
+            self._good = True
+            await self._state(ConnectionChange("live"))
+            return False
+        if kind == MsgType.RESYNC:
+            await self._resync(msg, raw)
+            return self.done
+        if kind == MsgType.ERROR:
+            self._server_error = msg
+            log.info("server error message: %s", msg.get("message"))
+            return False
+        if "seq" in msg:
+            return await self._handle_event(msg, raw)
+        return False  # pong, or a control message a newer server added
+
+    async def _handle_event(self, ev: dict[str, Any], raw: str) -> bool:
+        seq = int(ev["seq"])
+        if self.last_seq is not None and seq <= self.last_seq:
+            self.duplicates += 1
+            return False
+        view = None
+        job_id = wire.event_job_id(ev)
+        if job_id is not None and (self.all_jobs or job_id in self.jobs):
+            view = self.jobs.get(job_id)
+            if view is None:
+                view = self.jobs[job_id] = JobView(job_id)
+            view.apply_event(ev)
+        await self._emit(EventItem(ev, raw, view))
+        self.last_seq = seq  # only now: the event has been handled
+        self.epoch = ev.get("epoch") or self.epoch
+        return self.done
+
+    async def _resync(self, msg: dict[str, Any], raw: str) -> None:
+        self.resyncs += 1
+        await self._emit(ResyncItem(msg, raw))
+        if self.all_jobs:
+            active = await self.rest.list_jobs(statuses=["queued", "running"], limit=1000)
+            ids = {d["id"]: d for d in active}
+            for job_id, view in self.jobs.items():
+                if not view.terminal and job_id not in ids:
+                    try:
+                        ids[job_id] = await self.rest.get_job(job_id)
+                    except NotFound:
+                        continue
+            docs = ids
+        else:
+            docs = {j: await self.rest.get_job(j) for j in self.followed}
+        for job_id, doc in docs.items():
+            await self._snapshot(job_id, doc, "resync")
+        for view in self.jobs.values():
+            view.job_seq = None  # numbering continues, but we no longer know where we are
+        self.epoch = msg.get("epoch") or self.epoch
+        self.last_seq = int(msg.get("headSeq", self.last_seq or 0))
+
+    async def _snapshot(self, job_id: str, doc: dict[str, Any], reason: Literal["resync", "ended_while_away"]) -> None:
+        view = self.jobs.get(job_id)
+        if view is None:
+            view = self.jobs[job_id] = JobView(job_id)
+        view.apply_doc(doc)
+        await self._emit(SnapshotItem(view, doc, reason))
+
+    async def _state(self, change: ConnectionChange) -> None:
+        self.connection = change
+        await self._emit(change)
+
+    async def _emit(self, item: Item) -> None:
+        assert self._handler is not None
+        try:
+            result = self._handler(item)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # whatever the handler raised is not a network failure
+            raise _HandlerFailed() from exc

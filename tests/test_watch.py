@@ -1,0 +1,463 @@
+"""``mangwale watch`` as users run it: a real CLI process against a real ``mangwale serve``.
+
+Covers kill -9 restarts of the server, network faults through a TCP proxy, a client further
+behind than the log (resync), the exit-code contract, what the tty view draws under tmux, and
+the exact plain, GitHub Actions and JSON transcripts. Timings are shrunk through the client's
+MANGWALE_BACKOFF_* / MANGWALE_WATCH_PING_* settings; conditions are waited for, never slept on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ServerProcess, free_port, wait_for
+from netproxy import NetProxy, netproxy  # noqa: F401  (fixture)
+
+SOAK = os.environ.get("MANGWALE_SOAK") == "1"
+KILL_ROUNDS = 20 if SOAK else 3
+
+CLIENT_ENV = {
+    "MANGWALE_BACKOFF_INITIAL": "0.05",
+    "MANGWALE_BACKOFF_MAX": "0.2",
+    "MANGWALE_WATCH_PING_INTERVAL": "0.5",
+    "MANGWALE_WATCH_PING_TIMEOUT": "1",
+}
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, **CLIENT_ENV, **extra}
+    for var in ("MANGWALE_URL", "GITHUB_ACTIONS"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def mangwale(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mangwale_cli", *args],
+        env=env or client_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+class Watch:
+    """A ``mangwale watch`` process whose output lines are collected as they arrive."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mangwale_cli", "watch", *args],
+            env=env or client_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream: Any, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(self.out)]
+
+    def events(self) -> list[dict[str, Any]]:
+        return [d for d in self.json_lines() if "seq" in d]
+
+    def stderr(self) -> str:
+        return "\n".join(self.err)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"watch did not exit in {timeout}s; stderr:\n{self.stderr()}") from None
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def watches() -> Any:
+    """Start ``Watch`` processes; any still running at the end is killed."""
+    made: list[Watch] = []
+
+    def make(*args: str, env: dict[str, str] | None = None) -> Watch:
+        w = Watch(*args, env=env)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.kill()
+
+
+def create_job(server: ServerProcess, **params: Any) -> str:
+    with server.client() as c:
+        r = c.post("/training/jobs", json={"kind": "simulate", "params": params})
+        r.raise_for_status()
+        return str(r.json()["id"])
+
+
+def get_job(server: ServerProcess, job_id: str) -> dict[str, Any]:
+    with server.client() as c:
+        return c.get(f"/training/jobs/{job_id}").json()  # type: ignore[no-any-return]
+
+
+def server_events(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
+    with server.client() as c:
+        return c.get(f"/training/jobs/{job_id}/events", params={"since": 0}).json()  # type: ignore[no-any-return]
+
+
+def finished(server: ServerProcess, job_id: str) -> bool:
+    return get_job(server, job_id)["status"] in ("succeeded", "failed", "cancelled")
+
+
+def assert_complete_transcript(w: Watch, server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
+    """watch printed every event of the job the server logged, each once, in order."""
+    events = w.events()
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs)), f"duplicates or disorder: {seqs}"
+    assert [e["jobSeq"] for e in events] == list(range(1, len(events) + 1)), "jobSeq has a gap"
+    assert seqs == [e["seq"] for e in server_events(server, job_id)]
+    assert {e["jobId"] for e in events} == {job_id}
+    return events
+
+
+# --- kill -9 ------------------------------------------------------------------------------------
+
+EXPECTED = {"succeeded": 0, "failed": 1, "cancelled": 3}
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed", "cancelled"])
+def test_watch_survives_kill9_restarts(server_factory: Callable[..., ServerProcess], watches: Any, outcome: str) -> None:
+    """Through repeated kill -9 restarts, watch --json prints each seq of the job once, in order, and exits with its outcome."""
+    server = server_factory(env={"MANGWALE_RUNNER_MAX_ATTEMPTS": str(KILL_ROUNDS + 5)})
+    params: dict[str, Any] = {"steps": 25, "stepMs": 40}
+    if outcome == "failed":
+        params["failAt"] = 20
+    job = create_job(server, **params)
+    w = watches(job, "--json", "--url", server.url)
+    for _ in range(KILL_ROUNDS):
+        target = len(w.events()) + 3
+        wait_for(lambda t=target: len(w.events()) >= t, 20, what="watch to show new events")
+        server.kill()
+        server.start()
+    last_attempt = KILL_ROUNDS + 1
+    wait_for(lambda: any(e.get("attempt") == last_attempt and e.get("status") == "running" for e in w.events()), 20)
+    if outcome == "cancelled":
+        with server.client() as c:
+            c.post(f"/training/jobs/{job}/cancel").raise_for_status()
+    assert w.wait_exit(40) == EXPECTED[outcome], w.stderr()
+    events = assert_complete_transcript(w, server, job)
+    assert events[-1]["status"] == outcome
+    assert sum(e.get("message", "").startswith("re-queued") for e in events) == KILL_ROUNDS
+    summary = w.json_lines()[-1]
+    assert summary["type"] == "summary" and summary["exitCode"] == EXPECTED[outcome]
+    assert summary["jobs"][job]["status"] == outcome and summary["jobs"][job]["attempt"] == last_attempt
+    assert "reconnecting in" in w.stderr()
+
+
+# --- network faults --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["cut", "reset", "blackhole"])
+def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811
+    """A cut, reset or blackholed connection between watch and server: watch reconnects and loses nothing."""
+    proxy = netproxy(server.port)
+    # A blackhole is only noticed by the client's keepalive (~1 s here): it needs a longer job.
+    job = create_job(server, steps=100 if fault == "blackhole" else 40, stepMs=40)
+    fast_ping = client_env(MANGWALE_WATCH_PING_INTERVAL="0.25", MANGWALE_WATCH_PING_TIMEOUT="0.5")
+    w = watches(job, "--json", "--url", proxy.url, env=fast_ping)
+    wait_for(lambda: len(w.events()) >= 4, what="watch to be live")
+    proxy.blackhole()  # nothing gets through while the job goes on
+    if fault == "cut":
+        assert proxy.cut() >= 1
+    elif fault == "reset":
+        assert proxy.reset() >= 1
+    # cut/reset: the client sees it at once; blackhole: only its keepalive ping times out.
+    wait_for(lambda: "reconnecting in" in w.stderr(), 15, what="watch to notice the dead connection")
+    wait_for(lambda: len(server_events(server, job)) >= len(w.events()) + 5, what="events watch has not seen")
+    assert not finished(server, job)
+    proxy.restore()
+    assert w.wait_exit(30) == 0, w.stderr()
+    assert_complete_transcript(w, server, job)
+    assert w.stderr().count("connection: live") >= 2
+
+
+def test_watch_resyncs_when_further_behind_than_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811
+    """A watcher away longer than the log keeps gets a resync, re-reads the job, and ends with its final state and exit code."""
+    server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"})
+    proxy = netproxy(server.port)
+    job = create_job(server, steps=80, stepMs=40, failAt=70)
+    w = watches(job, "--json", "--url", proxy.url)
+    wait_for(lambda: len(w.events()) >= 3, what="watch to be live")
+    proxy.blackhole()
+    proxy.cut()
+    wait_for(lambda: "reconnecting in" in w.stderr())
+    last = w.events()[-1]["seq"]
+    wait_for(lambda: server_events(server, job)[0]["seq"] > last + 3, what="the log to drop events watch never saw")
+    assert not finished(server, job)
+    proxy.restore()
+    assert w.wait_exit(30) == 1, w.stderr()
+    lines = w.json_lines()
+    kinds = [d["type"] for d in lines]
+    resync = lines[kinds.index("resync")]
+    assert resync["reason"] == "history_trimmed"
+    snapshot = lines[kinds.index("resync") + 1]
+    assert snapshot["type"] == "snapshot" and snapshot["jobId"] == job and snapshot["reason"] == "resync"
+    after = [d["seq"] for d in lines[kinds.index("resync") :] if "seq" in d]
+    assert after and min(after) > resync["headSeq"] and after == sorted(set(after))
+    assert lines[-1] == {
+        "type": "summary",
+        "jobs": {job: {**lines[-1]["jobs"][job], "status": "failed"}},
+        "exitCode": 1,
+        "reason": "finished",
+    }
+    assert "resync (history_trimmed)" in w.stderr()
+
+
+# --- exit codes --------------------------------------------------------------------------------
+
+
+def test_unknown_job_exits_4(server: ServerProcess) -> None:
+    """Following a job that does not exist: one error line, a summary line, exit 4, no retries."""
+    r = mangwale("watch", "job-nope", "--json", "--url", server.url)
+    assert r.returncode == 4, r.stderr
+    assert "mangwale: error: job job-nope not found" in r.stderr
+    assert "reconnecting" not in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1]) == {"type": "summary", "jobs": {"job-nope": {"status": None, "progress": 0.0, "attempt": 0, "seconds": None, "error": None, "metrics": None}}, "exitCode": 4, "reason": "not_found"}
+
+
+def test_since_beyond_head_exits_4(server: ServerProcess) -> None:
+    """A --since past the server's newest event is refused (close 4400) and exits 4 without retrying."""
+    r = mangwale("watch", "--all", "--since", "100000", "--url", server.url)
+    assert r.returncode == 4, r.stderr
+    assert "since=100000 is beyond the newest event" in r.stderr
+    assert "reconnecting" not in r.stderr
+
+
+def test_unreachable_gives_up_with_exit_7() -> None:
+    """No server: watch reports its reconnect attempts and exits 7 after --give-up-after."""
+    url = f"http://127.0.0.1:{free_port()}"
+    r = mangwale("watch", "job-x", "--give-up-after", "0.5", "--url", url)
+    assert r.returncode == 7, r.stderr
+    assert re.search(r"connection: server unreachable; reconnecting in 0\.\d+ s, attempt 1\n", r.stderr)
+    assert "mangwale: error: gave up: no connection to" in r.stderr
+    r = mangwale("watch", "job-x", "--max-retries", "2", "--url", url)
+    assert r.returncode == 7 and "attempt 2" in r.stderr and "attempt 3" not in r.stderr
+    assert "gave up after 2 retries" in r.stderr
+
+
+def test_timeout_exits_6(server: ServerProcess) -> None:
+    """--timeout bounds the wait: exit 6, and the summary shows the job still running."""
+    job = create_job(server, steps=200, stepMs=50)
+    r = mangwale("watch", job, "--timeout", "1", "--output", "plain", "--url", server.url)
+    assert r.returncode == 6, r.stderr
+    assert "--timeout 1 s reached" in r.stderr
+    assert re.search(rf"^stopped \(timeout\): {job} running \d+%; exit 6$", r.stdout, re.MULTILINE)
+
+
+def test_several_jobs_worst_outcome_wins(server: ServerProcess) -> None:
+    """With several jobs, watch waits for all of them and the worst outcome is the exit code."""
+    ok = create_job(server, steps=2, stepMs=10)
+    bad = create_job(server, steps=4, stepMs=10, failAt=3)
+    r = mangwale("watch", ok, bad, "--json", "--url", server.url)
+    assert r.returncode == 1, r.stderr
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert {j: v["status"] for j, v in summary["jobs"].items()} == {ok: "succeeded", bad: "failed"}
+
+
+def test_latest_follows_the_newest_job(server: ServerProcess) -> None:
+    """--latest follows only the newest job and exits with its outcome."""
+    older = create_job(server, steps=1, stepMs=1)
+    wait_for(lambda: finished(server, older))
+    newest = create_job(server, steps=2, stepMs=10, failAt=2)
+    r = mangwale("watch", "--latest", "--json", "--url", server.url)
+    assert r.returncode == 1, r.stderr
+    assert {json.loads(line).get("jobId") for line in r.stdout.splitlines()[:-1]} == {newest}
+
+
+def test_usage_errors_exit_2() -> None:
+    """No target, two targets, or --json against --output: usage errors (exit 2)."""
+    assert mangwale("watch").returncode == 2
+    assert mangwale("watch", "job-a", "--all").returncode == 2
+    r = mangwale("watch", "job-a", "--json", "--output", "plain")
+    assert r.returncode == 2 and "--json and --output" in r.stderr
+
+
+def test_jobs_create_watch_exits_with_outcome(server: ServerProcess) -> None:
+    """`jobs create --watch` is the CI one-liner: create, follow, exit with the job's outcome."""
+    r = mangwale("jobs", "create", "simulate", "-p", "steps=2", "-p", "stepMs=10", "--watch", "--json", "--url", server.url)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert lines[0]["type"] == "job_created" and lines[-1]["exitCode"] == 0
+    assert re.match(r"queued job job-\S+ \(simulate\)", r.stderr)
+    r = mangwale("jobs", "create", "simulate", "-p", "steps=3", "-p", "stepMs=10", "-p", "failAt=2", "--watch", "--url", server.url)
+    assert r.returncode == 1 and "failed" in r.stdout
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+def test_ctrl_c_detaches_or_cancels(server: ServerProcess, watches: Any, cancel: bool) -> None:
+    """Ctrl-C detaches (exit 130, the job keeps running); with --cancel-on-interrupt it cancels the job (exit 3)."""
+    job = create_job(server, steps=200, stepMs=50)
+    w = watches(job, "--output", "plain", "--url", server.url, *(["--cancel-on-interrupt"] if cancel else []))
+    wait_for(lambda: any("Simulating step" in line for line in w.out), what="watch to show progress")
+    w.proc.send_signal(signal.SIGINT)
+    rc = w.wait_exit(15)
+    status = get_job(server, job)["status"]
+    if cancel:
+        assert (rc, status) == (3, "cancelled"), w.stderr()
+        assert re.search(rf"^cancelled: {job} cancelled", w.out[-1])
+    else:
+        assert (rc, status) == (130, "running"), w.stderr()
+        assert w.out[-1].startswith(f"detached: {job} running")
+        assert f"follow again: mangwale watch {job}" in w.stderr()
+
+
+# --- exact transcripts -------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Replace what differs between runs: ids, epochs, timestamps and durations."""
+    text = re.sub(r"job-\d+-[0-9a-f]{6}", "JOB", text)
+    text = re.sub(r'"epoch":"[0-9a-f]+"', '"epoch":"E"', text)
+    text = re.sub(r'"(timestamp|createdAt|updatedAt|startedAt|finishedAt)":\d+', r'"\1":T', text)
+    text = re.sub(r'"seconds":[\d.]+', '"seconds":S', text)
+    text = re.sub(r"seconds=[\d.]+", "seconds=S", text)
+    return re.sub(r" in \d+(\.\d+)?s", " in Ns", text)
+
+
+def finished_job(server: ServerProcess, **params: Any) -> str:
+    job = create_job(server, **params)
+    wait_for(lambda: finished(server, job), what="the job to end")
+    return job
+
+
+def test_plain_output_exact(server: ServerProcess) -> None:
+    """Plain mode: one line per change, the whole history, a summary line; no ANSI codes, notices on stderr."""
+    job = finished_job(server, steps=3, stepMs=50)
+    r = mangwale("watch", job, "--url", server.url)  # stdout is a pipe: plain by default
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout + r.stderr
+    assert normalize(r.stdout) == (
+        "JOB  queued      0%  created (simulate)\n"
+        "JOB  running     0%  Starting...\n"
+        "JOB  running    33%  Simulating step 1/3  (eta 0.1s)\n"
+        "JOB  running    67%  Simulating step 2/3  (eta 0.1s)\n"
+        "JOB  running    99%  Simulating step 3/3  (eta 0.0s)\n"
+        "JOB  succeeded 100%  Training completed\n"
+        "finished: JOB succeeded in Ns [steps=3, seconds=S]; exit 0\n"
+    )
+    assert r.stderr == "mangwale: connection: live\n"
+
+
+def test_github_actions_output_exact(server: ServerProcess) -> None:
+    """With GITHUB_ACTIONS=true the job's lines are folded in ::group:: and a failure becomes ::error::."""
+    job = finished_job(server, steps=3, stepMs=20, failAt=2)
+    r = mangwale("watch", job, "--output", "plain", "--url", server.url, env=client_env(GITHUB_ACTIONS="true"))
+    assert r.returncode == 1, r.stderr
+    assert normalize(r.stdout) == (
+        "::group::JOB (simulate)\n"
+        "JOB  queued      0%  created (simulate)\n"
+        "JOB  running     0%  Starting...\n"
+        "JOB  running    33%  Simulating step 1/3  (eta 0.0s)\n"
+        "JOB  failed     33%  Training failed: simulated failure at step 2 of 3\n"
+        "::endgroup::\n"
+        "::error title=mangwale job failed::JOB failed: simulated failure at step 2 of 3\n"
+        "finished: JOB failed in Ns; exit 1\n"
+    )
+
+
+def test_json_output_exact(server: ServerProcess) -> None:
+    """JSON mode: the job's events exactly as the server logged them, then one summary line."""
+    job = finished_job(server, steps=2, stepMs=20)
+    r = mangwale("watch", job, "--json", "--url", server.url)
+    assert r.returncode == 0, r.stderr
+    logged = "\n".join(json.dumps(e, separators=(",", ":"), ensure_ascii=False) for e in server_events(server, job))
+    assert r.stdout.startswith(logged + "\n")  # byte for byte what the server sent
+    # The job document inside job_created belongs to the REST contract (checked byte for byte
+    # above); here only its id and params are pinned.
+    first, rest = r.stdout.split("\n", 1)
+    created = json.loads(first)
+    assert (created["job"]["id"], created["job"]["params"]) == (job, {"steps": 2, "stepMs": 20})
+    created["job"] = "DOC"
+    assert normalize(json.dumps(created, separators=(",", ":")) + "\n" + rest).splitlines() == [
+        '{"type":"job_created","jobId":"JOB","job":"DOC","timestamp":T,"seq":2,"epoch":"E","jobSeq":1}',
+        '{"type":"training_update","jobId":"JOB","status":"running","progress":0,"message":"Starting...","attempt":1,"timestamp":T,"seq":3,"epoch":"E","jobSeq":2}',
+        '{"type":"training_update","jobId":"JOB","status":"running","progress":50.0,"message":"Simulating step 1/2","attempt":1,"timestamp":T,"eta":0.02,"seq":4,"epoch":"E","jobSeq":3}',
+        '{"type":"training_update","jobId":"JOB","status":"running","progress":99.0,"message":"Simulating step 2/2","attempt":1,"timestamp":T,"eta":0.0,"seq":5,"epoch":"E","jobSeq":4}',
+        '{"type":"training_update","jobId":"JOB","status":"succeeded","progress":100,"message":"Training completed","attempt":1,"timestamp":T,"metrics":{"steps":2,"seconds":S},"seq":6,"epoch":"E","jobSeq":5}',
+        '{"type":"summary","jobs":{"JOB":{"status":"succeeded","progress":100.0,"attempt":1,"seconds":S,"error":null,"metrics":{"steps":2,"seconds":S}}},"exitCode":0,"reason":"finished"}',
+    ]
+
+
+# --- a real terminal ---------------------------------------------------------------------------
+
+
+class Tmux:
+    """A private tmux server (its own socket) running one command in a fixed-size window."""
+
+    def __init__(self, cmd: str, env: dict[str, str], width: int = 120, height: int = 12) -> None:
+        self.sock = f"mw-{uuid.uuid4().hex[:8]}"
+        subprocess.run(
+            ["tmux", "-L", self.sock, "-f", "/dev/null", "new-session", "-d", "-x", str(width), "-y", str(height), cmd],
+            env=env, check=True, timeout=10,
+        )
+
+    def screen(self) -> str:
+        r = subprocess.run(["tmux", "-L", self.sock, "capture-pane", "-p"], capture_output=True, text=True, timeout=10)
+        return r.stdout
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_tty_view_under_tmux(server: ServerProcess, tmp_path: Path) -> None:
+    """On a terminal: a bar per job with status, percent, message, elapsed and ETA, the connection badge, then the final state."""
+    job = create_job(server, steps=25, stepMs=80)
+    rc_file = tmp_path / "rc"
+    cmd = f"{sys.executable} -m mangwale_cli watch {job} --url {server.url}; echo $? > {rc_file}; sleep 60"
+    env = client_env(MANGWALE_BACKOFF_INITIAL="1", MANGWALE_BACKOFF_MAX="1", TERM="xterm-256color")
+    tmux = Tmux(cmd, env)
+    try:
+        running = wait_for(lambda: (s := tmux.screen()) and "running" in s and "eta" in s and "Simulating step" in s and s, 20,
+                           what="the live view")
+        assert "● live" in running and "━" in running
+        assert re.search(rf"{job} running .*━.* \d+% Simulating step \d+/25 .*\d\.\ds eta \d", running), running
+        server.kill()
+        down = wait_for(lambda: (s := tmux.screen()) and "reconnecting in" in s and s, 10, what="the reconnect badge")
+        assert re.search(r"● reconnecting in [\d.]+ s, attempt \d+", down), down
+        server.start()
+        wait_for(rc_file.exists, 30, what="watch to exit")
+        final = tmux.screen()
+        assert re.search(rf"{job} succeeded .*━.* 100% Training completed", final), final
+        assert f"finished: {job} succeeded in" in final
+        assert rc_file.read_text().strip() == "0"
+    finally:
+        tmux.close()
