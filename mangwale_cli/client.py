@@ -1,23 +1,62 @@
 """The Python client for a mangwale server: REST over httpx, errors as ``MangwaleError``.
 
-The CLI is a thin layer over this class. Every method returns decoded wire dicts.
+The CLI is a thin layer over ``Client``. Every method returns decoded wire dicts.
+``AsyncClient`` is its asyncio twin for the few calls a live follower (``follow.Follower``)
+makes between WebSocket messages; both map transport failures and error bodies the same way.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from . import __version__
-from .errors import MangwaleError, Unreachable, from_response
+from .errors import InvalidInput, MangwaleError, Unreachable, from_response
 
 DEFAULT_URL = "http://localhost:8080"
 
 
 def default_url() -> str:
     return os.environ.get("MANGWALE_URL") or DEFAULT_URL
+
+
+def ws_url_for(url: str) -> str:
+    """The WebSocket URL of the server at ``url`` (http -> ws, https -> wss)."""
+    url = url.rstrip("/")
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://") :] + "/ws/training"
+    return "ws://" + url.removeprefix("http://") + "/ws/training"
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    headers = {"User-Agent": f"mangwale/{__version__}"}
+    token = token or os.environ.get("MANGWALE_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _transport_error(url: str, method: str, path: str, exc: httpx.HTTPError) -> Unreachable:
+    if isinstance(exc, httpx.ConnectError):
+        return Unreachable(
+            f"cannot connect to {url}: is `mangwale serve` running there? (set --url or MANGWALE_URL)"
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return Unreachable(f"{url} did not answer {method} {path} in time")
+    return Unreachable(f"{method} {url}{path} failed: {exc}")
+
+
+def _checked(resp: httpx.Response) -> httpx.Response:
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        raise from_response(resp.status_code, body)
+    return resp
 
 
 class Client:
@@ -30,11 +69,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = (url or default_url()).rstrip("/")
-        headers = {"User-Agent": f"mangwale/{__version__}"}
-        token = token or os.environ.get("MANGWALE_TOKEN")
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=self.url, headers=_headers(token), timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -47,30 +82,16 @@ class Client:
 
     @property
     def ws_url(self) -> str:
-        if self.url.startswith("https://"):
-            return "wss://" + self.url[len("https://") :] + "/ws/training"
-        return "ws://" + self.url.removeprefix("http://") + "/ws/training"
+        return ws_url_for(self.url)
 
     # --- plumbing ---------------------------------------------------------------------------
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             resp = self._http.request(method, path, **kwargs)
-        except httpx.ConnectError:
-            raise Unreachable(
-                f"cannot connect to {self.url}: is `mangwale serve` running there? (set --url or MANGWALE_URL)"
-            ) from None
-        except httpx.TimeoutException:
-            raise Unreachable(f"{self.url} did not answer {method} {path} in time") from None
         except httpx.HTTPError as exc:
-            raise Unreachable(f"{method} {self.url}{path} failed: {exc}") from None
-        if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
-            raise from_response(resp.status_code, body)
-        return resp
+            raise _transport_error(self.url, method, path, exc) from None
+        return _checked(resp)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         resp = self.request(method, path, **kwargs)
@@ -155,3 +176,111 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+
+    # --- training output --------------------------------------------------------------------
+
+    def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """The job's stored log lines with ``lineNo > since``, oldest first."""
+        return self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})  # type: ignore[no-any-return]
+
+    def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """Every metrics report of the job (its training curve), oldest first."""
+        return self._json("GET", f"/training/jobs/{job_id}/metrics")  # type: ignore[no-any-return]
+
+    def predict(self, job_id: str, text: str) -> dict[str, Any]:
+        """Classify ``text`` with the model of a succeeded nlu-train / fine-tune job."""
+        return self._json("POST", f"/training/jobs/{job_id}/predict", json={"text": text})  # type: ignore[no-any-return]
+
+    def download_artifact(self, job_id: str, dest: Path) -> int:
+        """Stream the job's model into ``dest`` and return its size. The bytes go to a temp file
+        beside ``dest``, renamed over it only once complete: ``dest`` is never half written."""
+        path = f"/training/jobs/{job_id}/artifact"
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+        size = 0
+        try:
+            with self._http.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _checked(resp)
+                with open(tmp, "wb") as f:
+                    for chunk in resp.iter_bytes():
+                        f.write(chunk)
+                        size += len(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.url, "GET", path, exc) from None
+        except OSError as exc:
+            raise InvalidInput(f"cannot write {dest}: {exc.strerror or exc}", field="output") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client`` for the calls a follower makes while it streams."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self.headers = _headers(token)
+        self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
+
+    @property
+    def ws_url(self) -> str:
+        return ws_url_for(self.url)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.url, method, path, exc) from None
+        return _checked(resp)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = await self.request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:
+            raise MangwaleError(f"{method} {path}: the server sent something that is not JSON") from None
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        return await self._json("GET", f"/training/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def list_jobs(self, *, statuses: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """The newest jobs first (one page)."""
+        params: dict[str, Any] = {}
+        if statuses:
+            params["status"] = ",".join(statuses)
+        if limit:
+            params["limit"] = limit
+        return await self._json("GET", "/training/jobs", params=params)  # type: ignore[no-any-return]
+
+    async def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        return await self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})  # type: ignore[no-any-return]
+
+    async def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        return await self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})  # type: ignore[no-any-return]
+
+    async def health(self) -> dict[str, Any]:
+        return await self._json("GET", "/healthz")  # type: ignore[no-any-return]
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return await self._json("POST", f"/training/jobs/{job_id}/cancel")  # type: ignore[no-any-return]

@@ -10,8 +10,11 @@ The tree::
     ├── Unauthorized                 (exit 5)  HTTP 401
     │   └── Forbidden                (exit 5)  HTTP 403
     ├── Unavailable                  (exit 1)  HTTP 503: the store is failing, the server is full
+    │   └── InsufficientStorage      (exit 1)  HTTP 507: the disk is full; nothing was saved
     ├── ServerError                  (exit 1)  HTTP 5xx the server did not explain
     ├── Unreachable                  (exit 8)  client side: no TCP connection to the server
+    ├── TimedOut                     (exit 6)  client side: a follower's --timeout was reached
+    ├── GaveUp                       (exit 7)  client side: a follower stopped reconnecting
     ├── StoreError                   (exit 1)  start-up: the store is corrupt, locked or too new
     └── ConfigError                  (exit 2)  start-up: a setting has a bad value
 
@@ -109,6 +112,13 @@ class Unavailable(MangwaleError):
     code = "unavailable"
 
 
+class InsufficientStorage(Unavailable):
+    """The data dir's disk is full (ENOSPC): the request changed nothing; retry once space is freed."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 class ServerError(MangwaleError):
     status = 500
     code = "server_error"
@@ -118,6 +128,22 @@ class Unreachable(MangwaleError):
     status = 0
     code = "unreachable"
     exit_code = ExitCode.UNREACHABLE
+
+
+class TimedOut(MangwaleError):
+    """``--timeout`` ran out before the followed jobs ended."""
+
+    status = 0
+    code = "timeout"
+    exit_code = ExitCode.TIMEOUT
+
+
+class GaveUp(MangwaleError):
+    """A follower stopped reconnecting (``--max-retries`` / ``--give-up-after``)."""
+
+    status = 0
+    code = "gave_up"
+    exit_code = ExitCode.GAVE_UP
 
 
 class StoreError(MangwaleError):
@@ -138,6 +164,7 @@ _BY_STATUS: dict[int, type[MangwaleError]] = {
     413: PayloadTooLarge,
     422: InvalidInput,
     503: Unavailable,
+    507: InsufficientStorage,
 }
 
 

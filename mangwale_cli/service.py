@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from pathlib import Path
 from typing import Any
 
 from . import __version__, wire
@@ -21,24 +22,31 @@ from .settings import Settings
 from .store.base import Store
 from .store.datadir import DataDir
 from .store.tinydb_store import TinyDBStore
-from .trainers import Registry
+from .trainers import Registry, builtin
+from .trainers.command import command_trainers
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
 
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET_NAME = "food-delivery-sample"
-EVENT_HEAD_KEY = "eventHead"
+MODEL_FILE = "model.joblib"
+MODEL_CACHE = 4
+SEQ_CEILING_KEY = "seqCeiling"  # every seq ever issued is below this (durably reserved blocks)
+SEQ_BLOCK = 10_000
 
 
 class Service:
     def __init__(self, settings: Settings, trainers: Registry | None = None) -> None:
         self.settings = settings
-        self.trainers = trainers or Registry()
+        # The operator's [trainers.<kind>] commands join the built-ins (ConfigError when bad).
+        self.trainers = trainers or Registry([*builtin(), *command_trainers(settings)])
         self.datadir = DataDir(settings.data_dir)
         self.store: Store = TinyDBStore(self.datadir, flush_interval=settings.store_flush_interval)
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._models: dict[str, Any] = {}  # job id -> loaded IntentModel, oldest first
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -47,19 +55,23 @@ class Service:
         self.datadir.prepare()
         try:
             await self.store.open()
-            head = await self.store.get_meta(EVENT_HEAD_KEY)
+            head = await self.store.get_meta(SEQ_CEILING_KEY)
             elog = FileEventLog(
                 self.datadir.events,
                 retention=self.settings.events_retention,
+                log_retention=self.settings.events_log_retention,
                 fallback_head=head if isinstance(head, int) else 0,
             )
             elog.open()
         except BaseException:
             self.datadir.unlock()
             raise
+        # If events.jsonl is ever lost, the new epoch starts at the ceiling: no seq is reused.
+        ceiling = elog.head + SEQ_BLOCK
+        await self.store.set_meta(SEQ_CEILING_KEY, ceiling)
         self.bus = EventBus(elog, queue_size=self.settings.ws_client_queue)
+        self.bus.reserve(ceiling, SEQ_BLOCK, self._raise_ceiling)
         self.bus.start(self.settings.events_fsync_interval)
-        await self.store.set_meta(EVENT_HEAD_KEY, elog.head)
         if self.settings.runner_sample_dataset:
             await self.ensure_sample_dataset()
         self.runner = Runner(
@@ -68,6 +80,9 @@ class Service:
             self.trainers,
             concurrency=self.settings.runner_concurrency,
             max_attempts=self.settings.runner_max_attempts,
+            stall_after=self.settings.runner_stall_after,
+            kill_grace=self.settings.runner_kill_grace,
+            log_lines_per_job=self.settings.runner_log_lines,
         )
         await self.runner.start()
         self._started = True
@@ -79,10 +94,22 @@ class Service:
         assert self.runner is not None and self.bus is not None
         await self.runner.stop()
         self.bus.flush()
-        await self.store.set_meta(EVENT_HEAD_KEY, self.bus.head)
         await self.bus.stop()
         await self.store.close()
         self.datadir.unlock()
+
+    def _raise_ceiling(self, ceiling: int) -> None:
+        """Durably move the seq ceiling up before the bus runs out of reserved numbers."""
+
+        async def write() -> None:
+            try:
+                await self.store.set_meta(SEQ_CEILING_KEY, ceiling)
+            except Exception:  # the next publish retries
+                log.exception("could not reserve event numbers up to %d", ceiling)
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def ensure_sample_dataset(self) -> Dataset | None:
         """Load the shipped sample data set into a store that has never had one."""
@@ -185,7 +212,7 @@ class Service:
                 )
             if trainer.requires_examples and ds.size == 0:
                 raise InvalidInput(f"dataset {body.dataset_id} has no examples", field="datasetId", code="empty_dataset")
-        trainer.validate_params(body.params)
+        await trainer.check(trainer.validate_params(body.params), self.store)
         t = self._stamp()
         job = Job(
             id=self._new_id("job", t),
@@ -223,15 +250,50 @@ class Service:
         if job.status.terminal:
             raise Conflict(f"job {job_id} already {job.status.value}", field="jobId", code="finished")
         assert self.runner is not None
-        return await self.runner.cancel(job)
+        job = await self.runner.cancel(job)
+        # The runner saves the final state from its own task; a disk that refused it must not be
+        # acknowledged as cancelled (507/503 instead; the state is saved once the disk has room).
+        await self.store.save_job(job, durable=True)
+        return job
 
     async def delete_job(self, job_id: str) -> None:
         job = await self.get_job(job_id)
         if not job.status.terminal:
             raise Conflict(f"job {job_id} is {job.status.value}; cancel it first", field="jobId", code="active")
         await self.store.delete_job(job_id)
+        self._models.pop(job_id, None)
         assert self.runner is not None
         await asyncio.to_thread(self.runner.remove_artifacts, job_id)
+
+    # --- models ---------------------------------------------------------------------------
+
+    async def model_path(self, job_id: str) -> Path:
+        """The saved model of a succeeded nlu-train / fine-tune job."""
+        job = await self.get_job(job_id)
+        path = self.store.artifact_dir(job_id) / MODEL_FILE
+        if job.status is not JobStatus.SUCCEEDED or not path.is_file():
+            raise NotFound(
+                f"job {job_id} has no model ({job.kind}, {job.status.value}); "
+                "models come from succeeded nlu-train and fine-tune jobs",
+                field="jobId",
+                code="no_model",
+            )
+        return path
+
+    async def predict(self, job_id: str, text: str) -> dict[str, Any]:
+        """Classify ``text`` with a job's model (loaded once, then kept in a small cache)."""
+        path = await self.model_path(job_id)
+        model = self._models.get(job_id)
+        if model is None:
+            from .nlu.model import IntentModel
+
+            model = await asyncio.to_thread(IntentModel.load, path.parent)
+            self._models[job_id] = model
+            while len(self._models) > MODEL_CACHE:
+                self._models.pop(next(iter(self._models)))
+        result: dict[str, Any] = await asyncio.to_thread(model.predict, text)
+        result["jobId"] = job_id
+        return result
 
     # --- events ---------------------------------------------------------------------------
 
@@ -244,6 +306,17 @@ class Service:
         assert self.bus is not None
         return self.bus.history(since, {job_id})
 
+    async def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """The job's stored log lines with ``lineNo > since``."""
+        await self.get_job(job_id)
+        lines = await self.store.read_job_lines(job_id, "logs")
+        return [entry for entry in lines if int(entry.get("lineNo", 0)) > since]  # type: ignore[call-overload]
+
+    async def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
+        """Every metrics report of the job, oldest first: its training curve."""
+        await self.get_job(job_id)
+        return await self.store.read_job_lines(job_id, "metrics")
+
     async def health(self) -> dict[str, Any]:
         assert self.bus is not None
         return {
@@ -252,4 +325,5 @@ class Service:
             "epoch": self.bus.epoch,
             "headSeq": self.bus.head,
             "jobs": await self.store.count_jobs(),
+            "streams": len(self.bus.subscribers),
         }

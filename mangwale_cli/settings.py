@@ -7,13 +7,18 @@ message naming the file, the key and the value.
 
 Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir)::
 
-    [server]      host, port, allowed_origins, log_level, shutdown_grace
-    [websocket]   ping_interval, ping_timeout, max_message_size, client_queue, max_connections
+    [server]      host, port, allowed_origins, log_level, shutdown_grace, max_body_size, insecure,
+                  ssl_certfile, ssl_keyfile
+    [websocket]   ping_interval, ping_timeout, max_message_size, client_queue, max_connections,
+                  message_rate, message_burst
     [store]       backend, flush_interval
-    [events]      retention, fsync_interval
-    [runner]      concurrency, max_attempts, heartbeat_interval, kill_grace, sample_dataset
+    [events]      retention, log_retention, fsync_interval
+    [runner]      concurrency, max_attempts, kill_grace, sample_dataset, stall_after, log_lines
 
-Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it.
+Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it. Their
+scalar keys that have a spec here (``auth.tokens_file``) are settings like any other; the rest of
+the section (``[auth.tokens]``) is kept in ``extra`` and validated by the module that owns it
+(``tokens.load_tokens``).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class Spec:
         return f"{self.section}.{self.name.removeprefix(prefix)}"
 
 
-_NAME_PREFIX = {"server": "", "websocket": "ws_"}
+_NAME_PREFIX = {"server": "", "websocket": "ws_", "auth": ""}
 
 
 @dataclass
@@ -75,11 +80,18 @@ class Settings:
     allowed_origins: list[str] = field(default_factory=lambda: list(LOOPBACK_ORIGINS))
     log_level: str = "info"
     shutdown_grace: float = 5.0
+    max_body_size: int = 16 * 1024 * 1024
+    insecure: bool = False
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    tokens_file: str = ""
     ws_ping_interval: float = 30.0
     ws_ping_timeout: float = 20.0
     ws_max_message_size: int = 64 * 1024
     ws_client_queue: int = 1000
     ws_max_connections: int = 10000
+    ws_message_rate: float = 5.0
+    ws_message_burst: int = 50
     store_backend: str = "tinydb"
     store_flush_interval: float = 0.5
     events_retention: int = 100_000
@@ -88,6 +100,9 @@ class Settings:
     runner_max_attempts: int = 3
     runner_kill_grace: float = 3.0
     runner_sample_dataset: bool = True
+    runner_stall_after: float = 120.0
+    runner_log_lines: int = 10_000
+    events_log_retention: int = 10_000
     config_file: Path | None = None
     # Sections later issues add (trainers, auth) are kept raw here until they are read.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -95,11 +110,12 @@ class Settings:
     @property
     def http_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return self.http_url.replace("http://", "ws://", 1) + "/ws/training"
+        return "ws" + self.http_url.removeprefix("http") + "/ws/training"
 
 
 SPECS: list[Spec] = [
@@ -108,11 +124,18 @@ SPECS: list[Spec] = [
     Spec("allowed_origins", "server", list, "Origin regexes admitted by CORS and the WebSocket check"),
     Spec("log_level", "server", str, "critical, error, warning, info or debug"),
     Spec("shutdown_grace", "server", float, "seconds running jobs get to stop on shutdown", 0),
+    Spec("max_body_size", "server", int, "largest request body in bytes (HTTP 413 above it)", 1),
+    Spec("insecure", "server", bool, "allow a non-loopback host with no tokens configured (serve --insecure)"),
+    Spec("ssl_certfile", "server", str, "TLS certificate (PEM) to serve https and wss; empty = plain HTTP"),
+    Spec("ssl_keyfile", "server", str, "TLS private key (PEM) for ssl_certfile"),
+    Spec("tokens_file", "auth", str, "TOML file with an [auth.tokens] table, read in addition to the config's"),
     Spec("ws_ping_interval", "websocket", float, "seconds between keepalive pings (0 = off)", 0),
     Spec("ws_ping_timeout", "websocket", float, "seconds to wait for a pong before closing", 0),
     Spec("ws_max_message_size", "websocket", int, "largest client message in bytes", 1),
     Spec("ws_client_queue", "websocket", int, "events buffered per client before it is dropped", 1),
     Spec("ws_max_connections", "websocket", int, "WebSocket connections before 503", 1),
+    Spec("ws_message_rate", "websocket", float, "client messages per second a connection may sustain (0 = no limit; close 4429 above)", 0),
+    Spec("ws_message_burst", "websocket", int, "client messages a connection may send at once before the rate applies", 1),
     Spec("store_backend", "store", str, "'tinydb' (embedded, in the data dir)"),
     Spec("store_flush_interval", "store", float, "seconds progress writes may wait", 0),
     Spec("events_retention", "events", int, "events the log keeps for replay", 10),
@@ -121,13 +144,27 @@ SPECS: list[Spec] = [
     Spec("runner_max_attempts", "runner", int, "attempts before an interrupted job fails", 1),
     Spec("runner_kill_grace", "runner", float, "seconds a cancelled trainer gets before SIGKILL", 0),
     Spec("runner_sample_dataset", "runner", bool, "load the sample dataset into an empty store"),
+    Spec("runner_stall_after", "runner", float, "seconds without a report before a job is flagged stalled (0 = off)", 0),
+    Spec("runner_log_lines", "runner", int, "log lines kept per job", 1),
+    Spec("events_log_retention", "events", int, "job_log lines the event log keeps for replay (apart from retention)", 0),
 ]
 _BY_NAME = {s.name: s for s in SPECS}
 _BY_TOML = {s.toml_key: s for s in SPECS}
 OPEN_SECTIONS = ("trainers", "auth")  # owned by later modules, validated there
+# File settings: a relative path in a config file is relative to that file's directory.
+PATH_SETTINGS = frozenset({"tokens_file", "ssl_certfile", "ssl_keyfile"})
 
 
-def _coerce(spec: Spec, value: Any, where: str) -> Any:
+_TOML_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,), str: (str,), list: (list,)}
+
+
+def _coerce(spec: Spec, value: Any, where: str, *, typed: bool = False) -> Any:
+    """Convert a flag/env string (or, with ``typed``, a TOML value that must already have the
+    right type) to the setting's type, and check its bounds."""
+    if typed and (not isinstance(value, _TOML_TYPES[spec.kind]) or (spec.kind is not bool and isinstance(value, bool))):
+        raise ConfigError(
+            f"{where}: {spec.toml_key} must be a {spec.kind.__name__}, got {value!r}", field=spec.toml_key
+        )
     try:
         if spec.kind is bool:
             if isinstance(value, bool):
@@ -189,6 +226,11 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     extra: dict[str, Any] = {}
     for section, body in raw.items():
         if section in OPEN_SECTIONS:
+            if isinstance(body, dict):  # its keys with a spec are settings; the rest is the owner's
+                body = dict(body)
+                for key in [k for k in body if f"{section}.{k}" in _BY_TOML]:
+                    known = _BY_TOML[f"{section}.{key}"]
+                    values[known.name] = _coerce(known, body.pop(key), str(path), typed=True)
             extra[section] = body
             continue
         if not isinstance(body, dict):
@@ -197,7 +239,10 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             spec = _BY_TOML.get(f"{section}.{key}")
             if spec is None:
                 raise ConfigError(f"{path}: unknown setting {section}.{key}", field=f"{section}.{key}")
-            values[spec.name] = _coerce(spec, value, str(path))
+            values[spec.name] = _coerce(spec, value, str(path), typed=True)
+    for name in PATH_SETTINGS & values.keys():
+        if values[name] and not Path(values[name]).expanduser().is_absolute():
+            values[name] = str(path.parent / values[name])
     return values, extra
 
 

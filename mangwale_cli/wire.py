@@ -11,6 +11,9 @@ Messages (server to client) on ``/ws/training`` and ``/training/events``:
 * ``training_update`` logged: ``jobId``, ``status``, ``progress``, ``message``, ``timestamp``,
   ``attempt`` and, when the trainer reports them, ``metrics`` and ``eta``
 * ``dataset_update`` logged: ``datasetId``, ``action`` (created/updated/deleted)
+* ``job_log``        logged: ``jobId``, ``stream`` (stdout/stderr/trainer), ``line``, ``lineNo``,
+  ``attempt``, ``timestamp``; numbered by ``seq`` but not by ``jobSeq``, and kept within its own
+  bound so log lines never evict progress from the replay window
 * ``resync``, ``error``, ``pong``: control messages, not logged
 
 Every logged event carries ``seq`` (global, +1 per event), ``epoch`` (the log's id) and, when
@@ -52,13 +55,16 @@ class MsgType:
     JOB_CREATED = "job_created"
     TRAINING_UPDATE = "training_update"
     DATASET_UPDATE = "dataset_update"
+    JOB_LOG = "job_log"
     RESYNC = "resync"
     ERROR = "error"
     PING = "ping"
     PONG = "pong"
 
 
-LOGGED_TYPES = frozenset({MsgType.JOB_CREATED, MsgType.TRAINING_UPDATE, MsgType.DATASET_UPDATE})
+LOGGED_TYPES = frozenset(
+    {MsgType.JOB_CREATED, MsgType.TRAINING_UPDATE, MsgType.DATASET_UPDATE, MsgType.JOB_LOG}
+)
 
 
 def now_ms() -> int:
@@ -105,6 +111,9 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 MAX_TEXT = 2000
 MAX_NAME = 200
+MAX_EXAMPLES = 100_000  # per dataset; with MAX_TEXT, a body fits server.max_body_size's order
+MAX_ENTITIES = 50  # per example
+MAX_PARAMS_BYTES = 64 * 1024  # a job's params as JSON (they ride in every job_created event)
 
 
 class EntitySpan(BaseModel):
@@ -121,7 +130,7 @@ class Example(BaseModel):
     model_config = _STRICT
     text: str = Field(min_length=1, max_length=MAX_TEXT)
     intent: str = Field(min_length=1, max_length=MAX_NAME)
-    entities: list[EntitySpan] | None = None
+    entities: list[EntitySpan] | None = Field(default=None, max_length=MAX_ENTITIES)
 
     @field_validator("text", "intent")
     @classmethod
@@ -150,18 +159,22 @@ class Example(BaseModel):
 class DatasetCreate(BaseModel):
     model_config = _STRICT
     name: str = Field(min_length=1, max_length=MAX_NAME)
-    examples: list[Example] = Field(default_factory=list)
+    examples: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES)
     description: str | None = Field(default=None, max_length=MAX_TEXT)
 
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        v = v.strip()
-        if not v:
-            raise ValueError("must not be blank")
-        if any(ord(c) < 32 for c in v):
-            raise ValueError("must not contain control characters")
-        return v
+        return _clean_name(v)
+
+
+def _clean_name(v: str) -> str:
+    v = v.strip()
+    if not v:
+        raise ValueError("must not be blank")
+    if any(ord(c) < 32 for c in v):
+        raise ValueError("must not contain control characters")
+    return v
 
 
 class DatasetPatch(BaseModel):
@@ -169,10 +182,14 @@ class DatasetPatch(BaseModel):
 
     model_config = _STRICT
     name: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
-    examples: list[Example] | None = None
+    examples: list[Example] | None = Field(default=None, max_length=MAX_EXAMPLES)
     description: str | None = Field(default=None, max_length=MAX_TEXT)
 
-    _name_ok = field_validator("name")(DatasetCreate._name_ok.__func__)  # type: ignore[attr-defined]
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str | None) -> str | None:
+        # "name": null means "keep the name", like an omitted field.
+        return None if v is None else _clean_name(v)
 
 
 class JobCreate(BaseModel):
@@ -182,9 +199,34 @@ class JobCreate(BaseModel):
     agent_id: str | None = Field(default=None, alias="agentId", max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("params")
+    @classmethod
+    def _params_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(dumps(v).encode())
+        except ValueError:  # NaN or infinity: the service names the field
+            return v
+        if size > MAX_PARAMS_BYTES:
+            raise ValueError(f"takes {size} bytes as JSON; at most {MAX_PARAMS_BYTES}")
+        return v
+
     def fingerprint(self) -> str:
         """Stable text of the request, to tell a retried POST from a different one."""
         return dumps(self.model_dump(by_alias=True))
+
+
+class PredictRequest(BaseModel):
+    model_config = _STRICT
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+class PredictOut(BaseModel):
+    jobId: str
+    text: str
+    intent: str
+    confidence: float
+    ranking: list[dict[str, Any]]
+    entities: list[dict[str, Any]]
 
 
 # --- documents ----------------------------------------------------------------------------
@@ -207,6 +249,7 @@ class Job:
     finished_at: int | None = None
     error: str | None = None
     metrics: dict[str, Any] | None = None
+    stalled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -225,6 +268,7 @@ class Job:
             "finishedAt": self.finished_at,
             "error": self.error,
             "metrics": self.metrics,
+            "stalled": self.stalled,
         }
 
     @classmethod
@@ -245,6 +289,7 @@ class Job:
             finished_at=d.get("finishedAt"),
             error=d.get("error"),
             metrics=d.get("metrics"),
+            stalled=bool(d.get("stalled", False)),
         )
 
 
@@ -313,6 +358,7 @@ class JobOut(BaseModel):
     finishedAt: int | None
     error: str | None
     metrics: dict[str, Any] | None
+    stalled: bool = False
 
 
 class DatasetSummaryOut(BaseModel):
@@ -340,10 +386,10 @@ class ErrorOut(BaseModel):
 
 
 class EventOut(BaseModel):
-    """A logged event: one of job_created, training_update, dataset_update."""
+    """A logged event: one of job_created, training_update, dataset_update, job_log."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["job_created", "training_update", "dataset_update"]
+    type: Literal["job_created", "training_update", "dataset_update", "job_log"]
     seq: int
     epoch: str
     timestamp: int
@@ -356,6 +402,7 @@ class HealthOut(BaseModel):
     epoch: str
     headSeq: int
     jobs: dict[str, int]
+    streams: int = Field(description="open WebSocket and SSE subscribers")
 
 
 # --- messages -----------------------------------------------------------------------------
@@ -383,7 +430,21 @@ def training_update(
         msg["metrics"] = metrics
     if eta is not None:
         msg["eta"] = eta
+    if job.stalled:
+        msg["stalled"] = True
     return msg
+
+
+def job_log(job_id: str, stream: str, line: str, line_no: int, attempt: int) -> dict[str, Any]:
+    return {
+        "type": MsgType.JOB_LOG,
+        "jobId": job_id,
+        "stream": stream,
+        "line": line,
+        "lineNo": line_no,
+        "attempt": attempt,
+        "timestamp": now_ms(),
+    }
 
 
 def dataset_update(dataset_id: str, action: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ become one line on stderr and an exit code in ``run`` (see ``errors.ExitCode``).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -15,6 +16,8 @@ import typer
 
 from .. import __version__
 from ..errors import ExitCode, InvalidInput, MangwaleError
+from .tokens import register as register_tokens
+from .watch import register as register_watch
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -58,11 +61,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
+    token: Annotated[
+        Optional[str],
+        typer.Option("--token", metavar="TOKEN", help="API token for a server with auth [default: $MANGWALE_TOKEN]", show_default=False),
+    ] = None,
 ) -> None:
     """ML training jobs with live progress."""
+    if token and ctx.invoked_subcommand != "serve":  # trainers must not inherit a client's token
+        # Every client (REST, watch's WebSocket, logs -f) reads it from here; never logged.
+        os.environ["MANGWALE_TOKEN"] = token
 
 
 # --- serve -------------------------------------------------------------------------------------
@@ -78,8 +89,15 @@ def serve(
     concurrency: Annotated[Optional[int], typer.Option(help="jobs run at once [default: 2]")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML config file [default: DATA_DIR/mangwale.toml]")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="critical, error, warning, info, debug")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="allow a non-loopback --host with no tokens configured")] = False,
+    ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="TLS certificate (PEM): serve https and wss")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")] = None,
 ) -> None:
-    """Run the server: REST API, WebSocket at /ws/training and the job runner, on one port."""
+    """Run the server: REST API, WebSocket at /ws/training and the job runner, on one port.
+
+    With tokens in [auth.tokens] (see `mangwale tokens create`), every API call needs one.
+    A --host other than loopback needs tokens, or --insecure.
+    """
     from ..server.run import serve as run_server
     from ..settings import load
 
@@ -91,6 +109,9 @@ def serve(
             "runner_concurrency": concurrency,
             "config_file": config,
             "log_level": log_level,
+            "insecure": True if insecure else None,
+            "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
+            "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None,
         }
     )
     run_server(settings)
@@ -204,6 +225,7 @@ def jobs_create(
         Optional[str], typer.Option("--idempotency-key", envvar="MANGWALE_IDEMPOTENCY_KEY", help="retries with the same key return the first job")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the job id")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="then follow it as `mangwale watch` does and exit with its outcome")] = False,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -218,6 +240,11 @@ def jobs_create(
         agent_id=agent,
         idempotency_key=idempotency_key,
     )
+    if watch:
+        from .watch import Output, run_watch
+
+        typer.echo(f"queued job {job['id']} ({job['kind']})", err=True)
+        raise typer.Exit(run_watch(url=client.url, job_ids=[job["id"]], output=Output.json if as_json else None))
     if quiet:
         typer.echo(job["id"])
     elif as_json:
@@ -284,16 +311,90 @@ def jobs_kinds(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
             typer.echo(f"{k['kind']:<16} {k['description']}")
 
 
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines until the job ends, then exit with its outcome")] = False,
+    url: UrlOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line (lineNo, stream, line, attempt, timestamp)")] = False,
+) -> None:
+    """Print a job's log lines.
+
+    The lines are its command's stdout and stderr, and the trainer's notes. stdout lines go
+    to stdout; stderr and trainer lines go to stderr, as `docker logs` does. With -f, new
+    lines follow live until the job ends; the exit code is then the job's outcome
+    (0 succeeded, 1 failed, 3 cancelled).
+    """
+    from . import results
+
+    if not follow:
+        results.log_lines(_client(url).job_logs(job_id), as_json)
+        return
+    import asyncio
+
+    from ..follow import outcome_code
+    from ..logs import follow_logs
+
+    view = asyncio.run(follow_logs(url, job_id, lambda entry: results.log_lines([entry], as_json)))
+    raise typer.Exit(int(outcome_code([view.status])))
+
+
+@jobs_app.command("metrics")
+def jobs_metrics(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a job's training curve.
+
+    One row per metrics report (e.g. loss and valAccuracy per epoch), one column per metric.
+    """
+    from . import render, results
+
+    points = _client(url).job_metrics(job_id)
+    render.print_json(points) if as_json else results.metrics_table(points)
+
+
+@jobs_app.command("predict")
+def jobs_predict(
+    job_id: Annotated[str, typer.Argument(help="id of a succeeded nlu-train or fine-tune job")],
+    text: Annotated[str, typer.Argument(help="the utterance to classify")],
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Classify a text with a job's model.
+
+    Prints the intent, its confidence, the entities found and the runners-up.
+    """
+    from . import results
+
+    results.prediction(_client(url).predict(job_id, text), as_json)
+
+
+@jobs_app.command("artifact")
+def jobs_artifact(
+    job_id: Annotated[str, typer.Argument(help="id of a succeeded nlu-train or fine-tune job")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write (replaced only once the download is complete)")],
+    url: UrlOpt = None,
+) -> None:
+    """Download a job's trained model.
+
+    The file is a joblib dump of mangwale_cli.nlu.model.IntentModel (joblib.load reads it).
+    """
+    size = _client(url).download_artifact(job_id, output)
+    typer.echo(f"saved the model of {job_id} to {output} ({size} bytes)", err=True)
+
+
+register_watch(app)
+register_tokens(app)
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 
 def run() -> None:
     """Console-script entry: run the app, turning mangwale errors into one line + exit code."""
-    from . import render
-
     try:
         app()
     except MangwaleError as exc:
+        from . import render  # not at the top: a Tab press must not pay for rich
+
         render.error_line(exc.message)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:

@@ -1,33 +1,38 @@
 """The FastAPI application: translates HTTP to calls on ``Service`` and errors to JSON bodies.
 
-Every error leaves as ``{"error": {"code", "message", "field"}}`` with a 4xx status (or 503);
+Every error leaves as ``{"error": {"code", "message", "field"}}`` with a 4xx status (or 503/507);
 an unexpected exception is logged and answered with a 500 in the same shape, never a traceback.
+
+Middleware, outermost first: CORS, authentication (``auth.py``), the body size limit and the
+transport handle for WebSockets (``limits.py``). The OpenAPI document lists what they answer.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from .. import __version__, wire
 from ..errors import MangwaleError
 from ..service import Service
 from ..settings import Settings
+from ..tokens import TokenSet, load_tokens
 
 log = logging.getLogger("mangwale.server")
 
 
-class JSONOut(Response):
-    """JSON rendered by the wire module (compact, strict, UTF-8)."""
+class JSONOut(JSONResponse):
+    """JSON rendered by the wire module (compact, strict, UTF-8). A ``JSONResponse`` subclass, so
+    that FastAPI documents each route's ``response_model`` instead of a bare string."""
 
     media_type = "application/json"
 
@@ -74,6 +79,22 @@ def _validation_error(exc: RequestValidationError) -> MangwaleError:
     return MangwaleError(msg, field=field, code="invalid", status=422)
 
 
+def _allowed_methods(request: Request, fallback: str | None) -> str | None:
+    """The ``Allow`` of a 405: every method the OpenAPI document lists for this path (FastAPI has
+    one route per method, and Starlette names only the first route's)."""
+    table = getattr(request.app.state, "allow_table", None)
+    if table is None:
+        table = [
+            (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"), sorted(m.upper() for m in item))
+            for path, item in request.app.openapi().get("paths", {}).items()
+        ]
+        request.app.state.allow_table = table
+    for pattern, methods in table:
+        if pattern.match(request.url.path):
+            return ", ".join(methods)
+    return fallback
+
+
 def origin_regex(settings: Settings) -> str:
     return "^(?:" + "|".join(f"(?:{p})" for p in settings.allowed_origins) + ")$"
 
@@ -103,7 +124,17 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.state.service = svc
     app.state.settings = settings
     app.state.origin_re = re.compile(origin_regex(settings))
+    tokens = load_tokens(settings)
+    app.state.tokens = tokens
 
+    from .auth import AuthMiddleware
+    from .limits import BodyLimit, ExposeTransport
+
+    # add_middleware puts each one outside the previous: CORS ends up outermost, so preflights
+    # and the CORS headers of a 401 never depend on a token.
+    app.add_middleware(ExposeTransport)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_size)
+    app.add_middleware(AuthMiddleware, tokens=tokens)
     app.add_middleware(
         CORSMiddleware,
         allow_origin_regex=origin_regex(settings),
@@ -122,12 +153,16 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
         err = MangwaleError(message, code=code, status=exc.status_code)
-        return error_response(err, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            allow = _allowed_methods(request, (headers or {}).get("Allow"))
+            headers = {**(headers or {}), **({"Allow": allow} if allow else {})}
+        return error_response(err, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -135,8 +170,37 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         err = MangwaleError("internal error; see the server log", code="internal", status=500)
         return error_response(err)
 
-    from . import routes, stream
+    from . import dashboard, routes, stream
 
     app.include_router(routes.router)
     app.include_router(stream.router)
+    app.include_router(dashboard.router)
+    _document_gate(app, tokens)
     return app
+
+
+def _document_gate(app: FastAPI, tokens: TokenSet) -> None:
+    """Make the OpenAPI document list what the middleware and the store answer too: 401/403
+    (``auth.document``), 413 for every request body, 503/507 for every write."""
+    from ..tokens import Scope
+    from .auth import document, required_scope
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+        for path, item in schema.get("paths", {}).items():
+            for method, op in item.items():
+                responses = op.setdefault("responses", {})
+                if "requestBody" in op:
+                    responses.setdefault("413", {"description": "Request body over server.max_body_size", **error})
+                if required_scope(method.upper(), path) is Scope.WRITE:
+                    responses.setdefault("503", {"description": "The store cannot be written; nothing changed", **error})
+                    responses.setdefault("507", {"description": "The disk is full; nothing changed", **error})
+        document(schema, tokens)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

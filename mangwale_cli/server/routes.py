@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 
 from .. import wire
 from ..errors import InvalidInput
@@ -95,8 +95,13 @@ async def delete_dataset(request: Request, dataset_id: str) -> Response:
 @router.get("/training/jobs", response_model=list[wire.JobOut], responses=ERRORS, tags=["jobs"])
 async def list_jobs(
     request: Request,
+    # Plain strings: FastAPI would reject "queued,running" before _parse_statuses splits it.
     status: Annotated[
-        list[JobStatus] | None, Query(description="only these statuses (repeat or comma-separate)")
+        list[str] | None,
+        Query(
+            description="only these statuses (queued, running, succeeded, failed, cancelled); "
+            "repeat or comma-separate"
+        ),
     ] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="page size")] = None,
     cursor: Annotated[str | None, Query(max_length=100, description="X-Next-Cursor of the previous page")] = None,
@@ -181,6 +186,40 @@ async def job_events(
     """The job's logged events still kept by the event log, oldest first."""
     records = await svc(request).job_events(job_id, since)
     return JSONOut("[" + ",".join(r.text for r in records) + "]")
+
+
+@router.get("/training/jobs/{job_id}/logs", responses=ERRORS, tags=["jobs"])
+async def job_logs(
+    request: Request,
+    job_id: str,
+    since: Annotated[int, Query(ge=0, description="only lines with lineNo > since")] = 0,
+) -> Response:
+    """The job's log lines (``lineNo``, ``stream``, ``line``, ``attempt``, ``timestamp``), oldest first."""
+    return JSONOut(await svc(request).job_logs(job_id, since))
+
+
+@router.get("/training/jobs/{job_id}/metrics", responses=ERRORS, tags=["jobs"])
+async def job_metrics(request: Request, job_id: str) -> Response:
+    """Every metrics report of the job (e.g. loss and valAccuracy per epoch), oldest first."""
+    return JSONOut(await svc(request).job_metrics(job_id))
+
+
+@router.post("/training/jobs/{job_id}/predict", response_model=wire.PredictOut, responses=ERRORS, tags=["models"])
+async def predict(request: Request, job_id: str, body: wire.PredictRequest) -> Response:
+    """Classify a text with the model of a succeeded nlu-train / fine-tune job."""
+    return JSONOut(await svc(request).predict(job_id, body.text))
+
+
+@router.get(
+    "/training/jobs/{job_id}/artifact",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the model (joblib)"}},
+    response_class=FileResponse,
+    tags=["models"],
+)
+async def download_artifact(request: Request, job_id: str) -> Response:
+    """Download the trained model (a joblib file; load it with mangwale_cli.nlu.model.IntentModel.load)."""
+    path = await svc(request).model_path(job_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-model.joblib")
 
 
 __all__ = ["router"]

@@ -1,15 +1,27 @@
-"""``mangwale serve``: bind the port, start the core, run uvicorn until a signal."""
+"""``mangwale serve``: bind the port, start the core, run uvicorn until a signal.
+
+Before binding, the exposure check: a host other than loopback with no token configured is
+refused unless ``server.insecure`` (``serve --insecure``). TLS is uvicorn's, with
+``server.ssl_certfile`` / ``server.ssl_keyfile``; docs/security.md shows a reverse proxy instead.
+
+On SIGTERM or SIGINT: stop accepting, close every WebSocket with 1001 and end SSE streams
+(``stream.close_streams``; uvicorn alone would send 1012), let running requests finish, then
+``Service.stop`` re-queues running jobs and flushes the store.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
 import sys
 
 from .. import __version__
 from ..errors import ConfigError
 from ..settings import Settings
+from ..tokens import is_loopback, load_tokens, redact
 
 log = logging.getLogger("mangwale")
 
@@ -20,6 +32,34 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact_credentials)
+        handler.addFilter(quiet_client_faults)
+
+
+def quiet_client_faults(record: logging.LogRecord) -> bool:
+    """A client's broken frame is the client's fault, not the server's: uvicorn logs invalid UTF-8
+    in a text frame with a traceback; keep it as one warning line (the connection closes 1007)."""
+    if record.name == "uvicorn.error" and str(record.msg).startswith("Invalid UTF-8 sequence"):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "WebSocket client sent invalid UTF-8 in a text frame; closed 1007", None
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def redact_credentials(record: logging.LogRecord) -> bool:
+    """Blank out anything that looks like a credential before a line is written. mangwale itself
+    never logs one, but at debug level the WebSocket handshake logger prints every request header
+    (Authorization, Sec-WebSocket-Protocol), and a user may paste a token into a URL."""
+    message = record.getMessage()
+    cleaned = redact(message)
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact(record.exc_text)
+    if cleaned != message:
+        record.msg, record.args = cleaned, None
+    return True
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -38,11 +78,39 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_exposure(settings: Settings) -> None:
+    """Refuse settings that would expose the server to others without credentials or TLS files."""
+    tokens = load_tokens(settings)
+    if not is_loopback(settings.host) and not tokens.enabled:
+        if not settings.insecure:
+            raise ConfigError(
+                f"refusing to serve on {settings.host} with no tokens: anyone who can reach it could read "
+                "the data and run jobs. Add tokens (`mangwale tokens create NAME --scope read --scope write`, "
+                "see docs/security.md) or pass --insecure",
+                field="host",
+            )
+        log.warning("serving on %s with no tokens (--insecure): anyone who can reach it has full access", settings.host)
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        raise ConfigError("TLS needs both server.ssl_certfile and server.ssl_keyfile (--ssl-certfile, --ssl-keyfile)", field="ssl_certfile")
+    for name in ("ssl_certfile", "ssl_keyfile"):
+        value = getattr(settings, name)
+        if value and not os.path.isfile(value):
+            raise ConfigError(f"server.{name} {value} is not a file", field=f"server.{name}")
+
+
 async def _main(settings: Settings, sock: socket.socket) -> None:
     import uvicorn
 
     from ..service import Service
     from .app import create_app
+    from .stream import close_streams
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for listener in self.servers:  # stop accepting before telling clients to go elsewhere
+                listener.close()
+            await close_streams(service, timeout=min(2.0, settings.shutdown_grace or 2.0))
+            await super().shutdown(sockets)
 
     service = Service(settings)
     await service.start()
@@ -60,8 +128,10 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
             access_log=settings.log_level == "debug",
             timeout_graceful_shutdown=settings.shutdown_grace,
             server_header=False,
+            ssl_certfile=settings.ssl_certfile or None,
+            ssl_keyfile=settings.ssl_keyfile or None,
         )
-        server = uvicorn.Server(config)
+        server = Server(config)
         log.info(
             "mangwale %s serving on %s (WebSocket %s), data dir %s",
             __version__,
@@ -69,15 +139,25 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
             settings.ws_url,
             settings.data_dir,
         )
+        # uvicorn re-raises the stop signal once it has shut down; with the default handlers that
+        # kills the process before ``service.stop()`` below has re-queued jobs and flushed the
+        # store. The handlers installed here (restored by uvicorn) turn it into a no-op.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop_requested)
         await server.serve(sockets=[sock])
     finally:
         await service.stop()
         log.info("mangwale stopped")
 
 
+def _stop_requested(sig: int, frame: object) -> None:
+    log.info("%s received: stopping the job runner", signal.Signals(sig).name)
+
+
 def serve(settings: Settings) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM."""
     configure_logging(settings.log_level)
+    check_exposure(settings)
     sock = bind(settings.host, settings.port)
     if settings.port == 0:
         settings.port = sock.getsockname()[1]

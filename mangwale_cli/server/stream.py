@@ -4,8 +4,15 @@ Both speak the replay contract in docs/protocol.md: greeting (``connected`` with
 ``epoch``), then the logged events after ``since`` that match ``jobs``, then live events; or a
 ``resync`` when the log can no longer fill the gap.
 
-WebSocket close codes: 1001 server going away, 1003 binary frame, 4400 bad query parameters or a
-``since`` beyond the head, 4408 the client fell too far behind (resume from the last seq).
+WebSocket close codes: 1001 server going away, 1003 binary frame, 1009 message too big (uvicorn,
+``websocket.max_message_size``), 4400 bad query parameters or a ``since`` beyond the head, 4408
+the client fell too far behind or stopped reading (resume from the last seq), 4429 too many
+messages. Refusals happen before the upgrade, as HTTP answers: 401/403 (auth.py), 403 for a
+foreign ``Origin``, 503 when ``websocket.max_connections`` are open.
+
+One connection is two tasks: a pump (replay, then live events, each send bounded by a deadline)
+and a receiver (client messages, rate limited). A subscriber that overflows stops the pump at
+once; a close frame that cannot leave within ``CLOSE_DEADLINE`` drops the socket.
 """
 
 from __future__ import annotations
@@ -13,23 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import StreamingResponse
 
 from .. import wire
 from ..errors import InvalidInput
-from ..events import EventBus, FutureSince, Subscription
+from ..events import FutureSince, Subscription
 from ..service import Service
 from .app import JSONOut
+from .limits import TRANSPORT_KEY, RateLimit
 
 log = logging.getLogger("mangwale.stream")
 router = APIRouter()
 
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_REQUEST = 4400
 CLOSE_SLOW_CONSUMER = 4408
+CLOSE_RATE_LIMITED = 4429
+CLOSE_DEADLINE = 1.0  # seconds a close frame gets to leave before the socket is dropped
 SUBPROTOCOL = "mangwale.v1"
 
 
@@ -53,6 +67,15 @@ def parse_replay_params(
     return since_n, (epoch or None), job_set
 
 
+def same_origin(origin: str, host: str | None) -> bool:
+    """A page served by this server (e.g. the dashboard opened at http://host:8080/) may always
+    connect: Cross-Site WebSocket Hijacking needs a *foreign* origin."""
+    if not host:
+        return False
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and rest.lower() == host.lower()
+
+
 # --- WebSocket -------------------------------------------------------------------------------
 
 
@@ -60,19 +83,21 @@ def parse_replay_params(
 async def ws_training(ws: WebSocket) -> None:
     service: Service = ws.app.state.service
     settings = ws.app.state.settings
+    # The token (if tokens are configured) was checked before this runs: auth.AuthMiddleware.
     origin = ws.headers.get("origin")
-    if origin is not None and not ws.app.state.origin_re.match(origin):
-        log.warning("WebSocket rejected: origin %s is not allowed", origin)
-        await ws.close(code=1008)  # before accept: HTTP 403
+    if origin is not None and not ws.app.state.origin_re.match(origin) and not same_origin(origin, ws.headers.get("host")):
+        log.warning("WebSocket refused: origin %s is not allowed", origin)
+        await ws.close(code=1008)  # before accept: uvicorn answers HTTP 403
         return
     bus = service.bus
     assert bus is not None
     if len(bus.subscribers) >= settings.ws_max_connections:
-        err = wire.error_message("too_many_connections", "the server has no room for more connections")
-        await ws.send_denial_response(JSONOut({"error": {**err, "field": None}}, status_code=503))
+        log.warning("WebSocket refused: %d connections (websocket.max_connections)", len(bus.subscribers))
+        await _deny(ws, 503, "too_many_connections", "the server has no room for more connections")
         return
 
     offered = ws.scope.get("subprotocols") or []
+    # Only mangwale.v1 is ever selected: a mangwale.bearer.* offer carries a token, never echoed.
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     q = ws.query_params
     try:
@@ -80,64 +105,154 @@ async def ws_training(ws: WebSocket) -> None:
         sub = bus.subscribe(since=since, epoch=epoch, jobs=jobs)
     except (InvalidInput, FutureSince) as exc:
         code = "since_in_future" if isinstance(exc, FutureSince) else "bad_request"
-        await ws.send_text(wire.dumps(wire.connected(bus.head, bus.epoch)))
-        await ws.send_text(wire.dumps(wire.error_message(code, str(exc))))
-        await ws.close(code=CLOSE_BAD_REQUEST, reason=code)
+        with contextlib.suppress(Exception):
+            await ws.send_text(wire.dumps(wire.connected(bus.head, bus.epoch)))
+            await ws.send_text(wire.dumps(wire.error_message(code, str(exc))))
+        await _close(ws, CLOSE_BAD_REQUEST, code)
         return
     try:
-        await _serve_ws(ws, bus, sub)
+        await _serve_ws(ws, sub, settings)
     finally:
         bus.unsubscribe(sub.subscriber)
 
 
-async def _serve_ws(ws: WebSocket, bus: EventBus, sub: Subscription) -> None:
-    await ws.send_text(wire.dumps(wire.connected(sub.head, sub.epoch)))
-    if sub.resync:
-        await ws.send_text(wire.dumps(wire.resync(sub.resync, sub.head, sub.epoch)))
-    for rec in sub.replay:
-        await ws.send_text(rec.text)
-    sub.replay = []
+async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse the handshake with an HTTP status and the JSON error body."""
+    body = {"error": {"code": code, "message": message, "field": None}}
+    await ws.send_denial_response(JSONOut(body, status_code=status))
 
-    receiver = asyncio.create_task(_receive(ws))
+
+def _send_deadline(settings: Any) -> float:
+    """Seconds one send may wait for the peer to read (its ping timeout: a peer that reads
+    nothing for that long would fail keepalive too, if a ping could get past the backlog)."""
+    return settings.ws_ping_timeout or 20.0
+
+
+async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any) -> None:
+    deadline = _send_deadline(settings)
     try:
-        while True:
-            getter = asyncio.ensure_future(sub.subscriber.get_batch())
-            done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done:
-                getter.cancel()
-                return
-            batch = getter.result()
-            if not batch:
-                if sub.subscriber.overflowed:
-                    log.info("WebSocket client fell %d events behind; closing 4408", sub.subscriber.limit)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(
-                            ws.close(code=CLOSE_SLOW_CONSUMER, reason="slow consumer: resume from your last seq"),
-                            1.0,
-                        )
-                else:  # server shutting down
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(ws.close(code=1001, reason="server shutting down"), 1.0)
-                return
-            for rec in batch:
-                await ws.send_text(rec.text)
+        async with asyncio.timeout(deadline):
+            await ws.send_text(wire.dumps(wire.connected(sub.head, sub.epoch)))
+            if sub.resync:
+                await ws.send_text(wire.dumps(wire.resync(sub.resync, sub.head, sub.epoch)))
+    except TimeoutError:
+        await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer", must_leave=True)
+        return
     except (WebSocketDisconnect, RuntimeError, OSError):
         return
+    subscriber = sub.subscriber
+    pump = asyncio.create_task(_pump(ws, sub, deadline))
+    receiver = asyncio.create_task(_receive(ws, RateLimit(settings.ws_message_rate, settings.ws_message_burst)))
+
+    def stop_pump() -> None:  # overflow or shutdown: even a pump waiting on a stalled peer stops
+        pump.cancel()
+
+    subscriber.on_drop = stop_pump
+    for task in (pump, receiver):
+        task.add_done_callback(_retrieve)
+    try:
+        await asyncio.wait({pump, receiver}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        subscriber.on_drop = None
+        pump.cancel()
         receiver.cancel()
+        # asyncio.wait, not gather: gather would re-raise a child's cancellation in this task,
+        # where a server (or anyio's cancel scope in tests) cannot tell it from its own.
+        await asyncio.wait({pump, receiver})
+    pumped, received = _outcome(pump), _outcome(receiver)
+    if isinstance(received, tuple):  # the receiver asked for a close (binary frame, flood)
+        await _close(ws, *received)
+    elif subscriber.overflowed or isinstance(pumped, TimeoutError):
+        log.info("WebSocket client is not reading (over %d events behind); closing 4408", subscriber.limit)
+        await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last seq", must_leave=True)
+    elif subscriber.closed:
+        await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
+    elif isinstance(pumped, (RuntimeError, OSError)):
+        # uvicorn already closed it (keepalive timeout): make sure the bytes it holds can leave.
+        await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer", must_leave=True)
 
 
-async def _receive(ws: WebSocket) -> None:
-    """Answer the client's messages until it goes away."""
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # read, so that asyncio does not log "exception was never retrieved"
+
+
+def _outcome(task: asyncio.Task[Any]) -> Any:
+    """What a finished task gave: its result, its exception, or None if it was cancelled."""
+    if task.cancelled():
+        return None
+    return task.exception() or task.result()
+
+
+async def _pump(ws: WebSocket, sub: Subscription, deadline: float) -> None:
+    """Send the replay, then live events, until the subscriber is dropped or closed. A send that
+    waits ``deadline`` seconds for the peer raises ``TimeoutError``."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as timer:
+        replay, sub.replay = sub.replay, []
+        for rec in replay:
+            timer.reschedule(loop.time() + deadline)
+            await ws.send_text(rec.text)
+        while True:
+            timer.reschedule(None)
+            batch = await sub.subscriber.get_batch()
+            if not batch:
+                return
+            for rec in batch:
+                timer.reschedule(loop.time() + deadline)
+                await ws.send_text(rec.text)
+
+
+async def _close(ws: WebSocket, code: int, reason: str, *, must_leave: bool = False) -> None:
+    """Send a close frame; drop the socket if it cannot leave within ``CLOSE_DEADLINE``.
+
+    ``transport.close()`` waits for unsent bytes, so a peer that stopped reading would keep its
+    connection (and the buffers) forever: when the frame cannot be written, or with
+    ``must_leave`` cannot even leave our buffer, the transport is aborted instead.
+    """
+    transport = ws.scope.get(TRANSPORT_KEY)
+    try:
+        async with asyncio.timeout(CLOSE_DEADLINE):
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):  # closed already
+                await ws.close(code=code, reason=reason)
+            while must_leave and transport is not None and transport.get_write_buffer_size():
+                await asyncio.sleep(0.05)
+        return
+    except TimeoutError:
+        pass
+    if transport is not None:
+        log.info("WebSocket peer is not reading; dropped the connection (close %d could not be sent)", code)
+        reset(transport)
+
+
+def reset(transport: Any) -> None:
+    """Drop a connection at once with a TCP reset. A plain close (even ``abort()``) leaves the
+    kernel an orphan socket that keeps trying to deliver its full send buffer to a peer that
+    reads nothing; linger 0 discards it, and the peer sees the connection reset."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _receive(ws: WebSocket, limit: RateLimit) -> tuple[int, str] | None:
+    """Answer the client's messages until it goes away (None) or must be closed: returns the
+    close code and reason (1003 binary frame, 4429 too many messages)."""
     while True:
         msg = await ws.receive()
         if msg["type"] == "websocket.disconnect":
-            return
+            return None
+        if not limit.allow():
+            log.info("WebSocket client sent more than websocket.message_rate allows; closing 4429")
+            with contextlib.suppress(Exception):
+                await ws.send_text(
+                    wire.dumps(wire.error_message("rate_limited", "too many messages; slow down and reconnect"))
+                )
+            return CLOSE_RATE_LIMITED, "too many messages"
         text = msg.get("text")
         if text is None:
-            with contextlib.suppress(Exception):
-                await ws.close(code=1003, reason="binary frames are not supported")
-            return
+            return CLOSE_UNSUPPORTED, "binary frames are not supported"
         try:
             data = wire.loads(text)
         except ValueError:
@@ -150,9 +265,24 @@ async def _receive(ws: WebSocket) -> None:
         if kind == wire.MsgType.PING:
             await ws.send_text(wire.dumps(wire.pong()))
         else:
+            shown = kind if isinstance(kind, str) and len(kind) <= 40 else "?"
             await ws.send_text(
-                wire.dumps(wire.error_message("unknown_type", f"unknown message type {kind!r}; send 'ping'"))
+                wire.dumps(wire.error_message("unknown_type", f"unknown message type {shown!r}; send 'ping'"))
             )
+
+
+async def close_streams(service: Service, timeout: float) -> None:
+    """Shutdown, step 1: end every WebSocket (close 1001) and SSE stream, and wait up to
+    ``timeout`` for their handlers to send the close. Clients reconnect and resume."""
+    bus = service.bus
+    if bus is None:
+        return
+    for sub in list(bus.subscribers):
+        sub.close()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while bus.subscribers and loop.time() < end:
+        await asyncio.sleep(0.02)
 
 
 # --- Server-Sent Events ----------------------------------------------------------------------
@@ -163,7 +293,37 @@ def _sse(event: str, data: str, seq: int | None = None) -> bytes:
     return f"{head}event: {event}\ndata: {data}\n\n".encode()
 
 
-@router.get("/training/events", tags=["events"])
+class EventStream(StreamingResponse):
+    """``text/event-stream``, so the OpenAPI document says what the SSE route answers."""
+
+    media_type = "text/event-stream"
+
+
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "description": "one Server-Sent Event: `data` is a wire message as JSON (see docs/protocol.md)",
+    "properties": {
+        "event": {"type": "string", "enum": [wire.MsgType.CONNECTED, wire.MsgType.RESYNC, *sorted(wire.LOGGED_TYPES)]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's seq"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+    "additionalProperties": False,
+}
+
+
+@router.get(
+    "/training/events",
+    tags=["events"],
+    response_class=EventStream,
+    responses={
+        200: {"description": "The event stream", "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}},
+        422: {
+            "description": "Bad since, epoch or jobs",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+        },
+    },
+)
 async def sse_events(
     request: Request,
     since: Annotated[str | None, Query(description="resume after this seq (else Last-Event-ID, else live only)")] = None,
@@ -204,7 +364,7 @@ async def sse_events(
         finally:
             bus.unsubscribe(sub.subscriber)
 
-    return StreamingResponse(
+    return EventStream(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

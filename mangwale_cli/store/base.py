@@ -7,10 +7,12 @@ the change would survive kill -9; other writes (progress) may be batched.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
+from .. import wire
 from ..wire import Dataset, Job, JobStatus
 
 SCHEMA_VERSION = 1
@@ -75,6 +77,43 @@ class Store(ABC):
 
     @abstractmethod
     async def list_datasets(self) -> list[Dataset]: ...
+
+    # artifacts, logs and metrics history (files in the job's directory by default)
+    def artifact_dir(self, job_id: str) -> Path:
+        """The local directory holding a job's files (model, metrics, logs)."""
+        return self.artifacts_dir / job_id
+
+    async def append_job_lines(self, job_id: str, name: str, items: list[dict[str, object]]) -> None:
+        """Append JSON lines to a job's ``logs`` or ``metrics`` file (not fsynced: best effort)."""
+        if not items:
+            return
+        path = self.artifact_dir(job_id) / f"{name}.jsonl"
+        text = "".join(wire.dumps(i) + "\n" for i in items)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+
+        await asyncio.to_thread(write)
+
+    async def read_job_lines(self, job_id: str, name: str) -> list[dict[str, object]]:
+        path = self.artifact_dir(job_id) / f"{name}.jsonl"
+
+        def read() -> list[dict[str, object]]:
+            try:
+                raw = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return []
+            out = []
+            for ln in raw.splitlines():
+                try:
+                    out.append(wire.loads(ln))
+                except ValueError:
+                    continue  # a torn last line after a crash
+            return out
+
+        return await asyncio.to_thread(read)
 
     # metadata
     @abstractmethod

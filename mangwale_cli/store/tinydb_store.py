@@ -11,6 +11,7 @@ carried by the one after it; progress writes are marked dirty and ride along at 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from collections.abc import Iterable
@@ -21,13 +22,14 @@ from tinydb import TinyDB
 from tinydb.storages import Storage
 from tinydb.table import Document, Table
 
-from ..errors import Conflict, StoreError, Unavailable
+from ..errors import Conflict, InsufficientStorage, StoreError, Unavailable
 from ..wire import Dataset, Job, JobStatus
 from .base import SCHEMA_VERSION, Store
 from .datadir import DataDir, atomic_write
 
 log = logging.getLogger(__name__)
 
+WRITE_RETRY = 0.5  # seconds between attempts while the disk refuses writes
 JOBS = "jobs"
 DATASETS = "datasets"
 IDEMPOTENCY = "idempotency"
@@ -113,7 +115,7 @@ class TinyDBStore(Store):
 
         self._db = _DB(storage=factory)  # type: ignore[arg-type]
         self._storage = storage_holder["s"]
-        if data is None:
+        if not data:  # a new store, or "{}": stamp the version, or the next open refuses it
             self._db.table(META).insert(Document({"version": SCHEMA_VERSION}, doc_id="schema"))
             await self._flush_now()
         self._flusher = asyncio.create_task(self._flush_loop(), name="store-flusher")
@@ -166,13 +168,22 @@ class TinyDBStore(Store):
             await asyncio.to_thread(atomic_write, self.path, text.encode())
         except OSError as exc:
             self._dirty = True
+            if self._write_error is None or self._write_error.errno != exc.errno:  # once per outage
+                log.error("store write to %s failed: %s", self.path, exc.strerror)
             self._write_error = exc
-            log.error("store write to %s failed: %s", self.path, exc.strerror)
-            err = Unavailable(f"the store cannot be written ({exc.strerror}); nothing was saved")
+            err: Unavailable
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                err = InsufficientStorage(f"the disk of {self.datadir.path} is full ({exc.strerror}); nothing was saved")
+            else:
+                err = Unavailable(f"the store cannot be written ({exc.strerror}); nothing was saved")
             for w in waiters:
                 if not w.done():
                     w.set_exception(err)
+            if not self._closed:  # retry on its own: the next write may be a long time coming
+                asyncio.get_running_loop().call_later(max(self.flush_interval, WRITE_RETRY), self._kick.set)
             return
+        if self._write_error is not None:
+            log.info("store write to %s works again", self.path)
         self._write_error = None
         for w in waiters:
             if not w.done():
@@ -224,13 +235,21 @@ class TinyDBStore(Store):
 
     async def delete_job(self, job_id: str) -> None:
         jobs = self._table(JOBS)
-        if jobs.contains(doc_id=job_id):
+        before = jobs.get(doc_id=job_id)
+        if before is not None:
             jobs.remove(doc_ids=[job_id])
         idem = self._table(IDEMPOTENCY)
-        stale = [d.doc_id for d in idem.all() if d.get("jobId") == job_id]
+        stale = [d for d in idem.all() if d.get("jobId") == job_id]
         if stale:
-            idem.remove(doc_ids=stale)
-        await self._commit()
+            idem.remove(doc_ids=[d.doc_id for d in stale])
+        try:
+            await self._commit()
+        except Unavailable:  # not deleted after all: the next flush must not delete it either
+            if before is not None:
+                jobs.insert(Document(dict(before), doc_id=job_id))
+            for d in stale:
+                idem.insert(Document(dict(d), doc_id=d.doc_id))
+            raise
 
     async def list_jobs(
         self,
@@ -288,9 +307,15 @@ class TinyDBStore(Store):
 
     async def delete_dataset(self, dataset_id: str) -> None:
         table = self._table(DATASETS)
-        if table.contains(doc_id=dataset_id):
+        before = table.get(doc_id=dataset_id)
+        if before is not None:
             table.remove(doc_ids=[dataset_id])
-        await self._commit()
+        try:
+            await self._commit()
+        except Unavailable:
+            if before is not None:
+                table.insert(Document(dict(before), doc_id=dataset_id))
+            raise
 
     async def list_datasets(self) -> list[Dataset]:
         docs = self._table(DATASETS)._read_table().values()

@@ -1,0 +1,199 @@
+"""Shared fixtures: an isolated MANGWALE_HOME, in-process apps and real ``mangwale serve`` processes.
+
+Timings are shrunk through settings (flush interval, keepalive, backoff), never by skipping
+cases. ``wait_for`` polls a condition instead of sleeping and hoping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+BANNER = re.compile(r"serving on (http://\S+) ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+FAST_ENV = {
+    "MANGWALE_STORE_FLUSH_INTERVAL": "0.05",
+    "MANGWALE_EVENTS_FSYNC_INTERVAL": "0.2",
+    "MANGWALE_WS_PING_INTERVAL": "2",
+    "MANGWALE_WS_PING_TIMEOUT": "2",
+    "MANGWALE_SHUTDOWN_GRACE": "2",
+    "MANGWALE_RUNNER_KILL_GRACE": "1",
+    "MANGWALE_LOG_LEVEL": "info",
+}
+
+
+class ServerProcess:
+    """A real ``mangwale serve`` on a fixed free port; restartable on the same data dir."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws/training"
+        self.env = {**os.environ, **FAST_ENV, **(env or {})}
+        self.env.pop("MANGWALE_URL", None)
+        self.args = args or []
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self.log_path = self.data_dir.parent / f"server-{self.port}.log"
+        self._reader: threading.Thread | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "mangwale_cli", "serve",
+            "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args,
+        ]
+
+    def start(self, wait: bool = True) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.command(),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._drain, args=(self.proc,), daemon=True)
+        self._reader.start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        with open(self.log_path, "a") as f:
+            for line in proc.stderr:
+                self.log.append(line)
+                f.write(line)
+                f.flush()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{''.join(self.log[-30:])}")
+            try:
+                return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout, 0.05, "server to answer /healthz")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """kill -9, and wait until the process is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        return self.proc.returncode
+
+    def restart(self) -> ServerProcess:
+        self.kill()
+        return self.start()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10)
+
+    def output(self) -> str:
+        return "".join(self.log)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own MANGWALE_HOME; no test sees the user's state or MANGWALE_URL."""
+    monkeypatch.setenv("MANGWALE_HOME", str(tmp_path_factory.mktemp("home")))
+    for var in ("MANGWALE_URL", "MANGWALE_TOKEN", "MANGWALE_CONFIG", "MANGWALE_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real servers; all are killed at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def make(data_dir: Path | None = None, env: dict[str, str] | None = None, args: list[str] | None = None,
+             start: bool = True) -> ServerProcess:
+        s = ServerProcess(data_dir or tmp_path / f"data{len(started)}", env, args)
+        started.append(s)
+        return s.start() if start else s
+
+    yield make
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """One real server process on a free port with a fresh data dir."""
+    return server_factory()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Any:
+    """Settings for an in-process app with short timings."""
+    from mangwale_cli.settings import load
+
+    env = {**FAST_ENV, "MANGWALE_DATA_DIR": str(tmp_path / "inproc")}
+    return load({}, env=env)
+
+
+@pytest.fixture
+def api(settings: Any) -> Iterator[Any]:
+    """An in-process app behind Starlette's TestClient (REST and WebSocket, lifespan run)."""
+    from fastapi.testclient import TestClient
+
+    from mangwale_cli.server.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
