@@ -8,6 +8,10 @@ its last seq), so a stalled reader can neither delay the others nor grow memory 
 
 ``subscribe`` computes the replay and registers the subscriber in one synchronous step, so
 there is no gap and no duplicate between replayed and live events (see docs/protocol.md).
+
+Compacting the log (rewriting the whole kept file) would stall every client if done on the
+loop, so the bus runs it as a background task: the snapshot and the final rename happen on the
+loop, the bulk write and fsync in a worker thread (see eventlog.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import wire
-from .eventlog import FileEventLog, Record
+from .eventlog import Compaction, FileEventLog, Record
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 class Subscriber:
     """A consumer of live events with a bounded buffer."""
 
-    __slots__ = ("jobs", "buffer", "limit", "overflowed", "_ready", "closed")
+    __slots__ = ("jobs", "buffer", "limit", "overflowed", "_ready", "closed", "on_drop")
 
     def __init__(self, jobs: set[str] | None, limit: int) -> None:
         self.jobs = jobs
@@ -37,6 +41,9 @@ class Subscriber:
         self.overflowed = False
         self.closed = False
         self._ready = asyncio.Event()
+        # Called once when the subscriber overflows or is closed: a sender blocked on a peer that
+        # stopped reading would otherwise never look at the buffer again.
+        self.on_drop: Callable[[], None] | None = None
 
     def offer(self, record: Record) -> None:
         if self.overflowed:
@@ -46,9 +53,15 @@ class Subscriber:
         if len(self.buffer) >= self.limit:
             self.overflowed = True
             self.buffer.clear()
+            self._drop()
         else:
             self.buffer.append(record)
         self._ready.set()
+
+    def _drop(self) -> None:
+        hook, self.on_drop = self.on_drop, None
+        if hook is not None:
+            hook()
 
     async def get_batch(self) -> list[Record]:
         """Wait for events; returns [] when the subscriber overflowed or was closed."""
@@ -64,6 +77,7 @@ class Subscriber:
     def close(self) -> None:
         self.closed = True
         self._ready.set()
+        self._drop()
 
 
 @dataclass
@@ -87,8 +101,15 @@ class EventBus:
         self._pending: list[Record] = []
         self._next_seq = log_.head + 1
         self._flush_scheduled = False
+        self._append_failing = False
         self._listeners: list[Callable[[list[Record]], None]] = []
+        self._ceiling: int | None = None
+        self._block = 0
+        self._on_reserve: Callable[[int], None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
+        self._compact_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        log_.background_compaction = True
 
     @property
     def epoch(self) -> str:
@@ -99,12 +120,26 @@ class EventBus:
         """The newest seq that has reached the log (and so may reach clients)."""
         return self.log.head
 
+    def reserve(self, ceiling: int, block: int, on_reserve: Callable[[int], None]) -> None:
+        """Seqs below ``ceiling`` are durably reserved; when half a block is left, ask
+        ``on_reserve`` to persist a higher ceiling (so a lost log never reuses a seq)."""
+        self._ceiling, self._block, self._on_reserve = ceiling, block, on_reserve
+
     def start(self, fsync_interval: float) -> None:
         if fsync_interval > 0:
             self._sync_task = asyncio.create_task(self._sync_loop(fsync_interval), name="eventlog-fsync")
 
     async def stop(self) -> None:
+        self._stopping = True  # no new compaction; a running one is finished (or given up)
         self.flush()
+        task = self._compact_task
+        if task is not None:
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # stop() itself was cancelled
+            self.flush()  # events published while it finished
         if self._sync_task is not None:
             self._sync_task.cancel()
         for sub in list(self.subscribers):
@@ -119,20 +154,48 @@ class EventBus:
             except OSError as exc:
                 log.error("event log fsync failed: %s", exc.strerror)
 
+    def _maybe_compact(self) -> None:
+        if self._compact_task is None and not self._stopping and self.log.compaction_due():
+            c = self.log.begin_compaction()
+            self._compact_task = asyncio.create_task(self._compact(c), name="eventlog-compact")
+
+    async def _compact(self, c: Compaction) -> None:
+        """Write the snapshot in a thread, then (on the loop) add what was appended and rename."""
+        fut = asyncio.get_running_loop().run_in_executor(None, c.write)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: forget the compaction, and delete its temp file
+            # once the thread is done with it. The old file stays the (complete) log.
+            fut.add_done_callback(lambda _f: self.log.abandon_compaction(c))
+            self.log.abandon_compaction(c)
+            raise
+        except OSError as exc:
+            self.log.abandon_compaction(c, exc)
+        else:
+            self.log.finish_compaction(c)
+        finally:
+            self._compact_task = None
+
     # --- publishing -----------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any]) -> int:
         """Log and broadcast ``event`` (a wire message dict); returns its seq."""
         seq = self._next_seq
         self._next_seq += 1
+        if self._ceiling is not None and seq > self._ceiling - self._block // 2:
+            self._ceiling = seq + self._block
+            assert self._on_reserve is not None
+            self._on_reserve(self._ceiling)
         event["seq"] = seq
         event["epoch"] = self.log.epoch
         job_id = wire.event_job_id(event)
         job_seq = None
-        if job_id is not None:
+        is_log = event["type"] == wire.MsgType.JOB_LOG
+        if job_id is not None and not is_log:
             job_seq = self.log.next_job_seq(job_id)
             event["jobSeq"] = job_seq
-        self._pending.append(Record(seq, job_id, job_seq, wire.dumps(event)))
+        self._pending.append(Record(seq, job_id, job_seq, wire.dumps(event), is_log))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -147,11 +210,17 @@ class EventBus:
             self.log.append(batch)
         except OSError as exc:
             # Not logged means not sent: keep the batch and try again shortly.
-            log.error("event log append failed (%s); %d events wait", exc.strerror, len(batch))
+            if not self._append_failing:  # once per outage, not every half second
+                log.error("event log append failed (%s); %d events wait", exc.strerror, len(batch))
+            self._append_failing = True
             self._pending = batch + self._pending
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(0.5, self.flush)
             return
+        if self._append_failing:
+            self._append_failing = False
+            log.info("event log append works again; %d events sent", len(batch))
+        self._maybe_compact()
         for sub in self.subscribers:
             for rec in batch:
                 sub.offer(rec)
