@@ -290,14 +290,19 @@ def test_resync_after_a_new_epoch_refetches_the_job_list(server: ServerProcess, 
 def test_refused_live_connection_is_explained(
     server_factory: Callable[..., ServerProcess], page: Page
 ) -> None:
-    """When REST answers but the WebSocket is refused (origin not allowed) the page says what to change."""
-    server = server_factory(env={"MANGWALE_ALLOWED_ORIGINS": r"https://dashboard\.example\.com"})
-    page.goto(server.url + "/")
-    page.wait_for_selector("#notice:not([hidden])")
-    assert "server.allowed_origins" in page.inner_text("#notice-text")
-    assert server.url in page.inner_text("#notice-text")
-    assert badge(page).startswith("Reconnecting...")
-    wait_js(page, "() => document.querySelector('#datasets li') !== null")  # REST still works
+    """When REST answers but the WebSocket is refused (here: the server is full) the page says what to check."""
+    from websockets.sync.client import connect
+
+    server = server_factory(env={"MANGWALE_WS_MAX_CONNECTIONS": "1"})
+    with connect(server.ws_url) as occupant:  # takes the only slot
+        occupant.recv(timeout=5)
+        page.goto(server.url + "/")
+        page.wait_for_selector("#notice:not([hidden])")
+        text = page.inner_text("#notice-text")
+        assert "websocket.max_connections" in text and "server.allowed_origins" in text
+        assert server.url in text
+        assert badge(page).startswith("Reconnecting...")
+        wait_js(page, "() => document.querySelector('#datasets li') !== null")  # REST still works
 
 
 @needs_chromium

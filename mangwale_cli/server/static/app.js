@@ -209,9 +209,9 @@ async function probeAuth() {
   state.refusedHandshakes = (state.refusedHandshakes || 0) + 1;
   if (state.refusedHandshakes === 3) {
     notify(
-      `The server answers REST calls but refuses the live connection. If you opened the dashboard ` +
-        `by a non-loopback address, add ${location.origin} to server.allowed_origins; ` +
-        `otherwise the server may be at websocket.max_connections.`,
+      `The server answers REST calls but refuses the live connection. It may be at ` +
+        `websocket.max_connections; or, if a proxy in front of it rewrites the Host header, add ` +
+        `${location.origin} to server.allowed_origins.`,
     );
   }
 }
