@@ -1,0 +1,68 @@
+"""The ``bench/`` scripts at a tiny size, so they never rot: each runs as a subprocess against its
+own real server, exits 0, writes its JSON result, and its accounting adds up
+(sent = received + counted losses). Speed is not checked here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(script: str, out: Path, *args: str, timeout: float = 30) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--out", str(out), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert out.is_file(), proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_fanout_accounting(tmp_path: Path) -> None:
+    res = run_bench("fanout.py", tmp_path / "fanout.json",
+                    "--watchers", "5", "--steps", "5", "--step-ms", "20", "--idle", "0.2", "--drain", "3")
+    assert res["watchers"] == 5
+    assert res["accounting_ok"]
+    assert res["sent"] == res["received"] + res["lost"]
+    assert res["sent"] == 5 * res["events"] > 0
+    assert res["latency_ms"]["count"] == res["received"]
+    assert res["latency_ms"]["p99"] is not None
+    assert res["rss_idle_bytes"] > 0 and "server_cpu" in res and "client_cpu" in res
+
+
+@pytest.mark.parametrize("tool", ["python", "wrk"])
+def test_rest(tmp_path: Path, tool: str) -> None:
+    if tool == "wrk" and not shutil.which("wrk"):
+        pytest.skip("wrk not installed")
+    extra = ["--requests", "20"] if tool == "python" else ["--duration", "1"]
+    res = run_bench("rest.py", tmp_path / "rest.json", "--tool", tool, "--jobs", "3", "--connections", "2", *extra)
+    assert res["tool"] == tool
+    routes = {r["route"]: r for r in res["results"]}
+    assert set(routes) == {"GET /training/jobs", "POST /training/jobs"}
+    for r in routes.values():
+        assert r["requests"] > 0 and r["errors"] == 0 and r["rps"] > 0
+        if tool == "python":
+            assert r["requests"] == 20
+
+
+def test_cli_startup(tmp_path: Path) -> None:
+    res = run_bench("cli_startup.py", tmp_path / "cli.json", "--runs", "2", "--tool", "python")
+    names = {r["command"] for r in res["results"]}
+    assert {"mangwale --help", "mangwale jobs list", "mangwale jobs create simulate -q"} <= names
+    assert all(r["failures"] == 0 and r["runs"] == 2 and r["median_ms"] > 0 for r in res["results"])
+
+
+def test_jobs_end_to_end(tmp_path: Path) -> None:
+    res = run_bench("jobs.py", tmp_path / "jobs.json", "--jobs", "3")
+    assert res["jobs"] == res["jobs_finished"] == 3
+    assert res["outcomes"] == {"succeeded": 3}
+    assert res["accounting_ok"] and res["lost"] == 0
+    assert res["sent"] == res["received"] + res["lost"] > 0
