@@ -69,6 +69,16 @@ class ServerProcess:
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         self._reader: threading.Thread | None = None
 
+    @classmethod
+    def for_module(cls, base: Path, args: list[str] | None = None) -> ServerProcess:
+        """A started server for a module-scoped fixture. Such fixtures are set up before the
+        per-test isolation, so the user's settings are scrubbed here instead."""
+        server = cls(base / "data", args=args)
+        for var in ("MANGWALE_CONFIG", "MANGWALE_TOKEN", "MANGWALE_DATA_DIR"):
+            server.env.pop(var, None)
+        server.env["MANGWALE_HOME"] = str(base / "home")
+        return server.start()
+
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "mangwale_cli", "serve",

@@ -25,13 +25,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for the module: the CLI tests only add to its state."""
-    base = tmp_path_factory.mktemp("cli")
-    server = ServerProcess(base / "data")
-    # Module-scoped, so set up before the per-test isolation: scrub the user's settings here.
-    for var in ("MANGWALE_CONFIG", "MANGWALE_TOKEN", "MANGWALE_DATA_DIR"):
-        server.env.pop(var, None)
-    server.env["MANGWALE_HOME"] = str(base / "home")
-    server.start()
+    server = ServerProcess.for_module(tmp_path_factory.mktemp("cli"))
     yield server
     server.kill()
 

@@ -108,12 +108,7 @@ def write_config(directory: Path) -> Path:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for the module, with the example and scripted trainers registered."""
     base = tmp_path_factory.mktemp("lab")
-    server = ServerProcess(base / "data", args=["--config", str(write_config(base / "cfg"))])
-    # Module-scoped, so set up before the per-test isolation: scrub the user's settings here.
-    for var in ("MANGWALE_CONFIG", "MANGWALE_TOKEN", "MANGWALE_DATA_DIR"):
-        server.env.pop(var, None)
-    server.env["MANGWALE_HOME"] = str(base / "home")
-    server.start()
+    server = ServerProcess.for_module(base, args=["--config", str(write_config(base / "cfg"))])
     yield server
     server.kill()
 
