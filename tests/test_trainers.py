@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainingdata import TIP_UTTERANCES
 from fastapi.testclient import TestClient
 
 from mangwale_cli.datafile import load_sample_examples
@@ -172,22 +173,6 @@ def test_fine_tune_adds_an_intent_in_process(tmp_path: Path) -> None:
     )
 
 
-TIP_UTTERANCES = [
-    "I want to tip my driver",
-    "add a tip for the delivery guy",
-    "can I leave a tip for the rider",
-    "tip the driver five dollars",
-    "how do I give my courier a tip",
-    "I'd like to add a gratuity for the driver",
-    "give the delivery person a tip please",
-    "increase the tip for my rider",
-    "add 3 dollars tip to the driver",
-    "leave a bigger tip for the courier",
-    "tip my delivery driver",
-    "want to tip the rider extra",
-    "add gratuity for delivery",
-    "let me tip the driver",
-]
 
 
 # --- the entity extractor ------------------------------------------------------------------------

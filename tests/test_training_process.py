@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from trainingdata import TIP_UTTERANCES
 from conftest import ServerProcess, wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -327,27 +328,11 @@ def test_saved_model_predicts_and_downloads(
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_model"
 
 
-TIPS = [
-    "I want to tip my driver",
-    "add a tip for the delivery guy",
-    "can I leave a tip for the rider",
-    "tip the driver five dollars",
-    "how do I give my courier a tip",
-    "add a gratuity for the driver",
-    "give the delivery person a tip please",
-    "increase the tip for my rider",
-    "add 3 dollars tip to the driver",
-    "leave a bigger tip for the courier",
-    "tip my delivery driver",
-    "want to tip the rider extra",
-    "add gratuity for delivery",
-    "let me tip the driver",
-]
 
 
 def test_fine_tune_adds_a_new_intent(http: httpx.Client, trained: dict[str, Any]) -> None:
     """fine-tune from the nlu-train job learns a new intent and reports metrics before and after."""
-    examples = load_sample_examples()[::3] + [{"text": t, "intent": "tip_driver"} for t in TIPS]
+    examples = load_sample_examples()[::3] + [{"text": t, "intent": "tip_driver"} for t in TIP_UTTERANCES]
     ds = http.post("/training/datasets", json={"name": "with-tips", "examples": examples}).json()
     job = wait_job(http, post_job(http, "fine-tune", ds["id"], baseJobId=trained["id"], epochs=4))
     assert job["status"] == "succeeded", job
