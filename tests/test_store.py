@@ -399,13 +399,15 @@ def test_prepare_on_a_file_is_a_store_error(tmp_path: Path) -> None:
     assert str(path) in info.value.message and info.value.field == "data_dir"
 
 
+def disk_full(path: Path, data: bytes) -> None:
+    """Stands in for atomic_write on a full disk."""
+    raise OSError(28, "No space left on device")
+
+
 def test_failed_disk_write_leaves_no_half_created_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When the disk refuses the write, create_job raises Unavailable and keeps nothing."""
-
-    def disk_full(path: Path, data: bytes) -> None:
-        raise OSError(28, "No space left on device")
 
     async def main() -> None:
         async with open_store(tmp_path) as store:
@@ -439,9 +441,6 @@ def test_failed_dataset_save_restores_the_old_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A save_dataset the disk refuses raises Unavailable and memory keeps the previous version."""
-
-    def disk_full(path: Path, data: bytes) -> None:
-        raise OSError(28, "No space left on device")
 
     async def main() -> None:
         async with open_store(tmp_path) as store:
