@@ -285,7 +285,17 @@ def _connection_notice(item: Item) -> str | None:
     return None
 
 
-class PlainRenderer(Renderer):
+class LineRenderer(Renderer):
+    """A mode that writes whole lines to ``out`` and flushes each, so a CI log shows it at once."""
+
+    out: TextIO
+
+    def _write(self, line: str) -> None:
+        self.out.write(line + "\n")
+        self.out.flush()
+
+
+class PlainRenderer(LineRenderer):
     """One line per change on stdout; connection notices on stderr. No ANSI codes."""
 
     def __init__(self, *, github: bool = False, out: TextIO | None = None) -> None:
@@ -293,10 +303,6 @@ class PlainRenderer(Renderer):
         self.github = github
         self.shown: dict[str, tuple[Any, ...]] = {}
         self.group: str | None = None
-
-    def _write(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
 
     def handle(self, item: Item) -> None:
         from ..follow import EventItem, SnapshotItem
@@ -347,15 +353,11 @@ def _gha(text: str) -> str:
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-class JsonRenderer(Renderer):
+class JsonRenderer(LineRenderer):
     """JSON lines on stdout: each event as the server sent it, then one summary object."""
 
     def __init__(self, out: TextIO | None = None) -> None:
         self.out = out or sys.stdout
-
-    def _write(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
 
     def handle(self, item: Item) -> None:
         from ..follow import EventItem, ResyncItem, SnapshotItem
