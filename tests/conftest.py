@@ -6,6 +6,7 @@ cases. ``wait_for`` polls a condition instead of sleeping and hoping.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -40,6 +41,14 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def log_head(events_file: Path) -> int:
+    """The seq of the last complete line of an event log file (a torn tail is ignored)."""
+    lines = [ln for ln in events_file.read_bytes().split(b"\n")[:-1] if ln]
+    if len(lines) == 1:
+        return int(json.loads(lines[0])["baseSeq"])
+    return int(json.loads(lines[-1])["seq"])
 
 
 FAST_ENV = {

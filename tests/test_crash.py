@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ServerProcess, wait_for
+from trainingdata import synthetic_examples
+from conftest import ServerProcess, log_head, wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -99,14 +100,6 @@ class Submitter(threading.Thread):
                     self.acked.append(resp.json()["id"])
                 else:
                     self.refused.append(resp.status_code)
-
-
-def log_head(events_file: Path) -> int:
-    """The seq of the last complete line of an event log file (a torn tail is ignored)."""
-    lines = [ln for ln in events_file.read_bytes().split(b"\n")[:-1] if ln]
-    if len(lines) == 1:
-        return int(json.loads(lines[0])["baseSeq"])
-    return int(json.loads(lines[-1])["seq"])
 
 
 def stale_temp_files(data_dir: Path, server_pid: int) -> list[Path]:
@@ -312,16 +305,6 @@ def descendants(root: int) -> dict[int, int]:
 def alive(pid: int, start: int) -> bool:
     stat = read_stat(pid)
     return stat is not None and stat[3] == start and stat[0] not in ("Z", "X")
-
-
-def synthetic_examples(n: int, intents: int = 40, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` random utterances over ``intents`` labels (nlu-train takes ~80 ms an epoch on 6000)."""
-    rnd = random.Random(seed)
-    words = [f"w{i}" for i in range(2000)]
-    return [
-        {"text": " ".join(rnd.choices(words, k=12)), "intent": f"intent{rnd.randrange(intents)}"}
-        for _ in range(n)
-    ]
 
 
 def test_no_training_process_outlives_a_killed_server(server: ServerProcess) -> None:

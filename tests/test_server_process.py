@@ -8,7 +8,6 @@ WebSocket is read by a background thread into a list the test polls.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import socket
 import subprocess
@@ -22,7 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import BANNER, ServerProcess, wait_for
+from trainingdata import synthetic_examples
+from conftest import BANNER, ServerProcess, log_head, wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -94,14 +94,6 @@ def assert_monotonic_per_attempt(updates: list[dict[str, Any]]) -> None:
     for u in updates:
         assert u["progress"] >= last.get(u["attempt"], 0), f"progress went backwards: {u}"
         last[u["attempt"]] = u["progress"]
-
-
-def log_head(events_file: Path) -> int:
-    """The seq of the last complete line of an event log file."""
-    lines = events_file.read_bytes().split(b"\n")[:-1]
-    if len(lines) == 1:  # only the header
-        return int(json.loads(lines[0])["baseSeq"])
-    return int(json.loads(lines[-1])["seq"])
 
 
 # --- the seed's flow ---------------------------------------------------------------------------
@@ -238,16 +230,6 @@ def child_processes(root: int) -> dict[int, tuple[int, int]]:
                 found[pid] = (ppid, start)
                 frontier.append(pid)
     return found
-
-
-def synthetic_examples(n: int, intents: int = 40, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` random utterances over ``intents`` labels (nlu-train takes ~80 ms an epoch on 6000)."""
-    rnd = random.Random(seed)
-    words = [f"w{i}" for i in range(2000)]
-    return [
-        {"text": " ".join(rnd.choices(words, k=12)), "intent": f"intent{rnd.randrange(intents)}"}
-        for _ in range(n)
-    ]
 
 
 def start_long_nlu_job(http: httpx.Client) -> tuple[str, float]:

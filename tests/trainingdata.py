@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 # tip_driver: fine-tune tests add it to a model trained on the food-delivery sample.
 TIP_UTTERANCES = [
     "I want to tip my driver",
@@ -19,3 +21,13 @@ TIP_UTTERANCES = [
     "add gratuity for delivery",
     "let me tip the driver",
 ]
+
+
+def synthetic_examples(n: int, intents: int = 40, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` random utterances over ``intents`` labels (nlu-train takes ~80 ms an epoch on 6000)."""
+    rnd = random.Random(seed)
+    words = [f"w{i}" for i in range(2000)]
+    return [
+        {"text": " ".join(rnd.choices(words, k=12)), "intent": f"intent{rnd.randrange(intents)}"}
+        for _ in range(n)
+    ]
