@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from trainingdata import synthetic_examples
 from conftest import ServerProcess, log_head, wait_for
+from trainingdata import synthetic_examples
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainingdata import TIP_UTTERANCES
 from fastapi.testclient import TestClient
+from trainingdata import TIP_UTTERANCES
 
 from mangwale_cli.datafile import load_sample_examples
 from mangwale_cli.errors import ConfigError, InvalidInput

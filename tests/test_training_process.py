@@ -25,8 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
-from trainingdata import TIP_UTTERANCES
 from conftest import ServerProcess, wait_for
+from trainingdata import TIP_UTTERANCES
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
