@@ -7,6 +7,7 @@ The tree::
     │   └── PayloadTooLarge          (exit 2)  HTTP 413
     ├── NotFound                     (exit 4)  HTTP 404: unknown dataset, job, route
     ├── Conflict                     (exit 1)  HTTP 409: cancel a finished job, delete a used dataset
+    │   └── StaleWrite               (exit 1)  HTTP 409: a job save lost to a newer one (shared store)
     ├── Unauthorized                 (exit 5)  HTTP 401
     │   └── Forbidden                (exit 5)  HTTP 403
     ├── Unavailable                  (exit 1)  HTTP 503: the store is failing, the server is full
@@ -94,6 +95,21 @@ class NotFound(MangwaleError):
 class Conflict(MangwaleError):
     status = 409
     code = "conflict"
+
+
+class StaleWrite(Conflict):
+    """A ``save_job`` refused because the stored job moved past it (see ``Store.save_job``).
+
+    Carries what is stored now, so the loser can tell "another instance retried it" (a higher
+    attempt) from "it already finished" (a terminal status).
+    """
+
+    code = "stale"
+
+    def __init__(self, message: str, *, stored_status: str, stored_attempt: int, field: str | None = "jobId") -> None:
+        super().__init__(message, field=field)
+        self.stored_status = stored_status
+        self.stored_attempt = stored_attempt
 
 
 class Unauthorized(MangwaleError):

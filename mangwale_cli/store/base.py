@@ -8,19 +8,48 @@ the change would survive kill -9; other writes (progress) may be batched.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 from .. import wire
-from ..wire import Dataset, Job, JobStatus
+from ..errors import StaleWrite
+from ..wire import TERMINAL, Dataset, Job, JobStatus
 
 SCHEMA_VERSION = 1
+
+
+def stale_reason(stored_status: str, stored_attempt: int, new_status: str, new_attempt: int) -> str | None:
+    """Why saving a job over the stored one would lose newer state, or None when it may be saved.
+
+    The rule of ``Store.save_job``; the Redis backend runs the same rule in Lua.
+    """
+    terminal = {s.value for s in TERMINAL}
+    if new_attempt < stored_attempt:
+        return f"attempt {new_attempt} is older than the stored attempt {stored_attempt}"
+    if stored_status in terminal and new_status not in terminal:
+        return f"the job already {stored_status}"
+    if new_attempt > stored_attempt and stored_status not in ("queued", "running"):
+        return f"attempt {new_attempt} cannot start: the job already {stored_status}"
+    return None
+
+
+def stale_write(job: Job, reason: str, stored_status: str, stored_attempt: int) -> StaleWrite:
+    return StaleWrite(
+        f"job {job.id} was not saved as {job.status.value} (attempt {job.attempt}): {reason}",
+        stored_status=stored_status,
+        stored_attempt=stored_attempt,
+    )
 
 
 class Store(ABC):
     """Jobs, datasets, idempotency keys and small metadata."""
 
+    #: several instances may use this store at once (the runner then expects guarded saves,
+    #: ``claim_meta`` races and artifacts published with ``save_artifacts``)
+    shared: ClassVar[bool] = False
     #: where trained models and job files live (a directory per job)
     artifacts_dir: Path
 
@@ -43,7 +72,14 @@ class Store(ABC):
 
     @abstractmethod
     async def save_job(self, job: Job, *, durable: bool = False) -> None:
-        """Replace a job document."""
+        """Replace a job document (or create it).
+
+        Guarded saves: a write is refused with ``StaleWrite`` when (a) its ``attempt`` is lower
+        than the stored one (a stale instance), (b) the stored status is terminal and the new
+        one is not, or (c) its attempt is higher while the stored status is neither queued nor
+        running (``stale_reason``). Backends shared by several instances enforce it; TinyDB
+        (one process) may too.
+        """
 
     @abstractmethod
     async def delete_job(self, job_id: str) -> None: ...
@@ -115,9 +151,34 @@ class Store(ABC):
 
         return await asyncio.to_thread(read)
 
+    async def save_artifacts(self, job_id: str) -> None:
+        """Publish the files of a succeeded job so every instance can serve them.
+
+        A local store serves them from ``artifact_dir`` already: nothing to do.
+        """
+
+    async def load_artifacts(self, job_id: str) -> Path:
+        """Make sure the job's published files are in ``artifact_dir`` and return it."""
+        return self.artifact_dir(job_id)
+
+    async def delete_artifacts(self, job_id: str) -> None:
+        """Remove the job's files, logs and metrics, here and wherever they were published."""
+        await asyncio.to_thread(shutil.rmtree, self.artifact_dir(job_id), True)
+
     # metadata
     @abstractmethod
     async def get_meta(self, key: str) -> object | None: ...
 
     @abstractmethod
     async def set_meta(self, key: str, value: object) -> None: ...
+
+    async def claim_meta(self, key: str, value: object) -> bool:
+        """Set ``key`` only if it has no value; True if this call set it.
+
+        Instances starting together use it to do a one-time job once (seeding the sample data
+        set). This default suits one process: nothing can run between the read and the write.
+        """
+        if await self.get_meta(key) is not None:
+            return False
+        await self.set_meta(key, value)
+        return True

@@ -24,7 +24,7 @@ from tinydb.table import Document, Table
 
 from ..errors import Conflict, InsufficientStorage, StoreError, Unavailable
 from ..wire import Dataset, Job, JobStatus
-from .base import SCHEMA_VERSION, Store
+from .base import SCHEMA_VERSION, Store, stale_reason, stale_write
 from .datadir import DataDir, atomic_write
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,14 @@ class TinyDBStore(Store):
         return Job.from_dict(dict(doc)) if doc is not None else None
 
     async def save_job(self, job: Job, *, durable: bool = False) -> None:
-        self._table(JOBS).upsert(Document(job.to_dict(), doc_id=job.id))
+        jobs = self._table(JOBS)
+        stored = jobs.get(doc_id=job.id)
+        if stored is not None:  # the rule shared stores enforce; here it catches runner bugs
+            status, attempt = stored["status"], int(stored.get("attempt", 0))
+            reason = stale_reason(status, attempt, job.status.value, job.attempt)
+            if reason is not None:
+                raise stale_write(job, reason, status, attempt)
+        jobs.upsert(Document(job.to_dict(), doc_id=job.id))
         if durable:
             await self._commit()
 
