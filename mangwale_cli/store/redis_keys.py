@@ -1,0 +1,109 @@
+"""Every Redis key mangwale uses, in one place, all under one configurable prefix.
+
+Several ``mangwale serve`` instances share one Redis; a second deployment on the same Redis
+(or a test) picks another prefix. Values are UTF-8 JSON in the wire form (``wire.dumps``)
+unless noted.
+
+Storage (``RedisStore``)::
+
+    job:{id}             string  the job document (``Job.to_dict``)
+    jobs                 zset    job ids scored by createdAt; equal scores order by id
+    status:{status}      set     job ids per status (count_jobs, filtered lists)
+    jobidem:{id}         string  the idempotency key that created the job (freed on delete)
+    idem:{key}           hash    jobId, fingerprint
+    dataset:{id}         string  the dataset document (``Dataset.to_dict``)
+    datasets             zset    dataset ids scored by createdAt
+    meta                 hash    small metadata, JSON values; field ``schema`` holds the version
+    lines:{job}:{name}   list    JSON lines of a job's ``logs`` or ``metrics``
+    artifact:{job}       hash    relative file name -> raw bytes, plus ``ARTIFACT_DIGEST_FIELD``
+
+Reserved for the event stream and the job queue::
+
+    events               stream  logged events
+    seq                  string  the last global seq issued (INCR)
+    epoch                string  the event log's id
+    jobseq               hash    job id -> last jobSeq issued
+    queue                stream  runnable job ids, read by the consumer group ``WORKERS_GROUP``
+    cancel:{id}          string  a cancel request for a job, seen by the instance running it
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..wire import JobStatus
+
+DEFAULT_PREFIX = "mangwale:"
+WORKERS_GROUP = "workers"  # the queue's consumer group: a name inside ``queue``, not a key
+#: a field of ``artifact:{job}`` that no relative file name can be: the digest of the set
+ARTIFACT_DIGEST_FIELD = "/digest"
+#: the ``lines:{job}:{name}`` lists a job can have (deleted with the job)
+LINE_NAMES = ("logs", "metrics")
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Key names under ``prefix``. Methods take the variable part; properties are fixed keys."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    # --- storage ----------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}jobs"
+
+    def status(self, status: JobStatus | str) -> str:
+        value = status.value if isinstance(status, JobStatus) else status
+        return f"{self.prefix}status:{value}"
+
+    def job_idem(self, job_id: str) -> str:
+        return f"{self.prefix}jobidem:{job_id}"
+
+    def idem(self, key: str) -> str:
+        return f"{self.prefix}idem:{key}"
+
+    def dataset(self, dataset_id: str) -> str:
+        return f"{self.prefix}dataset:{dataset_id}"
+
+    @property
+    def datasets(self) -> str:
+        return f"{self.prefix}datasets"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.prefix}meta"
+
+    def lines(self, job_id: str, name: str) -> str:
+        return f"{self.prefix}lines:{job_id}:{name}"
+
+    def artifact(self, job_id: str) -> str:
+        return f"{self.prefix}artifact:{job_id}"
+
+    # --- event stream and queue (reserved) --------------------------------------------------
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}seq"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}epoch"
+
+    @property
+    def jobseq(self) -> str:
+        return f"{self.prefix}jobseq"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}queue"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}cancel:{job_id}"
