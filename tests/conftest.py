@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated MANGWALE_HOME, in-process apps and real ``mangwale serve`` processes.
+"""Shared fixtures: an isolated MANGWALE_HOME, in-process apps, real ``mangwale serve`` processes
+and private ``redis-server`` processes (tests/redisserver.py).
 
 Timings are shrunk through settings (flush interval, keepalive, backoff), never by skipping
 cases. ``wait_for`` polls a condition instead of sleeping and hoping.
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redisserver import RedisServer
 
 BANNER = re.compile(r"serving on (http://\S+) ")
 
@@ -196,6 +198,22 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 def server(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
     """One real server process on a free port with a fresh data dir."""
     return server_factory()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for one test (free to kill, pause or wipe); skipped if missing."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_server_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server shared by a module's tests; they keep apart by key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture
