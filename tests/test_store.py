@@ -1,4 +1,6 @@
-"""Tests for the data dir and the TinyDB store: CRUD, ordering, durability, corruption, locking."""
+"""Tests for the data dir and the TinyDB store: durability, corruption, locking.
+
+What every backend must do (CRUD, ordering, idempotency) is in test_store_contract.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mangwale_cli.errors import Conflict, StoreError, Unavailable
+from mangwale_cli.errors import StoreError, Unavailable
 from mangwale_cli.store import SCHEMA_VERSION, tinydb_store
 from mangwale_cli.store.datadir import DataDir
 from mangwale_cli.store.tinydb_store import TinyDBStore
@@ -63,133 +65,6 @@ def make_dataset(n: int) -> Dataset:
 def on_disk(path: Path) -> dict[str, Any]:
     """db.json as another process would read it now."""
     return json.loads((path / "db.json").read_text())  # type: ignore[no-any-return]
-
-
-# --- CRUD -----------------------------------------------------------------------------------
-
-
-def test_job_create_get_save_delete(tmp_path: Path) -> None:
-    """A job round-trips through create, get, save and delete."""
-
-    async def main() -> None:
-        async with open_store(tmp_path) as store:
-            job = make_job(1)
-            job.params = {"steps": 3}
-            assert await store.create_job(job) == (job, True)
-            assert (await store.get_job(job.id)) == job
-            job.status, job.progress, job.message = JobStatus.RUNNING, 42.5, "half"
-            await store.save_job(job)
-            got = await store.get_job(job.id)
-            assert got is not None and got.status is JobStatus.RUNNING and got.progress == 42.5
-            assert got.to_dict() == job.to_dict()
-            await store.delete_job(job.id)
-            assert await store.get_job(job.id) is None
-            await store.delete_job(job.id)  # deleting twice is harmless
-            assert await store.list_jobs() == []
-
-    run(main)
-
-
-def test_dataset_create_get_save_delete_list(tmp_path: Path) -> None:
-    """Datasets round-trip and list oldest first."""
-
-    async def main() -> None:
-        async with open_store(tmp_path) as store:
-            for n in (3, 1, 2):
-                await store.create_dataset(make_dataset(n))
-            assert [d.id for d in await store.list_datasets()] == ["ds-1", "ds-2", "ds-3"]
-            ds = await store.get_dataset("ds-2")
-            assert ds is not None and ds.size == 2 and ds.name == "data 2"
-            ds.name, ds.examples = "renamed", []
-            await store.save_dataset(ds)
-            again = await store.get_dataset("ds-2")
-            assert again is not None and again.name == "renamed" and again.size == 0
-            await store.delete_dataset("ds-2")
-            assert await store.get_dataset("ds-2") is None
-            assert [d.id for d in await store.list_datasets()] == ["ds-1", "ds-3"]
-            assert await store.get_dataset("ds-nope") is None
-
-    run(main)
-
-
-def test_list_jobs_order_filter_and_before_cursor(tmp_path: Path) -> None:
-    """list_jobs is newest first, filters by status and pages with a ``before`` job id."""
-    statuses = [
-        JobStatus.SUCCEEDED,
-        JobStatus.RUNNING,
-        JobStatus.QUEUED,
-        JobStatus.FAILED,
-        JobStatus.SUCCEEDED,
-    ]
-
-    async def main() -> None:
-        async with open_store(tmp_path) as store:
-            for n, status in enumerate(statuses, start=1):
-                await store.create_job(make_job(n, status))
-            ids = [j.id for j in await store.list_jobs()]
-            assert ids == ["job-05", "job-04", "job-03", "job-02", "job-01"]
-            succeeded = await store.list_jobs(statuses=[JobStatus.SUCCEEDED])
-            assert [j.id for j in succeeded] == ["job-05", "job-01"]
-            active = await store.list_jobs(statuses={JobStatus.QUEUED, JobStatus.RUNNING})
-            assert [j.id for j in active] == ["job-03", "job-02"]
-            assert [j.id for j in await store.list_jobs(limit=2)] == ["job-05", "job-04"]
-            assert [j.id for j in await store.list_jobs(before="job-04")] == [
-                "job-03",
-                "job-02",
-                "job-01",
-            ]
-            assert [j.id for j in await store.list_jobs(before="job-04", limit=1)] == ["job-03"]
-            page = await store.list_jobs(before="job-05", statuses=[JobStatus.SUCCEEDED])
-            assert [j.id for j in page] == ["job-01"]
-            assert await store.list_jobs(before="job-01") == []
-            assert await store.list_jobs(before="job-nope") == []
-            assert await store.count_jobs() == {
-                "queued": 1,
-                "running": 1,
-                "succeeded": 2,
-                "failed": 1,
-                "cancelled": 0,
-            }
-
-    run(main)
-
-
-def test_list_jobs_same_millisecond_is_still_a_total_order(tmp_path: Path) -> None:
-    """Jobs created in the same ms are ordered by id, and the cursor pages through all of them."""
-
-    async def main() -> None:
-        async with open_store(tmp_path) as store:
-            for n in range(1, 6):
-                await store.create_job(make_job(n, created=5_000))
-            seen: list[str] = []
-            before = None
-            while page := await store.list_jobs(limit=2, before=before):
-                seen += [j.id for j in page]
-                before = page[-1].id
-            assert seen == ["job-05", "job-04", "job-03", "job-02", "job-01"]
-
-    run(main)
-
-
-def test_idempotency_key(tmp_path: Path) -> None:
-    """A key seen before returns its job; with another fingerprint it is a Conflict."""
-
-    async def main() -> None:
-        async with open_store(tmp_path) as store:
-            first, created = await store.create_job(make_job(1), ("key-1", "fp-a"))
-            assert created
-            again, created = await store.create_job(make_job(2), ("key-1", "fp-a"))
-            assert not created and again.id == first.id
-            assert await store.get_job("job-02") is None
-            with pytest.raises(Conflict) as info:
-                await store.create_job(make_job(3), ("key-1", "fp-b"))
-            assert info.value.field == "Idempotency-Key"
-            assert await store.get_job("job-03") is None
-            await store.delete_job(first.id)  # frees the key
-            _, created = await store.create_job(make_job(4), ("key-1", "fp-b"))
-            assert created
-
-    run(main)
 
 
 # --- durability ---------------------------------------------------------------------------
