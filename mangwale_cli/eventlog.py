@@ -108,21 +108,86 @@ class Record:
     is_log: bool = False
 
 
-class FileEventLog:
-    def __init__(self, path: Path, *, retention: int, log_retention: int = 10_000, fallback_head: int = 0) -> None:
-        self.path = Path(path)
+class EventRing:
+    """The kept events in memory, in seq order, with the two retention bounds; what replay reads.
+
+    ``FileEventLog`` persists it to a file; with the Redis backend each instance holds one as a
+    mirror of the shared stream (``redisbus.RedisEventBus``)."""
+
+    def __init__(self, *, retention: int, log_retention: int = 10_000) -> None:
         self.retention = retention
         self.log_retention = log_retention
         self.logs: deque[Record] = deque()  # job_log lines, bounded by log_retention
         self.logs_lost_through = 0
-        self._compacted_head = 0
-        self.fallback_head = fallback_head
         self.epoch = ""
         self.head = 0  # seq of the newest event logged
         self.ring: deque[Record] = deque()
         self.job_seqs: dict[str, int] = {}  # last jobSeq per job
         self.job_lost: dict[str, int] = {}  # highest seq per job no longer kept
         self.lost_through = 0  # highest seq no longer kept
+
+    def reset(self, epoch: str, head: int) -> None:
+        """Forget everything: an empty ring of ``epoch`` whose history ends at ``head``."""
+        self.epoch = epoch
+        self.head = head
+        self.lost_through = head
+        self.ring.clear()
+        self.logs.clear()
+        self.logs_lost_through = head
+        self.job_seqs.clear()
+        self.job_lost.clear()
+
+    def keep(self, records: list[Record]) -> None:
+        """Add records (seq order, above the head) to the rings and trim them."""
+        for r in records:
+            (self.logs if r.is_log else self.ring).append(r)
+        if records:
+            self.head = records[-1].seq
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self.ring) > self.retention:
+            r = self.ring.popleft()
+            self.lost_through = r.seq
+            if r.job_id is not None:
+                self.job_lost[r.job_id] = r.seq
+        while len(self.logs) > self.log_retention:
+            self.logs_lost_through = self.logs.popleft().seq
+
+    # --- read -----------------------------------------------------------------------------
+
+    def after(self, since: int, jobs: set[str] | None = None, *, logs: bool = True) -> Iterator[Record]:
+        """Kept records with seq > since in seq order, optionally only those of ``jobs``."""
+        if since >= self.head:
+            return iter(())
+        it: Iterable[Record] = _tail(self.ring, since)
+        if logs and self.logs:
+            it = heapq.merge(it, _tail(self.logs, since), key=_seq)
+        if jobs is not None:
+            it = (r for r in it if r.job_id in jobs)
+        return iter(it)
+
+    def missing_since(self, since: int, jobs: set[str] | None = None) -> bool:
+        """True if events after ``since`` (of ``jobs``, if given) are no longer kept."""
+        if since >= self.lost_through:
+            return False
+        if jobs is None:
+            return True
+        return any(self.job_lost.get(j, 0) > since for j in jobs)
+
+    def job_logs(self, job_id: str, since: int = 0) -> list[Record]:
+        return [r for r in _tail(self.logs, since) if r.job_id == job_id]
+
+    def describe(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "headSeq": self.head, "firstSeq": self.lost_through + 1}
+
+
+class FileEventLog(EventRing):
+    def __init__(self, path: Path, *, retention: int, log_retention: int = 10_000, fallback_head: int = 0) -> None:
+        super().__init__(retention=retention, log_retention=log_retention)
+        self.path = Path(path)
+        self._compacted_head = 0
+        self.fallback_head = fallback_head
         self._fd: int | None = None
         self._lines_in_file = 0
         self._unsynced = False
@@ -153,14 +218,7 @@ class FileEventLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def _start_new(self, base_seq: int, reason: str | None) -> None:
-        self.epoch = new_epoch()
-        self.head = base_seq
-        self.lost_through = base_seq
-        self.ring.clear()
-        self.logs.clear()
-        self.logs_lost_through = base_seq
-        self.job_seqs.clear()
-        self.job_lost.clear()
+        self.reset(new_epoch(), base_seq)
         self._rewrite()
 
     def _load(self, raw: bytes) -> str | None:
@@ -247,11 +305,8 @@ class FileEventLog:
         self._unsynced = True
         if self._compaction is not None:
             self._tail.extend(records)
-        for r in records:
-            (self.logs if r.is_log else self.ring).append(r)
-        self.head = records[-1].seq
         self._lines_in_file += len(records)
-        self._trim()
+        self.keep(records)
         if not self.background_compaction and self._compaction_needed():
             try:
                 self._rewrite()
@@ -333,15 +388,6 @@ class FileEventLog:
         self._compact_retry_at = time.monotonic() + 5.0
         log.warning("event log compaction failed (%s); the old file stays, will retry", getattr(exc, "strerror", None) or exc)
 
-    def _trim(self) -> None:
-        while len(self.ring) > self.retention:
-            r = self.ring.popleft()
-            self.lost_through = r.seq
-            if r.job_id is not None:
-                self.job_lost[r.job_id] = r.seq
-        while len(self.logs) > self.log_retention:
-            self.logs_lost_through = self.logs.popleft().seq
-
     def _header(self) -> dict[str, Any]:
         kept_jobs = {r.job_id for r in self.ring if r.job_id is not None}
         return {
@@ -381,33 +427,6 @@ class FileEventLog:
             finally:
                 os.close(self._fd)
                 self._fd = None
-
-    # --- read -----------------------------------------------------------------------------
-
-    def after(self, since: int, jobs: set[str] | None = None, *, logs: bool = True) -> Iterator[Record]:
-        """Kept records with seq > since in seq order, optionally only those of ``jobs``."""
-        if since >= self.head:
-            return iter(())
-        it: Iterable[Record] = _tail(self.ring, since)
-        if logs and self.logs:
-            it = heapq.merge(it, _tail(self.logs, since), key=_seq)
-        if jobs is not None:
-            it = (r for r in it if r.job_id in jobs)
-        return iter(it)
-
-    def missing_since(self, since: int, jobs: set[str] | None = None) -> bool:
-        """True if events after ``since`` (of ``jobs``, if given) are no longer kept."""
-        if since >= self.lost_through:
-            return False
-        if jobs is None:
-            return True
-        return any(self.job_lost.get(j, 0) > since for j in jobs)
-
-    def job_logs(self, job_id: str, since: int = 0) -> list[Record]:
-        return [r for r in _tail(self.logs, since) if r.job_id == job_id]
-
-    def describe(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "headSeq": self.head, "firstSeq": self.lost_through + 1}
 
 
 def _seq(r: Record) -> int:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Subscriber:
     """A consumer of live events with a bounded buffer."""
 
-    __slots__ = ("jobs", "buffer", "limit", "overflowed", "_ready", "closed", "on_drop")
+    __slots__ = ("_ready", "buffer", "close_reason", "closed", "jobs", "limit", "on_drop", "overflowed")
 
     def __init__(self, jobs: set[str] | None, limit: int) -> None:
         self.jobs = jobs
@@ -40,6 +40,9 @@ class Subscriber:
         self.limit = limit
         self.overflowed = False
         self.closed = False
+        # Why the server ended the stream, when it is not shutting down (the store went away,
+        # the epoch changed): the connection closes with 1012 and the client resumes.
+        self.close_reason: str | None = None
         self._ready = asyncio.Event()
         # Called once when the subscriber overflows or is closed: a sender blocked on a peer that
         # stopped reading would otherwise never look at the buffer again.
@@ -74,7 +77,9 @@ class Subscriber:
         self.buffer.clear()
         return batch
 
-    def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
+        if reason is not None and not self.closed:
+            self.close_reason = reason
         self.closed = True
         self._ready.set()
         self._drop()
@@ -221,6 +226,10 @@ class EventBus:
             self._append_failing = False
             log.info("event log append works again; %d events sent", len(batch))
         self._maybe_compact()
+        self._deliver(batch)
+
+    def _deliver(self, batch: list[Record]) -> None:
+        """Hand logged records to every subscriber and listener."""
         for sub in self.subscribers:
             for rec in batch:
                 sub.offer(rec)
@@ -232,6 +241,15 @@ class EventBus:
         self._listeners.append(fn)
 
     # --- subscribing ----------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """False while the log cannot be read (a shared store is unreachable)."""
+        return True
+
+    async def catch_up(self, since: int | None) -> None:
+        """Wait until this instance has seen every event up to ``since`` (a shared log may be
+        a moment ahead of this instance's copy). The local log always is up to date."""
 
     def subscribe(
         self,
