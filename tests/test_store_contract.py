@@ -235,6 +235,47 @@ def test_guarded_save(backend: Backend, stored: tuple[JobStatus, int], new: tupl
     run(main)
 
 
+@pytest.mark.parametrize(("stored", "previous", "started"), [
+    ((Q, 0), 0, True),    # the first attempt
+    ((R, 1), 1, True),    # taking over attempt 1 of a job whose instance died
+    ((R, 2), 1, False),   # another instance started attempt 2 first
+    ((Q, 1), 0, False),   # re-queued after attempt 1: the caller read an older copy
+    ((C, 0), 0, False),   # cancelled while the caller got ready
+])  # fmt: skip
+def test_begin_attempt_is_a_compare_and_set(backend: Backend, stored: tuple[JobStatus, int], previous: int,
+                                            started: bool) -> None:  # fmt: skip
+    """begin_attempt writes the running job only while the stored attempt is still the one read
+    and the job is queued or running; otherwise it writes nothing and says so."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            await store.create_job(make_job(1, stored[0], attempt=stored[1]))
+            job = make_job(1, R, attempt=previous + 1)
+            assert await store.begin_attempt(job, previous) is started
+            kept = await store.get_job(job.id)
+            assert kept is not None
+            assert (kept.status, kept.attempt) == ((R, previous + 1) if started else stored)
+            assert await store.begin_attempt(make_job(2, R, attempt=1), 0) is False  # no such job
+
+    run(main)
+
+
+def test_redis_created_job_is_queued_in_the_same_step(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """In Redis, create_job also adds the job's queue entry (and a replayed key adds none)."""
+
+    async def main() -> None:
+        backend = Backend("redis", tmp_path, redis_server_module)
+        async with backend.open() as store:
+            await store.create_job(make_job(1), ("key-1", "fp"))
+            await store.create_job(make_job(2), ("key-1", "fp"))
+            await store.create_job(make_job(3))
+            r = redis.Redis.from_url(redis_server_module.url)
+            entries = r.xrange(backend.prefix + "queue")
+            assert [f[b"job"] for _id, f in entries] == [b"job-01", b"job-03"]
+
+    run(main)
+
+
 # --- datasets and metadata -----------------------------------------------------------------------
 
 
@@ -560,7 +601,8 @@ def test_redis_delete_job_removes_its_lines_and_published_files(redis_server_mod
             assert await other.read_job_lines("job-01", "metrics") == []
             assert not (await other.load_artifacts("job-01")).exists()
             left = redis.Redis.from_url(redis_server_module.url).keys(backend.prefix + "*")
-            assert sorted(left) == [(backend.prefix + "meta").encode()]
+            # The queue stream stays: the runner removes a job's entry when the job ends.
+            assert sorted(left) == [(backend.prefix + "meta").encode(), (backend.prefix + "queue").encode()]
 
     run(main)
 

@@ -81,6 +81,20 @@ class Store(ABC):
         (one process) may too.
         """
 
+    async def begin_attempt(self, job: Job, previous: int) -> bool:
+        """Save ``job`` (now running its next attempt) only if the stored job is still at attempt
+        ``previous`` and queued or running: the compare-and-set that lets one runner, and only
+        one, start an attempt. False (nothing written) if another got there first.
+
+        This default suits one process (one runner): nothing runs between the read and the write
+        that could start the job too. Shared backends do it atomically.
+        """
+        stored = await self.get_job(job.id)
+        if stored is None or stored.attempt != previous or stored.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return False
+        await self.save_job(job, durable=True)
+        return True
+
     @abstractmethod
     async def delete_job(self, job_id: str) -> None: ...
 

@@ -24,7 +24,9 @@ Reserved for the event stream and the job queue::
     epoch                string  the event log's id
     jobseq               hash    job id -> last jobSeq issued
     queue                stream  runnable job ids, read by the consumer group ``WORKERS_GROUP``
-    cancel:{id}          string  a cancel request for a job, seen by the instance running it
+    cancel:{id}          string  a cancel request for a job, seen by whoever takes it next
+    cancel               channel job ids to cancel, for the instance running them now
+    batch:{id}           string  an appended event batch (10 min): a retried batch is not added twice
 """
 
 from __future__ import annotations
@@ -107,3 +109,11 @@ class RedisKeys:
 
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}cancel:{job_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """pub/sub: job ids whose cancel was asked for, for the instance running them now"""
+        return f"{self.prefix}cancel"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}batch:{batch_id}"

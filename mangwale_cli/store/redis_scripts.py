@@ -13,12 +13,13 @@ STATUSES = tuple(JobStatus)  # the order of the status-set KEYS the scripts get
 
 _TERMINAL_LUA = ", ".join(f"{s.value} = true" for s in sorted(TERMINAL, key=lambda s: s.value))
 
-# KEYS: job, jobs, status set, meta[, idem, jobidem]
+# The job's queue entry is added in the same script: an acknowledged job is always queued.
+# KEYS: job, jobs, status set, meta, queue[, idem, jobidem]
 # ARGV: id, doc, createdAt, schema version[, fingerprint, idem key name, job key prefix]
 CREATE_JOB = """
 redis.call('HSETNX', KEYS[4], 'schema', ARGV[4])
-if KEYS[5] then
-  local seen = redis.call('HMGET', KEYS[5], 'jobId', 'fingerprint')
+if KEYS[6] then
+  local seen = redis.call('HMGET', KEYS[6], 'jobId', 'fingerprint')
   if seen[1] then
     local existing = redis.call('GET', ARGV[7] .. seen[1])
     if existing then  -- a key whose job was deleted is free again
@@ -31,16 +32,20 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
-if KEYS[5] then
-  redis.call('HSET', KEYS[5], 'jobId', ARGV[1], 'fingerprint', ARGV[5])
-  redis.call('SET', KEYS[6], ARGV[6])
+if KEYS[6] then
+  redis.call('HSET', KEYS[6], 'jobId', ARGV[1], 'fingerprint', ARGV[5])
+  redis.call('SET', KEYS[7], ARGV[6])
 end
+redis.call('XADD', KEYS[5], '*', 'job', ARGV[1])
 return {'created'}
 """
 
 # The guard is stale_reason() in base.py; keep the two in step (the contract suite checks both).
+# With ARGV[8] (begin_attempt) it is a compare-and-set: the stored attempt must still be ARGV[8]
+# and the job queued or running, else {'lost', status, attempt} and nothing is written.
 # KEYS: job, jobs, meta, status sets in STATUSES order
 # ARGV: id, doc, createdAt, status, attempt, schema version, 1-based index of the status set
+#       [, the attempt the caller read]
 SAVE_JOB = (
     "local terminal = {" + _TERMINAL_LUA + "}\n"
     """
@@ -49,10 +54,15 @@ if cur then
   local old = cjson.decode(cur)
   local s, a = old['status'], tonumber(old['attempt']) or 0
   local ns, na = ARGV[4], tonumber(ARGV[5])
+  if ARGV[8] and (a ~= tonumber(ARGV[8]) or (s ~= 'queued' and s ~= 'running')) then
+    return {'lost', s, a}
+  end
   if na < a or (terminal[s] and not terminal[ns])
       or (na > a and s ~= 'queued' and s ~= 'running') then
     return {'stale', s, a}
   end
+elseif ARGV[8] then
+  return {'lost', 'deleted', 0}
 end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])

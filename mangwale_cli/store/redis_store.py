@@ -217,7 +217,7 @@ class RedisStore(Store):
 
     async def create_job(self, job: Job, idempotency: tuple[str, str] | None = None) -> tuple[Job, bool]:
         k = self.keys
-        keys = [k.job(job.id), k.jobs, k.status(job.status), k.meta]
+        keys = [k.job(job.id), k.jobs, k.status(job.status), k.meta, k.queue]
         args: list[str | int] = [job.id, wire.dumps(job.to_dict()), job.created_at, wire.dumps(SCHEMA_VERSION)]
         if idempotency is not None:
             keys += [k.idem(idempotency[0]), k.job_idem(job.id)]
@@ -243,6 +243,12 @@ class RedisStore(Store):
         return Job.from_dict(wire.loads(raw)) if raw is not None else None
 
     async def save_job(self, job: Job, *, durable: bool = False) -> None:
+        await self._save(job)
+
+    async def begin_attempt(self, job: Job, previous: int) -> bool:
+        return await self._save(job, previous)
+
+    async def _save(self, job: Job, previous: int | None = None) -> bool:
         k = self.keys
         keys = [k.job(job.id), k.jobs, k.meta, *self._status_keys()]
         args: list[str | int] = [
@@ -254,12 +260,17 @@ class RedisStore(Store):
             wire.dumps(SCHEMA_VERSION),
             STATUSES.index(job.status) + 1,
         ]
+        if previous is not None:
+            args.append(previous)
         async with self._redis():
             result = await self._save_job(keys=keys, args=args)
+        if result[0] == b"lost":
+            return False
         if result[0] == b"stale":
             status, attempt = result[1].decode(), int(result[2])
             reason = stale_reason(status, attempt, job.status.value, job.attempt) or "refused"
             raise stale_write(job, reason, status, attempt)
+        return True
 
     async def delete_job(self, job_id: str) -> None:
         k = self.keys
