@@ -3,18 +3,25 @@
 ``Service`` owns the data dir, the store, the event log and bus, the trainer registry and the
 runner. The server module translates HTTP and WebSocket to calls on it; tests can drive it
 directly. It never imports the web framework.
+
+Two deployments, chosen by ``store.backend``: the embedded one (TinyDB and a JSONL event log
+in a locked data dir, one process), and the shared one (Redis: store, event stream and job
+queue), where any number of instances serve the same jobs and events; the data dir is then only
+a cache of model files, and is not locked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
 from . import __version__, wire
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound, StoreError
 from .eventlog import FileEventLog, Record
 from .events import EventBus
 from .runner import Runner
@@ -41,7 +48,25 @@ class Service:
         # The operator's [trainers.<kind>] commands join the built-ins (ConfigError when bad).
         self.trainers = trainers or Registry([*builtin(), *command_trainers(settings)])
         self.datadir = DataDir(settings.data_dir)
-        self.store: Store = TinyDBStore(self.datadir, flush_interval=settings.store_flush_interval)
+        self.shared = settings.shared_store
+        self.instance = f"{socket.gethostname()}:{settings.port or os.getpid()}"
+        if settings.process_index:
+            self.instance += f"/{settings.process_index}"
+        self._redis: list[Any] = []
+        self._queue: Any = None
+        self.store: Store
+        if self.shared:
+            from .store.redis_store import RedisStore
+
+            self.store = RedisStore(
+                settings.store_backend,
+                cache_dir=settings.data_dir / "cache",
+                prefix=settings.store_prefix,
+                socket_timeout=settings.store_timeout,
+                connect_timeout=settings.store_timeout,
+            )
+        else:
+            self.store = TinyDBStore(self.datadir, flush_interval=settings.store_flush_interval)
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
@@ -52,6 +77,85 @@ class Service:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.shared:
+            await self._start_shared()
+        else:
+            await self._start_embedded()
+        if self.settings.runner_sample_dataset:
+            await self.ensure_sample_dataset()
+        assert self.bus is not None
+        self.runner = Runner(
+            self.store,
+            self.bus,
+            self.trainers,
+            concurrency=self.settings.runner_concurrency,
+            max_attempts=self.settings.runner_max_attempts,
+            stall_after=self.settings.runner_stall_after,
+            kill_grace=self.settings.runner_kill_grace,
+            log_lines_per_job=self.settings.runner_log_lines,
+            queue=self._queue,
+        )
+        await self.runner.start()
+        self._started = True
+
+    async def _start_shared(self) -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+
+        from .jobqueue import RedisQueue
+        from .redisbus import RedisEventBus
+
+        s = self.settings
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()  # StoreError (start-up fails with one line) if Redis is away
+        url = s.store_backend
+        block = 1.0
+        # One quick retry on a fresh connection: after a Redis restart every pooled socket fails
+        # once, and without it each would count as an outage of its own.
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (RedisConnectionError,))
+        common: dict[str, Any] = {"socket_connect_timeout": s.store_timeout, "retry": retry, "health_check_interval": 5}
+        client = Redis.from_url(url, socket_timeout=s.store_timeout, **common)
+        reader = Redis.from_url(url, socket_timeout=s.store_timeout + block, **common)
+        self._redis = [client, reader]
+        shown = self.store.safe_url  # type: ignore[attr-defined]
+        bus = RedisEventBus(
+            client,
+            reader,
+            url=str(shown),
+            prefix=s.store_prefix,
+            instance=self.instance,
+            retention=s.events_retention,
+            log_retention=s.events_log_retention,
+            queue_size=s.ws_client_queue,
+            block=block,
+        )
+        self._queue = RedisQueue(
+            client, reader, url=str(shown), prefix=s.store_prefix, consumer=self.instance, lease=s.runner_lease, block=block
+        )
+        try:
+            await bus.open()
+        except (RedisError, OSError) as exc:
+            await self._close_redis()
+            raise StoreError(f"cannot read the event stream at {shown}: {exc}", field="store.backend") from None
+        self.bus = bus
+
+    def describe_store(self) -> str:
+        if self.shared:
+            return f"{self.store.safe_url} (instance {self.instance})"  # type: ignore[attr-defined]
+        return f"tinydb in {self.settings.data_dir}"
+
+    async def _close_redis(self) -> None:
+        for r in self._redis:
+            try:
+                await r.aclose()
+            except Exception:  # already broken
+                pass
+        self._redis = []
+
+    async def _start_embedded(self) -> None:
         self.datadir.prepare()
         try:
             await self.store.open()
@@ -72,20 +176,6 @@ class Service:
         self.bus = EventBus(elog, queue_size=self.settings.ws_client_queue)
         self.bus.reserve(ceiling, SEQ_BLOCK, self._raise_ceiling)
         self.bus.start(self.settings.events_fsync_interval)
-        if self.settings.runner_sample_dataset:
-            await self.ensure_sample_dataset()
-        self.runner = Runner(
-            self.store,
-            self.bus,
-            self.trainers,
-            concurrency=self.settings.runner_concurrency,
-            max_attempts=self.settings.runner_max_attempts,
-            stall_after=self.settings.runner_stall_after,
-            kill_grace=self.settings.runner_kill_grace,
-            log_lines_per_job=self.settings.runner_log_lines,
-        )
-        await self.runner.start()
-        self._started = True
 
     async def stop(self) -> None:
         if not self._started:
@@ -96,7 +186,10 @@ class Service:
         self.bus.flush()
         await self.bus.stop()
         await self.store.close()
-        self.datadir.unlock()
+        if self.shared:
+            await self._close_redis()
+        else:
+            self.datadir.unlock()
 
     def _raise_ceiling(self, ceiling: int) -> None:
         """Durably move the seq ceiling up before the bus runs out of reserved numbers."""
@@ -112,8 +205,9 @@ class Service:
         task.add_done_callback(self._background.discard)
 
     async def ensure_sample_dataset(self) -> Dataset | None:
-        """Load the shipped sample data set into a store that has never had one."""
-        if await self.store.get_meta("sampleLoaded"):
+        """Load the shipped sample data set into a store that has never had one (once, even
+        when several instances start together on one shared store)."""
+        if not await self.store.claim_meta("sampleLoaded", "loading"):
             return None
         from .datafile import load_sample_examples
 
@@ -228,7 +322,7 @@ class Service:
         if created:
             self._publish(wire.job_created(job))
             assert self.runner is not None
-            self.runner.submit(job)
+            await self.runner.submit(job)
             log.info("job %s (%s) queued", job.id, job.kind)
         return job, created
 
@@ -253,7 +347,9 @@ class Service:
         job = await self.runner.cancel(job)
         # The runner saves the final state from its own task; a disk that refused it must not be
         # acknowledged as cancelled (507/503 instead; the state is saved once the disk has room).
-        await self.store.save_job(job, durable=True)
+        # A shared store has the state its owner saved: rewriting it could only go stale.
+        if not self.shared:
+            await self.store.save_job(job, durable=True)
         return job
 
     async def delete_job(self, job_id: str) -> None:
@@ -262,8 +358,7 @@ class Service:
             raise Conflict(f"job {job_id} is {job.status.value}; cancel it first", field="jobId", code="active")
         await self.store.delete_job(job_id)
         self._models.pop(job_id, None)
-        assert self.runner is not None
-        await asyncio.to_thread(self.runner.remove_artifacts, job_id)
+        await self.store.delete_artifacts(job_id)
 
     # --- models ---------------------------------------------------------------------------
 
@@ -271,6 +366,8 @@ class Service:
         """The saved model of a succeeded nlu-train / fine-tune job."""
         job = await self.get_job(job_id)
         path = self.store.artifact_dir(job_id) / MODEL_FILE
+        if job.status is JobStatus.SUCCEEDED and not path.is_file():
+            path = await self.store.load_artifacts(job_id) / MODEL_FILE  # from the shared store
         if job.status is not JobStatus.SUCCEEDED or not path.is_file():
             raise NotFound(
                 f"job {job_id} has no model ({job.kind}, {job.status.value}); "
@@ -319,11 +416,18 @@ class Service:
 
     async def health(self) -> dict[str, Any]:
         assert self.bus is not None
-        return {
+        out = {
             "status": "ok",
             "version": __version__,
             "epoch": self.bus.epoch,
             "headSeq": self.bus.head,
             "jobs": await self.store.count_jobs(),
             "streams": len(self.bus.subscribers),
+            "store": "redis" if self.shared else "tinydb",
         }
+        if self.shared:
+            assert self.runner is not None
+            out["instance"] = self.instance
+            out["takeovers"] = self.runner.takeovers
+            out["running"] = self.runner.active
+        return out

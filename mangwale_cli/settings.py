@@ -11,9 +11,9 @@ Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir):
                   ssl_certfile, ssl_keyfile
     [websocket]   ping_interval, ping_timeout, max_message_size, client_queue, max_connections,
                   message_rate, message_burst
-    [store]       backend, flush_interval
+    [store]       backend, flush_interval, timeout, prefix
     [events]      retention, log_retention, fsync_interval
-    [runner]      concurrency, max_attempts, kill_grace, sample_dataset, stall_after, log_lines
+    [runner]      concurrency, max_attempts, kill_grace, sample_dataset, stall_after, log_lines, lease
 
 Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it. Their
 scalar keys that have a spec here (``auth.tokens_file``) are settings like any other; the rest of
@@ -32,6 +32,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_PORT = 8080
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 CONFIG_NAME = "mangwale.toml"
 
 LOOPBACK_ORIGINS = [
@@ -94,6 +95,8 @@ class Settings:
     ws_message_burst: int = 50
     store_backend: str = "tinydb"
     store_flush_interval: float = 0.5
+    store_timeout: float = 5.0
+    store_prefix: str = "mangwale:"
     events_retention: int = 100_000
     events_fsync_interval: float = 1.0
     runner_concurrency: int = 2
@@ -103,9 +106,16 @@ class Settings:
     runner_stall_after: float = 120.0
     runner_log_lines: int = 10_000
     events_log_retention: int = 10_000
+    runner_lease: float = 30.0
+    process_index: int = 0  # serve --processes: which of the forked instances this is (1..N)
     config_file: Path | None = None
     # Sections later issues add (trainers, auth) are kept raw here until they are read.
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shared_store(self) -> bool:
+        """True when the store is Redis (several instances may share it)."""
+        return self.store_backend != "tinydb"
 
     @property
     def http_url(self) -> str:
@@ -136,8 +146,10 @@ SPECS: list[Spec] = [
     Spec("ws_max_connections", "websocket", int, "WebSocket connections before 503", 1),
     Spec("ws_message_rate", "websocket", float, "client messages per second a connection may sustain (0 = no limit; close 4429 above)", 0),
     Spec("ws_message_burst", "websocket", int, "client messages a connection may send at once before the rate applies", 1),
-    Spec("store_backend", "store", str, "'tinydb' (embedded, in the data dir)"),
+    Spec("store_backend", "store", str, "'tinydb' (embedded, in the data dir) or a Redis URL (redis://host:6379/0) shared by several instances (serve --store)"),
     Spec("store_flush_interval", "store", float, "seconds progress writes may wait", 0),
+    Spec("store_timeout", "store", float, "seconds a Redis command may take before the request fails with 503", 0.05),
+    Spec("store_prefix", "store", str, "prefix of every Redis key (several deployments can share one Redis)"),
     Spec("events_retention", "events", int, "events the log keeps for replay", 10),
     Spec("events_fsync_interval", "events", float, "seconds between event-log fsyncs", 0),
     Spec("runner_concurrency", "runner", int, "jobs run at once", 1),
@@ -147,6 +159,7 @@ SPECS: list[Spec] = [
     Spec("runner_stall_after", "runner", float, "seconds without a report before a job is flagged stalled (0 = off)", 0),
     Spec("runner_log_lines", "runner", int, "log lines kept per job", 1),
     Spec("events_log_retention", "events", int, "job_log lines the event log keeps for replay (apart from retention)", 0),
+    Spec("runner_lease", "runner", float, "Redis store: seconds an instance holds a job without renewing before another takes it over", 0.3),
 ]
 _BY_NAME = {s.name: s for s in SPECS}
 _BY_TOML = {s.toml_key: s for s in SPECS}
@@ -207,8 +220,10 @@ def _coerce(spec: Spec, value: Any, where: str, *, typed: bool = False) -> Any:
         raise ConfigError(f"{where}: server.port must be <= 65535, got {value!r}", field="server.port")
     if spec.name == "log_level" and out not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(f"{where}: server.log_level must be one of critical, error, warning, info, debug", field="server.log_level")
-    if spec.name == "store_backend" and out != "tinydb":
-        raise ConfigError(f"{where}: store.backend {out!r} is not supported (use 'tinydb')", field="store.backend")
+    if spec.name == "store_backend" and out != "tinydb" and not out.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"{where}: store.backend {out!r} is not supported (use 'tinydb' or a redis:// URL)", field="store.backend"
+        )
     return out
 
 

@@ -403,6 +403,12 @@ class HealthOut(BaseModel):
     headSeq: int
     jobs: dict[str, int]
     streams: int = Field(description="open WebSocket and SSE subscribers")
+    store: str = Field("tinydb", description="'tinydb' (embedded) or 'redis' (shared by several instances)")
+    instance: str | None = Field(None, description="Redis store: this instance's name (host:port)")
+    running: int | None = Field(None, description="Redis store: jobs this instance is running")
+    takeovers: int | None = Field(
+        None, description="Redis store: jobs this instance took over from an instance that stopped (re-runs)"
+    )
 
 
 # --- messages -----------------------------------------------------------------------------

@@ -87,6 +87,13 @@ def serve(
         Optional[Path], typer.Option("--data-dir", help="where the store lives [default: $MANGWALE_HOME or ~/.local/share/mangwale]")
     ] = None,
     concurrency: Annotated[Optional[int], typer.Option(help="jobs run at once [default: 2]")] = None,
+    store: Annotated[
+        Optional[str],
+        typer.Option("--store", help="tinydb (embedded) or redis://host:6379/0, shared by several instances [default: tinydb]"),
+    ] = None,
+    processes: Annotated[
+        int, typer.Option("--processes", min=1, help="run N instances on this port (needs --store redis://...)")
+    ] = 1,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML config file [default: DATA_DIR/mangwale.toml]")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="critical, error, warning, info, debug")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="allow a non-loopback --host with no tokens configured")] = False,
@@ -97,6 +104,8 @@ def serve(
 
     With tokens in [auth.tokens] (see `mangwale tokens create`), every API call needs one.
     A --host other than loopback needs tokens, or --insecure.
+    With --store redis://..., several instances (any ports, any machines) share jobs, workers
+    and live events.
     """
     from ..server.run import serve as run_server
     from ..settings import load
@@ -107,6 +116,7 @@ def serve(
             "port": port,
             "data_dir": data_dir,
             "runner_concurrency": concurrency,
+            "store_backend": store,
             "config_file": config,
             "log_level": log_level,
             "insecure": True if insecure else None,
@@ -114,7 +124,7 @@ def serve(
             "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None,
         }
     )
-    run_server(settings)
+    run_server(settings, processes=processes)
 
 
 # --- datasets ----------------------------------------------------------------------------------

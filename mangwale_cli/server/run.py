@@ -7,6 +7,11 @@ refused unless ``server.insecure`` (``serve --insecure``). TLS is uvicorn's, wit
 On SIGTERM or SIGINT: stop accepting, close every WebSocket with 1001 and end SSE streams
 (``stream.close_streams``; uvicorn alone would send 1012), let running requests finish, then
 ``Service.stop`` re-queues running jobs and flushes the store.
+
+``serve --processes N`` (Redis store only): the port is bound once and N forked processes accept
+on it, each a full instance (its own event loop, runner and Redis consumer). The kernel spreads
+connections over them; Redis makes them one service. The parent passes signals on and exits
+with the first failure.
 """
 
 from __future__ import annotations
@@ -135,11 +140,11 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
         )
         server = Server(config)
         log.info(
-            "mangwale %s serving on %s (WebSocket %s), data dir %s",
+            "mangwale %s serving on %s (WebSocket %s), store %s",
             __version__,
             settings.http_url,
             settings.ws_url,
-            settings.data_dir,
+            service.describe_store(),
         )
         # uvicorn re-raises the stop signal once it has shut down; with the default handlers that
         # kills the process before ``service.stop()`` below has re-queued jobs and flushed the
@@ -156,11 +161,58 @@ def _stop_requested(sig: int, frame: object) -> None:
     log.info("%s received: stopping the job runner", signal.Signals(sig).name)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, processes: int = 1) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM."""
     configure_logging(settings.log_level)
     check_exposure(settings)
+    if processes > 1 and not settings.shared_store:
+        raise ConfigError(
+            "--processes needs a shared store: pass --store redis://HOST:6379/0 (the embedded store "
+            "belongs to one process)",
+            field="processes",
+        )
     sock = bind(settings.host, settings.port)
     if settings.port == 0:
         settings.port = sock.getsockname()[1]
+    if processes > 1:
+        sys.exit(_fork_instances(settings, sock, processes))
     asyncio.run(_main(settings, sock))
+
+
+def _fork_instances(settings: Settings, sock: socket.socket, n: int) -> int:
+    """Fork ``n`` instances sharing ``sock``; wait for them; the first non-zero exit wins."""
+    children: dict[int, int] = {}
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:  # the child: one instance, named apart from its siblings
+            settings.process_index = i + 1
+            try:
+                asyncio.run(_main(settings, sock))
+                code = 0
+            except BaseException as exc:  # noqa: BLE001 - report and leave the parent to decide
+                log.error("instance %d failed: %s", i + 1, exc)
+                code = 1
+            os._exit(code)
+        children[pid] = i + 1
+    sock.close()
+    log.info("started %d instances on port %d (pids %s)", n, settings.port, " ".join(map(str, children)))
+
+    def forward(sig: int, frame: object) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    result = 0
+    while children:
+        pid, status = os.wait()
+        if pid in children:
+            children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0 and result == 0:
+                result = code if code > 0 else 1
+                forward(signal.SIGTERM, None)  # one failed: stop the rest rather than limp on
+    return result

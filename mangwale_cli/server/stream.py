@@ -29,7 +29,7 @@ from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisco
 from starlette.responses import StreamingResponse
 
 from .. import wire
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Unavailable
 from ..events import FutureSince, Subscription
 from ..service import Service
 from .app import JSONOut
@@ -39,6 +39,7 @@ log = logging.getLogger("mangwale.stream")
 router = APIRouter()
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012  # the shared store went away or lost its data: resume with since
 CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_REQUEST = 4400
 CLOSE_SLOW_CONSUMER = 4408
@@ -65,6 +66,13 @@ def parse_replay_params(
         if len(job_set) > 1000:
             raise InvalidInput("jobs lists more than 1000 ids", field="jobs")
     return since_n, (epoch or None), job_set
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None  # parse_replay_params names the bad field
 
 
 def same_origin(origin: str, host: str | None) -> bool:
@@ -94,6 +102,14 @@ async def ws_training(ws: WebSocket) -> None:
     if len(bus.subscribers) >= settings.ws_max_connections:
         log.warning("WebSocket refused: %d connections (websocket.max_connections)", len(bus.subscribers))
         await _deny(ws, 503, "too_many_connections", "the server has no room for more connections")
+        return
+
+    try:
+        # A shared event stream may be a moment ahead of this instance (watch resuming through
+        # another instance), or unreachable (503: the client retries with backoff).
+        await bus.catch_up(_int_or_none(ws.query_params.get("since")))
+    except Unavailable as exc:
+        await _deny(ws, 503, exc.code or "unavailable", str(exc))
         return
 
     offered = ws.scope.get("subprotocols") or []
@@ -165,6 +181,8 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any) -> None:
     elif subscriber.overflowed or isinstance(pumped, TimeoutError):
         log.info("WebSocket client is not reading (over %d events behind); closing 4408", subscriber.limit)
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last seq", must_leave=True)
+    elif subscriber.closed and subscriber.close_reason:
+        await _close(ws, CLOSE_SERVICE_RESTART, f"{subscriber.close_reason}: reconnect and resume")
     elif subscriber.closed:
         await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
     elif isinstance(pumped, (RuntimeError, OSError)):
@@ -337,6 +355,7 @@ async def sse_events(
     bus = service.bus
     assert bus is not None
     since_n, epoch_s, job_set = parse_replay_params(since if since is not None else last_event_id, epoch, jobs)
+    await bus.catch_up(since_n)  # Unavailable (503) while a shared event stream is away
     try:
         sub = bus.subscribe(since=since_n, epoch=epoch_s, jobs=job_set)
     except FutureSince as exc:

@@ -76,7 +76,8 @@ class FineTuneTrainer(NluTrainer):
                 "it must be a succeeded nlu-train or fine-tune job",
                 field="params.baseJobId",
             )
-        if not (store.artifact_dir(base_id) / "model.joblib").is_file():
+        # A shared store keeps models in Redis: fetch the base model into this instance's cache.
+        if not ((await store.load_artifacts(base_id)) / "model.joblib").is_file():
             raise InvalidInput(f"params.baseJobId: job {base_id} has no saved model", field="params.baseJobId")
 
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:

@@ -1,0 +1,292 @@
+"""The job queue: which instance runs a queued job, and for how long it may hold it.
+
+``LocalQueue`` is an ``asyncio.Queue``: one process owns the embedded store, and the runner's
+start-up scan recovers what a crash interrupted.
+
+``RedisQueue`` is a Redis stream read by one consumer group that every instance joins. An entry
+delivered to an instance is *leased* to it: while the job runs, the instance renews the lease
+every ``lease / 3`` seconds by resetting the entry's idle time (``XCLAIM ... JUSTID``, and only
+while the entry is still its own). An entry idle for longer than ``lease`` (its instance died or
+hung) is claimed by another instance with ``XAUTOCLAIM``; the runner finds the job ``running``
+and starts a new attempt. A renewal that finds the entry owned by someone else sets
+``Lease.lost`` and the runner stops its copy. Execution is therefore at-least-once.
+
+A cancel request crosses instances twice: a key that whoever takes the job next will see, and a
+pub/sub message for the instance running it now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from .store import redis_keys
+
+log = logging.getLogger(__name__)
+
+CANCEL_TTL = 24 * 3600  # seconds a cancel request waits for a job nobody runs
+
+
+@dataclass(eq=False)
+class Lease:
+    """A job handed to this instance's runner."""
+
+    job_id: str
+    entry: bytes | None = None  # the stream entry (RedisQueue)
+    deliveries: int = 1  # how many times the entry was handed out (> 1: taken over)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LocalQueue:
+    """One process: an asyncio queue."""
+
+    shared = False
+
+    def __init__(self) -> None:
+        self._q: asyncio.Queue[str] = asyncio.Queue()
+
+    async def start(self, on_cancel: Callable[[str], None]) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def put(self, job_id: str) -> None:
+        self._q.put_nowait(job_id)
+
+    async def take(self) -> Lease:
+        return Lease(await self._q.get())
+
+    async def done(self, lease: Lease) -> None:
+        pass
+
+    async def requeue(self, lease: Lease) -> None:
+        """The job goes back for the next start (it is ``queued`` in the store)."""
+
+    def release(self, lease: Lease) -> None:
+        """Retry the job later (the store was failing)."""
+        asyncio.get_running_loop().call_later(1.0, self._q.put_nowait, lease.job_id)
+
+    async def request_cancel(self, job_id: str) -> None:
+        pass
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return False
+
+    @property
+    def depth(self) -> int:
+        return self._q.qsize()
+
+
+# KEYS: queue. ARGV: group, consumer, entry id. 1 if the entry is still this consumer's.
+_OWNED = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+"""
+_RENEW = _OWNED + "redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')\nreturn 1"
+_DONE = _OWNED + "redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])\nredis.call('XDEL', KEYS[1], ARGV[3])\nreturn 1"
+_REQUEUE = _OWNED + (
+    "redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])\nredis.call('XDEL', KEYS[1], ARGV[3])\n"
+    "redis.call('XADD', KEYS[1], '*', 'job', ARGV[4])\nreturn 1"
+)
+
+
+class RedisQueue:
+    """Many instances: a stream with a consumer group, leases renewed by heartbeat."""
+
+    shared = True
+
+    def __init__(
+        self,
+        redis: Redis,
+        reader: Redis,
+        *,
+        url: str,
+        prefix: str,
+        consumer: str,
+        lease: float,
+        block: float = 1.0,
+        retry: float = 0.5,
+    ) -> None:
+        self.r = redis
+        self.reader = reader  # its own connections: XREADGROUP BLOCK holds one
+        self.url = url
+        self.k = redis_keys.RedisKeys(prefix)
+        self.consumer = consumer
+        self.lease = lease
+        self.block = block
+        self.retry = retry
+        self.held: dict[bytes, Lease] = {}
+        self._own: deque[tuple[bytes, bytes]] = deque()  # entries a previous life of this consumer held
+        self._tasks: list[asyncio.Task[None]] = []
+        self._renew = redis.register_script(_RENEW)
+        self._done = redis.register_script(_DONE)
+        self._requeue = redis.register_script(_REQUEUE)
+        self._failing = False
+        self.depth = 0  # entries never delivered, as of the last look
+
+    async def start(self, on_cancel: Callable[[str], None]) -> None:
+        await self._ensure_group()
+        # Entries still pending for this consumer name were held by this instance before it
+        # restarted: take them over now rather than after the lease runs out.
+        resp = await self.r.xreadgroup(redis_keys.WORKERS_GROUP, self.consumer, {self.k.queue: "0"}, count=10_000)
+        for _stream, entries in resp or ():
+            for entry_id, fields in entries:
+                if fields:
+                    self._own.append((entry_id, fields.get(b"job", b"")))
+        self._tasks = [
+            asyncio.create_task(self._heartbeat(), name="queue-heartbeat"),
+            asyncio.create_task(self._listen(on_cancel), name="queue-cancel-listener"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.r.xgroup_create(self.k.queue, redis_keys.WORKERS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def put(self, job_id: str) -> None:
+        await self.r.xadd(self.k.queue, {"job": job_id})
+
+    async def take(self) -> Lease:
+        """Wait for a job: a stale entry of a dead instance first, else a new one."""
+        while True:
+            try:
+                lease = await self._take_once()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if not self._failing:
+                    log.error("job queue at %s is unreachable (%s); workers wait", self.url, exc)
+                self._failing = True
+                await asyncio.sleep(self.retry)
+                continue
+            if self._failing:
+                self._failing = False
+                log.info("job queue at %s is back", self.url)
+            if lease is not None:
+                self.held[lease.entry or b""] = lease
+                return lease
+
+    async def _take_once(self) -> Lease | None:
+        if self._own:
+            entry_id, job = self._own.popleft()
+            return Lease(job.decode(), entry_id, 2)
+        try:
+            _next, claimed, *_ = await self.r.xautoclaim(
+                self.k.queue, redis_keys.WORKERS_GROUP, self.consumer, int(self.lease * 1000), start_id="0-0", count=1
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()  # Redis lost its data
+            return None
+        for entry_id, fields in claimed:
+            if fields:
+                pending = await self.r.xpending_range(self.k.queue, redis_keys.WORKERS_GROUP, entry_id, entry_id, 1)
+                n = int(pending[0]["times_delivered"]) if pending else 2
+                log.warning("job queue: took over %s (delivery %d): its instance stopped renewing", fields.get(b"job", b"?").decode(), n)
+                return Lease(fields[b"job"].decode(), entry_id, n)
+        try:
+            resp = await self.reader.xreadgroup(
+                redis_keys.WORKERS_GROUP, self.consumer, {self.k.queue: ">"}, count=1, block=int(self.block * 1000)
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()
+            return None
+        for _stream, entries in resp or ():
+            for entry_id, fields in entries:
+                return Lease(fields[b"job"].decode(), entry_id, 1)
+        return None
+
+    async def _owned(self, script: object, lease: Lease, *extra: str) -> bool:
+        if lease.entry is None:
+            return False
+        ok = await script(keys=[self.k.queue], args=[redis_keys.WORKERS_GROUP, self.consumer, lease.entry, *extra])  # type: ignore[operator]
+        return bool(ok)
+
+    async def done(self, lease: Lease) -> None:
+        """The job reached a terminal state (or needs no run): remove its entry."""
+        self.held.pop(lease.entry or b"", None)
+        if not lease.lost.is_set():
+            await self._owned(self._done, lease)
+
+    async def requeue(self, lease: Lease) -> None:
+        """Hand the job back at once (graceful shutdown), not after the lease runs out."""
+        self.held.pop(lease.entry or b"", None)
+        if not lease.lost.is_set():
+            await self._owned(self._requeue, lease, lease.job_id)
+
+    def release(self, lease: Lease) -> None:
+        """Stop renewing: once the lease runs out, an instance takes the job again."""
+        self.held.pop(lease.entry or b"", None)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                self.depth = await self._undelivered()
+            except (RedisError, OSError):
+                pass
+            for key, lease in list(self.held.items()):
+                try:
+                    owned = await self._owned(self._renew, lease)
+                except (RedisError, OSError) as exc:
+                    log.warning("job queue: cannot renew the lease on %s (%s)", lease.job_id, exc)
+                    continue
+                if not owned and self.held.get(key) is lease:
+                    log.warning("job queue: lost the lease on %s to another instance; stopping this copy", lease.job_id)
+                    self.held.pop(key, None)
+                    lease.lost.set()
+
+    async def _undelivered(self) -> int:
+        info = await self.r.xinfo_groups(self.k.queue)
+        for g in info:
+            if g.get("name") in (redis_keys.WORKERS_GROUP, redis_keys.WORKERS_GROUP.encode()):
+                lag = g.get("lag")
+                return int(lag) if lag is not None else 0
+        return 0
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self.r.set(self.k.cancel(job_id), b"1", ex=CANCEL_TTL)
+        await self.r.publish(self.k.cancel_channel, job_id)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.r.exists(self.k.cancel(job_id)))
+
+    async def _listen(self, on_cancel: Callable[[str], None]) -> None:
+        while True:
+            pubsub = self.reader.pubsub()
+            try:
+                await pubsub.subscribe(self.k.cancel_channel)
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.block)
+                    if msg is not None and msg.get("type") == "message":
+                        data = msg["data"]
+                        on_cancel(data.decode() if isinstance(data, bytes) else str(data))
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError):
+                await asyncio.sleep(self.retry)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # already broken
+                    pass
+
+
+JobQueue = LocalQueue | RedisQueue
