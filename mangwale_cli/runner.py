@@ -15,7 +15,7 @@ import asyncio
 import logging
 import shutil
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .errors import Unavailable
@@ -24,6 +24,9 @@ from .store.base import Store
 from .trainers import Registry
 from .trainers.base import TrainingContext
 from .wire import Job, JobStatus, now_ms
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class Runner:
         self._cancel_requested: set[str] = set()
         self._starting: set[str] = set()  # marked running, trainer task not created yet
         self._stopping = False
+        self.metrics: Metrics | None = None  # instrumentation: set by Metrics.attach
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -207,6 +211,11 @@ class Runner:
     @property
     def active(self) -> int:
         return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Job ids in the queue (cancelled ones too, until a worker skips them)."""
+        return self._queue.qsize()
 
     async def cancel(self, job: Job) -> Job:
         """Cancel a queued or running job and return it in its final state."""
@@ -314,6 +323,8 @@ class Runner:
             # Even when the disk refuses the save (it is retried): the event reaches clients only
             # once the event log can be written too, and a follower must not wait forever.
             self.bus.publish(wire.training_update(job, metrics=job.metrics if status is JobStatus.SUCCEEDED else None))
+        if self.metrics is not None:  # instrumentation
+            self.metrics.job_finished(job)
         return job
 
     def remove_artifacts(self, job_id: str) -> None:
