@@ -182,6 +182,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     from . import dashboard, routes, stream, telemetry
 
+    app.include_router(routes.hot)
     app.include_router(routes.router)
     app.include_router(stream.router)
     app.include_router(telemetry.router)
