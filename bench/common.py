@@ -173,6 +173,10 @@ class Server:
     def health(self) -> dict[str, Any]:
         return httpx.get(self.url + "/healthz", timeout=10).json()
 
+    def metrics(self) -> dict[str, float]:
+        """The server's own figures (``GET /metrics``), as ``{'name{label="v"}': value}``."""
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -265,6 +269,23 @@ def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> 
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text to ``{'name{a="x",b="y"}': value}`` (labels sorted; no braces without)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float], *names: str) -> dict[str, float]:
+    """How much each named sample grew between two scrapes."""
+    return {n: after.get(n, 0.0) - before.get(n, 0.0) for n in names}
 
 
 def client_verdict(fraction: float) -> tuple[bool, str]:

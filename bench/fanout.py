@@ -9,7 +9,8 @@ does not modify the server.) Events come from ``--jobs`` concurrent ``simulate``
 ``stepMs`` = ``--step-ms``: their timers do not wait for delivery (open loop), so a server stall
 shows up as latency. Every ``seq`` gap is a loss: per watcher, sent (events logged after it
 connected) = received + losses. Also reported: server and load-generator CPU, server RSS, and
-server memory per idle connection ((RSS after connecting - RSS before) / N, after 1 s idle).
+server memory per idle connection ((RSS after connecting - RSS before) / N, after 1 s idle), and
+the server's own count of events delivered and clients dropped as slow (``GET /metrics``).
 
     python bench/fanout.py --watchers 100 --jobs 1 --steps 100 --step-ms 100    # 10 ev/s, 10 s
     python bench/fanout.py --watchers 1000 --jobs 5 --steps 200 --step-ms 100   # 50 ev/s -> 50k deliveries/s
@@ -111,6 +112,13 @@ async def wait_jobs_done(http: httpx.AsyncClient, ids: list[str], timeout: float
     return [statuses.get(j, "timeout") for j in ids]
 
 
+SERVER_FIGURES = (
+    'mangwale_events_delivered_total{transport="websocket"}',
+    'mangwale_clients_dropped_slow_total{transport="websocket"}',
+    "mangwale_events_logged_total",
+)
+
+
 async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]:
     me = common.CpuMeter(__import__("os").getpid())
     watchers = [Watcher() for _ in range(args.watchers)]
@@ -128,6 +136,7 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
     assert health["streams"] >= args.watchers, health
 
     tasks = [asyncio.create_task(w.run()) for w in watchers]
+    m0 = server.metrics()
     srv = common.CpuMeter(server.pid).start()
     me.start()
     t0 = time.monotonic()
@@ -151,6 +160,7 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
     srv_frac = srv.stop()
     me_frac = me.stop()
     rss_end = common.rss_bytes(server.pid)
+    server_side = common.metrics_delta(m0, server.metrics(), *SERVER_FIGURES)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -203,6 +213,11 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
         "rss_end_bytes": rss_end,
         "idle_bytes_per_connection": (rss_idle - rss_before) / args.watchers,
         "kernel_tcp_mem_pages": {"before": tcp_before, "idle": tcp_idle},
+        # The server's own count (GET /metrics) over the measured run: delivered should equal
+        # received unless a client was dropped as slow.
+        "server_metrics": server_side,
+        "server_delivered": int(server_side[SERVER_FIGURES[0]]),
+        "server_dropped_slow": int(server_side[SERVER_FIGURES[1]]),
     }
 
 
@@ -236,6 +251,7 @@ def main() -> int:
         "deliv/s": res["deliveries_per_s"], "p50 ms": lat["p50"], "p99 ms": lat["p99"], "max ms": lat["max"],
         "srv CPU": f"{res['server_cpu']:.0%}", "gen CPU": f"{res['client_cpu']:.0%}",
         "RSS MB": res["rss_end_bytes"] / 1e6, "KB/idle conn": res["idle_bytes_per_connection"] / 1024,
+        "srv delivered": res["server_delivered"], "srv dropped": res["server_dropped_slow"],
     }]
     common.print_table(rows, list(rows[0]), "fan-out (latency: receipt - server timestamp, 1 ms resolution)")
     print(res["verdict"], "| accounting", "ok" if res["accounting_ok"] else "BROKEN")

@@ -8,6 +8,7 @@ makes between WebSocket messages; both map transport failures and error bodies t
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ def _headers(token: str | None) -> dict[str, str]:
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return headers
+
+
+def _verify(url: str) -> ssl.SSLContext | bool:
+    """TLS verification for ``url``. httpx builds its default context (loading every CA
+    certificate: ~40 ms of a one-shot command) even for a plain-http server, which never uses it;
+    there, an empty context stands in. Should anything ever lead to TLS with it (a TLS proxy from
+    the environment), it trusts no CA and so fails closed."""
+    if url.startswith("http://"):
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return True
 
 
 def _transport_error(url: str, method: str, path: str, exc: httpx.HTTPError) -> Unreachable:
@@ -69,7 +80,9 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = (url or default_url()).rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers=_headers(token), timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.url, headers=_headers(token), timeout=timeout, transport=transport, verify=_verify(self.url)
+        )
 
     def close(self) -> None:
         self._http.close()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .errors import StaleWrite, Unavailable
@@ -31,6 +31,9 @@ from .store.base import Store
 from .trainers import Registry
 from .trainers.base import TrainingContext
 from .wire import Job, JobStatus, now_ms
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,7 @@ class Runner:
         self._waiters: dict[str, asyncio.Event] = {}  # job id -> set when an event shows it ended
         self._stopping = False
         self.takeovers = 0  # jobs this instance took over from an instance that stopped
+        self.metrics: Metrics | None = None  # instrumentation: set by Metrics.attach
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -254,8 +258,9 @@ class Runner:
         return len(self._running)
 
     @property
-    def queue_depth(self) -> int:
-        """Jobs waiting in the queue (for a shared queue: as of the last heartbeat)."""
+    def waiting(self) -> int:
+        """Job ids in the queue (cancelled ones too, until a worker skips them; for a shared
+        queue: entries no instance has taken yet, as of the last heartbeat)."""
         return self.queue.depth
 
     async def cancel(self, job: Job) -> Job:
@@ -494,6 +499,8 @@ class Runner:
             self._publish_final(job, status)
             raise
         self._publish_final(job, status)
+        if self.metrics is not None:  # instrumentation
+            self.metrics.job_finished(job)
         return job
 
     def _publish_final(self, job: Job, status: JobStatus) -> None:

@@ -317,12 +317,12 @@ def test_foreign_origin_is_refused_even_with_a_valid_token(
 def test_openapi_declares_bearer_auth_only_when_tokens_exist(
     secured: TestClient, settings: Any, tmp_path: Path
 ) -> None:
-    """With tokens, every /training operation lists security and 401/403; without, none does (no 401 can happen)."""
+    """With tokens, every /training operation and /metrics lists security and 401/403; without, none does."""
     doc = secured.get("/openapi.json").json()
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for path, item in doc["paths"].items():
         for op in item.values():
-            protected = path.startswith("/training")
+            protected = path.startswith("/training") or path == "/metrics"
             assert ("security" in op) is protected, path
             assert ({"401", "403"} <= set(op["responses"])) is protected, path
     plain_app = create_app(dataclasses.replace(settings, extra={}, data_dir=tmp_path / "plain"))

@@ -36,6 +36,9 @@ def test_fanout_accounting(tmp_path: Path) -> None:
     assert res["latency_ms"]["count"] == res["received"]
     assert res["latency_ms"]["p99"] is not None
     assert res["rss_idle_bytes"] > 0 and "server_cpu" in res and "client_cpu" in res
+    # The server's /metrics saw the same run: every event received was counted as delivered.
+    assert res["server_dropped_slow"] == 0
+    assert res["server_delivered"] == res["received"]
 
 
 @pytest.mark.parametrize("tool", ["python", "wrk"])

@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import typer
+# httpx's package __init__ imports its own command line (click, rich, pygments: ~20 ms of every
+# mangwale command) when those are installed; without it, ``httpx.main`` is a stub. mangwale never
+# runs the httpx CLI, so its module is marked absent before httpx is first imported.
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+
+import typer  # noqa: E402
 
 from .. import __version__
 from ..errors import ExitCode, InvalidInput, MangwaleError
@@ -240,8 +246,6 @@ def jobs_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Queue a training job."""
-    from . import render
-
     client = _client(url)
     job = client.create_job(
         kind,
@@ -258,6 +262,8 @@ def jobs_create(
     if quiet:
         typer.echo(job["id"])
     elif as_json:
+        from . import render  # rich: only when something is rendered
+
         render.print_json(job)
     else:
         typer.echo(f"queued job {job['id']} ({job['kind']})")

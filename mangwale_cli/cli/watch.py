@@ -13,7 +13,6 @@ pydantic load inside the command, so ``mangwale --help`` and shell completion st
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -165,6 +164,8 @@ def run_watch(
         view = PlainRenderer(github=os.environ.get("GITHUB_ACTIONS") == "true")
     try:
         try:
+            import asyncio  # here, not at the top: only a watch pays for it
+
             outcome = asyncio.run(_follow(follower, view))
         finally:
             view.close()
@@ -179,6 +180,8 @@ def run_watch(
 
 
 async def _follow(follower: Follower, view: Renderer) -> Any:
+    import asyncio
+
     ticker = asyncio.create_task(view.tick())
     try:
         return await follower.run(view.handle)
@@ -406,6 +409,8 @@ class TtyRenderer(Renderer):
         self.live.update(self._render(), refresh=True)
 
     async def tick(self) -> None:
+        import asyncio
+
         while True:
             await asyncio.sleep(0.25)
             if self.started:

@@ -3,7 +3,8 @@
 Every error leaves as ``{"error": {"code", "message", "field"}}`` with a 4xx status (or 503/507);
 an unexpected exception is logged and answered with a 500 in the same shape, never a traceback.
 
-Middleware, outermost first: CORS, authentication (``auth.py``), the body size limit and the
+Middleware, outermost first: the request timer (``telemetry.py``, for ``GET /metrics``), CORS,
+authentication (``auth.py``), the body size limit and the
 transport handle for WebSockets (``limits.py``). The OpenAPI document lists what they answer.
 """
 
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__, wire
 from ..errors import MangwaleError
+from ..metrics import Metrics
 from ..service import Service
 from ..settings import Settings
 from ..tokens import TokenSet, load_tokens
@@ -103,11 +105,16 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     """Build the app. With ``service`` given, its lifecycle belongs to the caller."""
     owned = service is None
     svc = service or Service(settings)
+    metrics = Metrics()
+    if svc.runner is not None:  # started by the caller (``mangwale serve``)
+        metrics.attach(svc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owned:
             await svc.start()
+        if svc.runner is not None:
+            metrics.attach(svc)
         try:
             yield
         finally:
@@ -122,6 +129,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         default_response_class=JSONOut,
     )
     app.state.service = svc
+    app.state.metrics = metrics
     app.state.settings = settings
     app.state.origin_re = re.compile(origin_regex(settings))
     tokens = load_tokens(settings)
@@ -129,6 +137,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     from .auth import AuthMiddleware
     from .limits import BodyLimit, ExposeTransport
+    from .telemetry import RequestTimer
 
     # add_middleware puts each one outside the previous: CORS ends up outermost, so preflights
     # and the CORS headers of a 401 never depend on a token.
@@ -142,6 +151,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         allow_headers=["*"],
         expose_headers=["X-Next-Cursor", "Link", "Idempotent-Replayed"],
     )
+    app.add_middleware(RequestTimer, metrics=metrics)
 
     @app.exception_handler(MangwaleError)
     async def _mangwale_error(request: Request, exc: MangwaleError) -> Response:
@@ -170,10 +180,12 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         err = MangwaleError("internal error; see the server log", code="internal", status=500)
         return error_response(err)
 
-    from . import dashboard, routes, stream
+    from . import dashboard, routes, stream, telemetry
 
+    app.include_router(routes.hot)
     app.include_router(routes.router)
     app.include_router(stream.router)
+    app.include_router(telemetry.router)
     app.include_router(dashboard.router)
     _document_gate(app, tokens)
     return app

@@ -41,8 +41,10 @@ REALM = 'Bearer realm="mangwale"'
 
 
 def required_scope(method: str, path: str) -> Scope | None:
-    """The scope a request needs; None for public paths (/healthz, the API docs, the dashboard)."""
-    if path.startswith("/ws/"):
+    """The scope a request needs; None for public paths (/healthz, the API docs, the dashboard).
+    ``/metrics`` needs ``read``: it shows job counts and kinds, which a read token sees anyway,
+    so a Prometheus scraper needs no more than that."""
+    if path.startswith("/ws/") or path == "/metrics":
         return Scope.READ
     if not path.startswith("/training"):
         return None

@@ -31,6 +31,7 @@ from starlette.responses import StreamingResponse
 from .. import wire
 from ..errors import InvalidInput, Unavailable
 from ..events import FutureSince, Subscription
+from ..metrics import Metrics
 from ..service import Service
 from .app import JSONOut
 from .limits import TRANSPORT_KEY, RateLimit
@@ -126,9 +127,13 @@ async def ws_training(ws: WebSocket) -> None:
             await ws.send_text(wire.dumps(wire.error_message(code, str(exc))))
         await _close(ws, CLOSE_BAD_REQUEST, code)
         return
+    metrics: Metrics = ws.app.state.metrics
+    metrics.connections["websocket"] += 1
     try:
-        await _serve_ws(ws, sub, settings)
+        if not await _serve_ws(ws, sub, settings, metrics):
+            metrics.dropped["websocket"] += 1
     finally:
+        metrics.connections["websocket"] -= 1
         bus.unsubscribe(sub.subscriber)
 
 
@@ -144,7 +149,8 @@ def _send_deadline(settings: Any) -> float:
     return settings.ws_ping_timeout or 20.0
 
 
-async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any) -> None:
+async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Metrics) -> bool:
+    """Serve one accepted connection; False when it was dropped as a slow consumer (4408)."""
     deadline = _send_deadline(settings)
     try:
         async with asyncio.timeout(deadline):
@@ -153,11 +159,11 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any) -> None:
                 await ws.send_text(wire.dumps(wire.resync(sub.resync, sub.head, sub.epoch)))
     except TimeoutError:
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer", must_leave=True)
-        return
+        return False
     except (WebSocketDisconnect, RuntimeError, OSError):
-        return
+        return True
     subscriber = sub.subscriber
-    pump = asyncio.create_task(_pump(ws, sub, deadline))
+    pump = asyncio.create_task(_pump(ws, sub, deadline, metrics.delivered))
     receiver = asyncio.create_task(_receive(ws, RateLimit(settings.ws_message_rate, settings.ws_message_burst)))
 
     def stop_pump() -> None:  # overflow or shutdown: even a pump waiting on a stalled peer stops
@@ -181,6 +187,7 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any) -> None:
     elif subscriber.overflowed or isinstance(pumped, TimeoutError):
         log.info("WebSocket client is not reading (over %d events behind); closing 4408", subscriber.limit)
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last seq", must_leave=True)
+        return False
     elif subscriber.closed and subscriber.close_reason:
         await _close(ws, CLOSE_SERVICE_RESTART, f"{subscriber.close_reason}: reconnect and resume")
     elif subscriber.closed:
@@ -188,6 +195,8 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any) -> None:
     elif isinstance(pumped, (RuntimeError, OSError)):
         # uvicorn already closed it (keepalive timeout): make sure the bytes it holds can leave.
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer", must_leave=True)
+        return False
+    return True
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -202,15 +211,17 @@ def _outcome(task: asyncio.Task[Any]) -> Any:
     return task.exception() or task.result()
 
 
-async def _pump(ws: WebSocket, sub: Subscription, deadline: float) -> None:
+async def _pump(ws: WebSocket, sub: Subscription, deadline: float, delivered: dict[str, int]) -> None:
     """Send the replay, then live events, until the subscriber is dropped or closed. A send that
-    waits ``deadline`` seconds for the peer raises ``TimeoutError``."""
+    waits ``deadline`` seconds for the peer raises ``TimeoutError``. ``delivered`` counts what
+    was sent (per batch: the fan-out path pays one addition, not one per event)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None) as timer:
         replay, sub.replay = sub.replay, []
         for rec in replay:
             timer.reschedule(loop.time() + deadline)
             await ws.send_text(rec.text)
+        delivered["websocket"] += len(replay)
         while True:
             timer.reschedule(None)
             batch = await sub.subscriber.get_batch()
@@ -219,6 +230,7 @@ async def _pump(ws: WebSocket, sub: Subscription, deadline: float) -> None:
             for rec in batch:
                 timer.reschedule(loop.time() + deadline)
                 await ws.send_text(rec.text)
+            delivered["websocket"] += len(batch)
 
 
 async def _close(ws: WebSocket, code: int, reason: str, *, must_leave: bool = False) -> None:
@@ -361,8 +373,10 @@ async def sse_events(
     except FutureSince as exc:
         raise InvalidInput(str(exc), field="since", code="since_in_future") from None
     keepalive = settings.ws_ping_interval or 30.0
+    metrics: Metrics = request.app.state.metrics
 
     async def body() -> AsyncIterator[bytes]:
+        metrics.connections["sse"] += 1
         try:
             yield b"retry: 1000\n\n"
             yield _sse(wire.MsgType.CONNECTED, wire.dumps(wire.connected(sub.head, sub.epoch)))
@@ -370,6 +384,7 @@ async def sse_events(
                 yield _sse(wire.MsgType.RESYNC, wire.dumps(wire.resync(sub.resync, sub.head, sub.epoch)))
             for rec in sub.replay:
                 yield _sse(_type_of(rec.text), rec.text, rec.seq)
+            metrics.delivered["sse"] += len(sub.replay)
             sub.replay = []
             while True:
                 try:
@@ -378,9 +393,13 @@ async def sse_events(
                     yield b": keepalive\n\n"
                     continue
                 if not batch:
+                    if sub.subscriber.overflowed:
+                        metrics.dropped["sse"] += 1
                     return
                 yield b"".join(_sse(_type_of(r.text), r.text, r.seq) for r in batch)
+                metrics.delivered["sse"] += len(batch)
         finally:
+            metrics.connections["sse"] -= 1
             bus.unsubscribe(sub.subscriber)
 
     return EventStream(
