@@ -233,3 +233,33 @@ def test_redis_down_at_start_fails_with_one_line(server_factory: Callable[..., S
     assert s.proc.wait(20) == 1
     wait_for(lambda: "unreachable" in s.output() or "Connection refused" in s.output(), 5, what="the error line")
     assert "Traceback" not in s.output()
+
+
+def test_serve_processes_runs_instances_on_one_port(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """serve --processes 2: two instances accept on one port, share one queue, and stop on SIGTERM."""
+    s = server_factory(data_dir=tmp_path / "shared", env=CLUSTER_ENV, args=["--store", redis_server.url, "--processes", "2"])
+
+    def instances_seen() -> set[str]:
+        seen = set()
+        for _ in range(40):  # a new connection each time: the kernel hands it to either process
+            seen.add(httpx.get(s.url + "/healthz", timeout=2, headers={"Connection": "close"}).json()["instance"])
+        return seen if len(seen) == 2 else set()
+
+    names = wait_for(instances_seen, 20, 0.1, "both processes to answer")
+    assert all(n.endswith(("/1", "/2")) for n in names), names
+    jobs = [simulate(s, steps=2, stepMs=20) for _ in range(6)]
+    wait_for(lambda: all(status(s, j) == "succeeded" for j in jobs), 30, 0.1, "the jobs to run")
+    assert s.stop() == 0
+    assert "Traceback" not in s.output()
+
+
+def test_processes_need_a_shared_store(server_factory: Callable[..., ServerProcess]) -> None:
+    """serve --processes 2 on the embedded store is refused with one line (exit 2, bad usage)."""
+    s = server_factory(args=["--processes", "2"], start=False)
+    s.start(wait=False)
+    assert s.proc is not None
+    code = s.proc.wait(20)
+    wait_for(lambda: "--processes needs a shared store" in s.output(), 5, what="the error line")
+    assert code == 2 and "Traceback" not in s.output()
