@@ -122,7 +122,7 @@ def test_kill9_instance_mid_run_jobs_are_taken_over(
 
     wait_for(lambda: get(a, "/healthz")["running"] >= 1, 20, 0.02, "instance A to run a job")
     a.kill()
-    t_kill = time.monotonic()
+    t_kill, kill_ms = time.monotonic(), time.time() * 1000
 
     def all_ended() -> bool:
         return all(j["status"] in TERMINAL for j in get(b, "/training/jobs", limit=100) if j["id"] in jobs)
@@ -136,7 +136,14 @@ def test_kill9_instance_mid_run_jobs_are_taken_over(
     takeovers = get(b, "/healthz")["takeovers"] + get(c, "/healthz")["takeovers"]
     # Only what A was running can run twice: at most its concurrency (2), and at least the one seen.
     assert 1 <= len(reruns) == takeovers <= 2, (reruns, takeovers)
-    print(f"\n[cluster] 30 jobs, instance killed: all ended {took:.1f} s after the kill; re-runs {len(reruns)}")
+    # Taken over once the lease (1.5 s here) ran out and a survivor had a free slot.
+    waits = []
+    for job in reruns:
+        second = next(e for e in server_events(b, job) if e.get("attempt") == 2)
+        waits.append((second["timestamp"] - kill_ms) / 1000)
+    assert max(waits) < 1.5 + 2.0 + 1.0, waits  # the lease, a job (2 s) freeing a slot, slack
+    print(f"\n[cluster] 30 jobs over 3 instances, one killed -9: re-runs {len(reruns)}, taken over after "
+          f"{', '.join(f'{w:.2f}' for w in waits)} s (lease 1.5 s); all ended {took:.1f} s after the kill")
 
     assert followed.wait_exit(60) == 0, followed.stderr()
     everything.kill()
@@ -263,3 +270,50 @@ def test_processes_need_a_shared_store(server_factory: Callable[..., ServerProce
     code = s.proc.wait(20)
     wait_for(lambda: "--processes needs a shared store" in s.output(), 5, what="the error line")
     assert code == 2 and "Traceback" not in s.output()
+
+
+def test_takeover_after_the_last_attempt_fails_the_job(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """With runner.max_attempts = 1, a job whose instance dies fails with "abandoned after 1 attempts"."""
+    a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2, MANGWALE_RUNNER_MAX_ATTEMPTS="1")
+    job = simulate(a, steps=50, stepMs=100)
+    wait_for(lambda: get(a, f"/training/jobs/{job}")["status"] == "running", 10, 0.02, "the job to start")
+    runner = a if get(a, "/healthz")["running"] else b
+    survivor = b if runner is a else a
+    runner.kill()
+    wait_for(lambda: status(survivor, job) in TERMINAL, 20, 0.1, "the survivor to take the job over")
+    final = get(survivor, f"/training/jobs/{job}")
+    assert final["status"] == "failed" and final["attempt"] == 1
+    assert final["error"] == "abandoned after 1 attempts: the instance running it stopped"
+    assert get(survivor, "/healthz")["takeovers"] == 1
+
+
+def test_hung_instance_loses_its_lease_and_its_late_writes(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """An instance frozen (SIGSTOP) past its lease: another takes the job over; when the frozen one
+    wakes up it stops its copy, and none of its late progress reaches the store or the stream."""
+    import os
+    import signal
+
+    a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2, MANGWALE_RUNNER_CONCURRENCY="1")
+    job = simulate(a, steps=40, stepMs=100)
+    wait_for(lambda: status(a, job) == "running", 10, 0.02, "the job to start")
+    frozen = a if get(a, "/healthz")["running"] else b
+    other = b if frozen is a else a
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: get(other, f"/training/jobs/{job}")["attempt"] == 2, 15, 0.1, "the takeover")
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    wait_for(lambda: status(other, job) in TERMINAL, 30, 0.1, "the job to end")
+    final = get(other, f"/training/jobs/{job}")
+    assert (final["status"], final["attempt"]) == ("succeeded", 2)
+    wait_for(lambda: "lost the lease" in frozen.output() or "was not saved" in frozen.output(), 10,
+             what="the woken instance to notice it lost the job")
+    # After the takeover started attempt 2, no event of attempt 1 was logged.
+    events = server_events(other, job)
+    start2 = next(e["seq"] for e in events if e.get("attempt") == 2)
+    assert all(e.get("attempt") != 1 for e in events if e["seq"] > start2), "a late write of the hung instance got through"
+    assert get(frozen, "/healthz")["running"] == 0
