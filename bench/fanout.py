@@ -231,6 +231,9 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=1.0, help="seconds idle after connecting, before the RSS reading")
     ap.add_argument("--drain", type=float, default=5.0, help="seconds to wait for the tail after the jobs end")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server to CPU 0 and generator to CPU 1")
+    ap.add_argument("--store", default=None, metavar="URL",
+                    help="run the server on a Redis store (e.g. redis://127.0.0.1:6379/0; keys under a "
+                         "throw-away prefix, removed afterwards) instead of the embedded one")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     pin = common.default_pin() and not args.no_pin
@@ -238,15 +241,28 @@ def main() -> int:
     env = {"MANGWALE_RUNNER_CONCURRENCY": str(max(2, args.jobs)),
            "MANGWALE_WS_MAX_CONNECTIONS": str(max(10000, args.watchers + 100)),
            "MANGWALE_WS_CLIENT_QUEUE": "1000"}
+    prefix = None
+    if args.store:
+        import secrets
+
+        prefix = f"bench-{secrets.token_hex(4)}:"
+        env |= {"MANGWALE_STORE_BACKEND": args.store, "MANGWALE_STORE_PREFIX": prefix}
     with common.Server(pin_cpu=0 if pin else None, env=env) as server:
         if pin:
             common.pin_self(1)
         gc.collect()
         res = asyncio.run(run(args, server))
+    if prefix is not None:
+        import redis
+
+        r = redis.Redis.from_url(args.store)
+        for key in r.scan_iter(match=prefix + "*", count=1000):
+            r.delete(key)
     res["pinned"] = pin
+    res["store"] = "redis" if args.store else "tinydb"
     lat = res["latency_ms"]
     rows = [{
-        "watchers": res["watchers"], "ev/s": res["events_per_s_target"], "events": res["events"],
+        "store": res["store"], "watchers": res["watchers"], "ev/s": res["events_per_s_target"], "events": res["events"],
         "sent": res["sent"], "received": res["received"], "lost": res["lost"],
         "deliv/s": res["deliveries_per_s"], "p50 ms": lat["p50"], "p99 ms": lat["p99"], "max ms": lat["max"],
         "srv CPU": f"{res['server_cpu']:.0%}", "gen CPU": f"{res['client_cpu']:.0%}",
@@ -255,7 +271,7 @@ def main() -> int:
     }]
     common.print_table(rows, list(rows[0]), "fan-out (latency: receipt - server timestamp, 1 ms resolution)")
     print(res["verdict"], "| accounting", "ok" if res["accounting_ok"] else "BROKEN")
-    common.write_result(f"fanout-{args.watchers}", res, args.out)
+    common.write_result(f"fanout-{args.watchers}" + ("-redis" if args.store else ""), res, args.out)
     return 0 if res["accounting_ok"] else 1
 
 

@@ -41,6 +41,18 @@ def test_fanout_accounting(tmp_path: Path) -> None:
     assert res["server_delivered"] == res["received"]
 
 
+def test_fanout_through_redis_accounting(tmp_path: Path, redis_server: Any) -> None:
+    """The same fan-out run with the server on a (private) Redis store; its keys are removed after."""
+    import redis
+
+    res = run_bench("fanout.py", tmp_path / "fanout.json", "--store", redis_server.url,
+                    "--watchers", "5", "--steps", "5", "--step-ms", "20", "--idle", "0.2", "--drain", "3")
+    assert res["store"] == "redis" and res["accounting_ok"]
+    assert res["sent"] == res["received"] + res["lost"] == 5 * res["events"] > 0
+    assert res["server_delivered"] == res["received"]
+    assert redis.Redis.from_url(redis_server.url).dbsize() == 0
+
+
 @pytest.mark.parametrize("tool", ["python", "wrk"])
 def test_rest(tmp_path: Path, tool: str) -> None:
     if tool == "wrk" and not shutil.which("wrk"):
