@@ -22,6 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -135,7 +136,7 @@ class RedisQueue:
         await self._ensure_group()
         # Entries still pending for this consumer name were held by this instance before it
         # restarted: take them over now rather than after the lease runs out.
-        resp = await self.r.xreadgroup(redis_keys.WORKERS_GROUP, self.consumer, {self.k.queue: "0"}, count=10_000)
+        resp: Any = await self.r.xreadgroup(redis_keys.WORKERS_GROUP, self.consumer, {self.k.queue: "0"}, count=10_000)
         for _stream, entries in resp or ():
             for entry_id, fields in entries:
                 if fields:
@@ -185,9 +186,10 @@ class RedisQueue:
             entry_id, job = self._own.popleft()
             return Lease(job.decode(), entry_id, 2)
         try:
-            _next, claimed, *_ = await self.r.xautoclaim(
+            claim: Any = await self.r.xautoclaim(
                 self.k.queue, redis_keys.WORKERS_GROUP, self.consumer, int(self.lease * 1000), start_id="0-0", count=1
             )
+            claimed = claim[1]
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -200,7 +202,7 @@ class RedisQueue:
                 log.warning("job queue: took over %s (delivery %d): its instance stopped renewing", fields.get(b"job", b"?").decode(), n)
                 return Lease(fields[b"job"].decode(), entry_id, n)
         try:
-            resp = await self.reader.xreadgroup(
+            resp: Any = await self.reader.xreadgroup(
                 redis_keys.WORKERS_GROUP, self.consumer, {self.k.queue: ">"}, count=1, block=int(self.block * 1000)
             )
         except ResponseError as exc:

@@ -107,7 +107,7 @@ class RedisEventBus(EventBus):
         retry: float = 0.5,
     ) -> None:
         super().__init__(MirrorRing(retention=retention, log_retention=log_retention), queue_size=queue_size)  # type: ignore[arg-type]
-        self.log: MirrorRing
+        self.log: MirrorRing  # type: ignore[assignment]  # the bus reads only the EventRing part
         self.r = redis
         self.reader = reader  # its own connection: XREAD BLOCK holds it
         self.url = url
@@ -219,7 +219,7 @@ class RedisEventBus(EventBus):
 
     async def _load(self, epoch: str) -> None:
         """Fill the mirror with the newest kept events of ``epoch``."""
-        entries = await self.r.xrevrange(self.k.events, count=self.maxlen)
+        entries: Any = await self.r.xrevrange(self.k.events, count=self.maxlen)
         records = [r for r in (_record(e) for e in reversed(entries)) if r[1] == epoch]
         if records:
             head, base = records[-1][0].seq, records[0][0].seq - 1
@@ -240,7 +240,7 @@ class RedisEventBus(EventBus):
                     if down_since is not None:
                         log.info("event stream at %s is back", self.url)
                     down_since = None
-                resp = await self.reader.xread(
+                resp: Any = await self.reader.xread(
                     {self.k.events: f"{self.log.head}-1"}, count=1000, block=int(self.block * 1000)
                 )
             except asyncio.CancelledError:
@@ -264,7 +264,8 @@ class RedisEventBus(EventBus):
         unnoticed by a blocked read (the client reconnects by itself), so an idle reader looks:
         no epoch, or a seq counter below what was read, means Redis lost data."""
         try:
-            epoch, seq = await self.reader.mget(self.k.epoch, self.k.seq)
+            got: Any = await self.reader.mget(self.k.epoch, self.k.seq)
+            epoch, seq = got
         except (RedisError, OSError):
             return True  # the next read reports the outage
         if epoch is not None and epoch.decode() == self.log.epoch and int(seq or 0) >= self.log.head:

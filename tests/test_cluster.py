@@ -8,6 +8,7 @@ and timeouts are shrunk through settings so takeovers happen in about a second.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from test_watch import Watch, assert_complete_transcript, client_env, server_eve
 from websockets.sync.client import connect
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+SOAK = os.environ.get("MANGWALE_SOAK") == "1"  # the kill -9 round runs 10 times instead of once
 
 CLUSTER_ENV = {
     "MANGWALE_RUNNER_LEASE": "1.5",
@@ -107,8 +109,10 @@ def test_instances_share_jobs_events_and_models(
     assert blobs[0] == blobs[1] and len(blobs[0]) > 1000
 
 
+@pytest.mark.parametrize("round_", range(10 if SOAK else 1))
 def test_kill9_instance_mid_run_jobs_are_taken_over(
-    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path, watches: Any  # noqa: F811
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path, watches: Any,  # noqa: F811
+    round_: int,
 ) -> None:
     """30 jobs over 3 instances, one killed with -9 mid-run: every job ends, none is lost, re-runs are
     bounded by what the dead instance held, and a watch through a survivor sees every seq once."""
@@ -294,7 +298,6 @@ def test_hung_instance_loses_its_lease_and_its_late_writes(
 ) -> None:
     """An instance frozen (SIGSTOP) past its lease: another takes the job over; when the frozen one
     wakes up it stops its copy, and none of its late progress reaches the store or the stream."""
-    import os
     import signal
 
     a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2, MANGWALE_RUNNER_CONCURRENCY="1")
