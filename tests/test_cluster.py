@@ -320,3 +320,22 @@ def test_hung_instance_loses_its_lease_and_its_late_writes(
     start2 = next(e["seq"] for e in events if e.get("attempt") == 2)
     assert all(e.get("attempt") != 1 for e in events if e["seq"] > start2), "a late write of the hung instance got through"
     assert get(frozen, "/healthz")["running"] == 0
+
+
+def test_sigterm_hands_running_jobs_to_another_instance_at_once(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """A stopping instance re-queues its running job at once; another runs it as the next attempt
+    well before the lease (set long here) could have run out."""
+    a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2, MANGWALE_RUNNER_LEASE="30")
+    job = simulate(a, steps=30, stepMs=100)
+    wait_for(lambda: status(a, job) == "running", 10, 0.02, "the job to start")
+    stopping = a if get(a, "/healthz")["running"] else b
+    other = b if stopping is a else a
+    t0 = time.monotonic()
+    assert stopping.stop() == 0
+    wait_for(lambda: get(other, f"/training/jobs/{job}")["attempt"] == 2, 10, 0.05, "the other instance to start it")
+    assert time.monotonic() - t0 < 10  # not the 30 s lease
+    wait_for(lambda: status(other, job) in TERMINAL, 30, 0.1, "the job to end")
+    assert status(other, job) == "succeeded"
+    assert get(other, "/healthz")["takeovers"] == 0  # handed over, not taken over
