@@ -72,6 +72,19 @@ def simulate(server: ServerProcess, **params: Any) -> str:
     return create(server, params=params)
 
 
+def sse_seqs(server: ServerProcess, job: str, until: int) -> list[int]:
+    """The seqs of ``job``'s events from GET /training/events?since=0, read until seq ``until``."""
+    seqs: list[int] = []
+    with httpx.stream("GET", server.url + "/training/events", params={"since": 0, "jobs": job}, timeout=10) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("id: "):
+                seqs.append(int(line[4:]))
+                if seqs[-1] >= until:
+                    break
+    return seqs
+
+
 def status(server: ServerProcess, job_id: str) -> str:
     return str(get(server, f"/training/jobs/{job_id}")["status"])
 
@@ -92,6 +105,11 @@ def test_instances_share_jobs_events_and_models(
     # The same events, in the same global order, through every instance.
     wait_for(lambda: server_events(a, job) == server_events(b, job) == server_events(c, job), 5,
              what="every instance to have read the job's last event")
+    # ... and over SSE, from the start of the log, through the third instance.
+    events = server_events(a, job)
+    logged = [e["seq"] for e in events]
+    assert [e["jobSeq"] for e in events] == list(range(1, len(events) + 1)) and len(events) >= 5
+    assert sse_seqs(c, job, until=logged[-1]) == logged
     # Whichever instance trained it, every instance predicts with it and serves the same bytes.
     answers = []
     for s in (a, b, c):
