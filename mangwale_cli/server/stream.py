@@ -245,6 +245,11 @@ async def _pump(
                 subscriber.sink = None
                 if not batch:
                     return
+                if direct is not None and direct.proto.close_sent:
+                    # uvicorn gave up on the peer (keepalive timeout) and closed; its send would
+                    # first wait for the socket to drain, which a peer that stopped reading
+                    # never lets happen: end now, so the connection is reset (4408 path).
+                    raise ConnectionResetError("the connection was closed under the pump")
                 for rec in batch:
                     timer.reschedule(loop.time() + deadline)
                     await ws.send_text(rec.text)
