@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Subscriber:
     """A consumer of live events with a bounded buffer."""
 
-    __slots__ = ("_ready", "buffer", "close_reason", "closed", "jobs", "limit", "on_drop", "overflowed")
+    __slots__ = ("_ready", "buffer", "close_reason", "closed", "jobs", "limit", "on_drop", "overflowed", "sink")
 
     def __init__(self, jobs: set[str] | None, limit: int) -> None:
         self.jobs = jobs
@@ -47,6 +47,31 @@ class Subscriber:
         # Called once when the subscriber overflows or is closed: a sender blocked on a peer that
         # stopped reading would otherwise never look at the buffer again.
         self.on_drop: Callable[[], None] | None = None
+        # Set by the sender while it is idle (nothing buffered, nothing in flight): takes a batch
+        # and returns True if it sent it at once, so a peer that keeps up costs no buffering and
+        # no task wake-up per event. False (the peer is not writable) buffers as usual.
+        self.sink: Callable[[list[Record]], bool] | None = None
+
+    def offer_batch(self, batch: list[Record]) -> None:
+        """``offer`` for a whole batch: straight to ``sink`` when it is idle, else buffered."""
+        if self.overflowed:
+            return
+        if self.jobs is not None:
+            jobs = self.jobs
+            batch = [rec for rec in batch if rec.job_id in jobs]
+            if not batch:
+                return
+        buffer = self.buffer
+        sink = self.sink
+        if sink is not None and not buffer and sink(batch):
+            return
+        if len(buffer) + len(batch) > self.limit:
+            self.overflowed = True
+            buffer.clear()
+            self._drop()
+        else:
+            buffer.extend(batch)
+        self._ready.set()
 
     def offer(self, record: Record) -> None:
         if self.overflowed:
@@ -62,6 +87,7 @@ class Subscriber:
         self._ready.set()
 
     def _drop(self) -> None:
+        self.sink = None
         hook, self.on_drop = self.on_drop, None
         if hook is not None:
             hook()
@@ -231,8 +257,7 @@ class EventBus:
     def _deliver(self, batch: list[Record]) -> None:
         """Hand logged records to every subscriber and listener."""
         for sub in self.subscribers:
-            for rec in batch:
-                sub.offer(rec)
+            sub.offer_batch(batch)
         for listener in self._listeners:
             listener(batch)
 

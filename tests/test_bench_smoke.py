@@ -53,6 +53,28 @@ def test_fanout_through_redis_accounting(tmp_path: Path, redis_server: Any) -> N
     assert redis.Redis.from_url(redis_server.url).dbsize() == 0
 
 
+def test_fanout_stalled_accounting(tmp_path: Path) -> None:
+    """The slow-consumer scenario adds up: healthy and stalled watchers each account for every
+    event (sent = received + lost), and a stalled watcher cannot make a healthy one lose any."""
+    res = run_bench("fanout.py", tmp_path / "stalled.json",
+                    "--watchers", "4", "--stalled", "2", "--duration", "0.2", "--step-ms", "20",
+                    "--idle", "0.2", "--drain", "3")
+    assert res["accounting_ok"]
+    assert res["sent"] == res["received"] + res["lost"] == 4 * res["events"] > 0
+    assert res["lost"] == 0
+    stalled = res["stalled"]
+    assert stalled["clients"] == 2
+    assert stalled["sent"] == stalled["received"] + stalled["lost"] == 2 * res["events"]
+    assert res["rss_max_bytes"] >= res["rss_idle_bytes"] > 0 and res["rss_samples"]
+
+
+def test_fanout_websockets_client(tmp_path: Path) -> None:
+    """``--client websockets`` (the library's client) still runs and adds up."""
+    res = run_bench("fanout.py", tmp_path / "ws.json", "--client", "websockets",
+                    "--watchers", "3", "--steps", "5", "--step-ms", "20", "--idle", "0.2", "--drain", "3")
+    assert res["accounting_ok"] and res["lost"] == 0 and res["sent"] == 3 * res["events"] > 0
+
+
 @pytest.mark.parametrize("tool", ["python", "wrk"])
 def test_rest(tmp_path: Path, tool: str) -> None:
     if tool == "wrk" and not shutil.which("wrk"):

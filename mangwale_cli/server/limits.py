@@ -7,7 +7,9 @@
 * ``ExposeTransport`` puts the connection's asyncio transport in the WebSocket scope
   (``scope[TRANSPORT_KEY]``). A close frame cannot reach a peer that stopped reading, and
   ``transport.close()`` waits for the unsent bytes forever, so ``stream.py`` uses it to see
-  whether its close frame left and to ``abort()`` the socket when it did not.
+  whether its close frame left and to ``abort()`` the socket when it did not. With uvicorn's
+  ``websockets-sansio`` protocol it also puts the protocol object there (``PROTOCOL_KEY``), so the
+  fan-out can write pre-built frames to the socket (``stream.DirectFrames``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 TRANSPORT_KEY = "mangwale.transport"
+PROTOCOL_KEY = "mangwale.ws_protocol"  # uvicorn's websockets-sansio protocol object, when it is that
 
 
 def _too_large(limit: int) -> str:
@@ -81,10 +84,21 @@ class ExposeTransport:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             # uvicorn's ``send`` is a bound method of its protocol object, which owns the transport.
-            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            owner = getattr(send, "__self__", None)
+            transport = getattr(owner, "transport", None)
             if transport is not None and hasattr(transport, "abort"):
                 scope[TRANSPORT_KEY] = transport
+                if _is_sansio(owner):
+                    scope[PROTOCOL_KEY] = owner
         await self.app(scope, receive, send)
+
+
+def _is_sansio(owner: object) -> bool:
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    except ImportError:  # pragma: no cover - another uvicorn layout: the generic path is used
+        return False
+    return isinstance(owner, WebSocketsSansIOProtocol)
 
 
 class RateLimit:

@@ -13,6 +13,12 @@ foreign ``Origin``, 503 when ``websocket.max_connections`` are open.
 One connection is two tasks: a pump (replay, then live events, each send bounded by a deadline)
 and a receiver (client messages, rate limited). A subscriber that overflows stops the pump at
 once; a close frame that cannot leave within ``CLOSE_DEADLINE`` drops the socket.
+
+While a pump is idle and its socket writable, live events skip it: the bus hands each batch to
+``DirectFrames``, which writes it as WebSocket frames built once per batch for every such
+subscriber (server frames are not masked, so the bytes are the same for all), one
+``transport.write`` per connection, and no task wakes up. Only a peer whose socket stops taking
+data gets its events buffered, and then the pump sends them with its deadline as before.
 """
 
 from __future__ import annotations
@@ -27,14 +33,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, WebSocket, WebSocketDisconnect
 from starlette.responses import StreamingResponse
+from websockets.protocol import State
 
 from .. import wire
 from ..errors import InvalidInput, Unavailable
+from ..eventlog import Record
 from ..events import FutureSince, Subscription
 from ..metrics import Metrics
 from ..service import Service
 from .app import JSONOut
-from .limits import TRANSPORT_KEY, RateLimit
+from .limits import PROTOCOL_KEY, TRANSPORT_KEY, RateLimit
 
 log = logging.getLogger("mangwale.stream")
 router = APIRouter()
@@ -47,6 +55,7 @@ CLOSE_SLOW_CONSUMER = 4408
 CLOSE_RATE_LIMITED = 4429
 CLOSE_DEADLINE = 1.0  # seconds a close frame gets to leave before the socket is dropped
 SUBPROTOCOL = "mangwale.v1"
+_OPEN = State.OPEN
 
 
 def parse_replay_params(
@@ -163,7 +172,8 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Me
     except (WebSocketDisconnect, RuntimeError, OSError):
         return True
     subscriber = sub.subscriber
-    pump = asyncio.create_task(_pump(ws, sub, deadline, metrics.delivered))
+    direct = DirectFrames.for_connection(ws, metrics.delivered)
+    pump = asyncio.create_task(_pump(ws, sub, deadline, metrics.delivered, direct))
     receiver = asyncio.create_task(_receive(ws, RateLimit(settings.ws_message_rate, settings.ws_message_burst)))
 
     def stop_pump() -> None:  # overflow or shutdown: even a pump waiting on a stalled peer stops
@@ -211,26 +221,101 @@ def _outcome(task: asyncio.Task[Any]) -> Any:
     return task.exception() or task.result()
 
 
-async def _pump(ws: WebSocket, sub: Subscription, deadline: float, delivered: dict[str, int]) -> None:
+async def _pump(
+    ws: WebSocket, sub: Subscription, deadline: float, delivered: dict[str, int], direct: DirectFrames | None
+) -> None:
     """Send the replay, then live events, until the subscriber is dropped or closed. A send that
     waits ``deadline`` seconds for the peer raises ``TimeoutError``. ``delivered`` counts what
-    was sent (per batch: the fan-out path pays one addition, not one per event)."""
+    was sent (per batch: the fan-out path pays one addition, not one per event). While it waits
+    with nothing buffered, ``direct`` (if any) sends live events without waking it."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None) as timer:
-        replay, sub.replay = sub.replay, []
-        for rec in replay:
-            timer.reschedule(loop.time() + deadline)
-            await ws.send_text(rec.text)
-        delivered["websocket"] += len(replay)
-        while True:
-            timer.reschedule(None)
-            batch = await sub.subscriber.get_batch()
-            if not batch:
-                return
-            for rec in batch:
+    subscriber = sub.subscriber
+    try:
+        async with asyncio.timeout(None) as timer:
+            replay, sub.replay = sub.replay, []
+            for rec in replay:
                 timer.reschedule(loop.time() + deadline)
                 await ws.send_text(rec.text)
-            delivered["websocket"] += len(batch)
+            delivered["websocket"] += len(replay)
+            while True:
+                timer.reschedule(None)
+                if not subscriber.overflowed and not subscriber.closed:
+                    subscriber.sink = direct  # only now: nothing of ours is queued or in flight
+                batch = await subscriber.get_batch()
+                subscriber.sink = None
+                if not batch:
+                    return
+                if direct is not None and direct.proto.close_sent:
+                    # uvicorn gave up on the peer (keepalive timeout) and closed; its send would
+                    # first wait for the socket to drain, which a peer that stopped reading
+                    # never lets happen: end now, so the connection is reset (4408 path).
+                    raise ConnectionResetError("the connection was closed under the pump")
+                for rec in batch:
+                    timer.reschedule(loop.time() + deadline)
+                    await ws.send_text(rec.text)
+                delivered["websocket"] += len(batch)
+    finally:
+        subscriber.sink = None
+
+
+def text_frame(text: str) -> bytes:
+    """``text`` as one unmasked, unfragmented WebSocket text frame (RFC 6455 section 5.2)."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, n)
+    return head + data
+
+
+class DirectFrames:
+    """A ``Subscriber.sink`` that writes events to a uvicorn ``websockets-sansio`` connection
+    as frames, bypassing the ASGI send path (which only wraps the same bytes per client).
+
+    It declines (returns False) unless the connection is open and its transport below the high
+    water mark, so back-pressure, the 4408 drop and closing stay with the pump and uvicorn.
+    The websockets protocol object need not know of these frames: without extensions it keeps
+    no state about sent data frames, and uvicorn writes whatever it produces at once, so its
+    own frames (pongs, pings, close) never sit queued behind or ahead of ours.
+    """
+
+    __slots__ = ("delivered", "proto")
+    _last: tuple[list[Record], bytes] | None = None  # the batch most recently framed, and its bytes
+
+    def __init__(self, proto: Any, delivered: dict[str, int]) -> None:
+        self.proto = proto
+        self.delivered = delivered
+
+    @classmethod
+    def for_connection(cls, ws: WebSocket, delivered: dict[str, int]) -> DirectFrames | None:
+        proto = ws.scope.get(PROTOCOL_KEY)
+        if proto is None or proto.conn.extensions:  # not uvicorn sansio, or compressed frames
+            return None
+        return cls(proto, delivered)
+
+    def __call__(self, batch: list[Record]) -> bool:
+        proto = self.proto
+        transport = proto.transport
+        if (
+            proto.close_sent
+            or proto.disconnected
+            or not proto.writable.is_set()
+            or transport.is_closing()
+            or proto.conn.state is not _OPEN
+        ):
+            return False
+        last = DirectFrames._last
+        if last is not None and last[0] is batch:  # every unfiltered subscriber gets the same list
+            data = last[1]
+        else:
+            data = b"".join([text_frame(rec.text) for rec in batch])
+            DirectFrames._last = (batch, data)
+        transport.write(data)
+        self.delivered["websocket"] += len(batch)
+        return True
 
 
 async def _close(ws: WebSocket, code: int, reason: str, *, must_leave: bool = False) -> None:
