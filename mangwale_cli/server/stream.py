@@ -97,7 +97,12 @@ def same_origin(origin: str, host: str | None) -> bool:
 # --- WebSocket -------------------------------------------------------------------------------
 
 
-@router.websocket("/ws/training")
+async def ws_training_asgi(scope: Any, receive: Any, send: Any) -> None:
+    """``/ws/training`` as an ASGI app: ``app.App`` calls it (behind authentication and
+    ``ExposeTransport``) without the rest of the middleware stack or the router."""
+    await ws_training(WebSocket(scope, receive, send))
+
+
 async def ws_training(ws: WebSocket) -> None:
     service: Service = ws.app.state.service
     settings = ws.app.state.settings
