@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,14 +35,16 @@ class Subscriber:
 
     def __init__(self, jobs: set[str] | None, limit: int) -> None:
         self.jobs = jobs
-        self.buffer: deque[Record] = deque()
+        # A list, and the event only made when someone waits (SSE): an idle WebSocket
+        # subscriber never buffers nor waits, and each deque costs ~760 bytes.
+        self.buffer: list[Record] = []
         self.limit = limit
         self.overflowed = False
         self.closed = False
         # Why the server ended the stream, when it is not shutting down (the store went away,
         # the epoch changed): the connection closes with 1012 and the client resumes.
         self.close_reason: str | None = None
-        self._ready = asyncio.Event()
+        self._ready: asyncio.Event | None = None
         # Called once when the subscriber overflows or is closed: a sender blocked on a peer that
         # stopped reading would otherwise never look at the buffer again.
         self.on_drop: Callable[[], None] | None = None
@@ -71,7 +72,8 @@ class Subscriber:
             self._drop()
         else:
             buffer.extend(batch)
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
 
     def offer(self, record: Record) -> None:
         if self.overflowed:
@@ -84,7 +86,8 @@ class Subscriber:
             self._drop()
         else:
             self.buffer.append(record)
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
 
     def _drop(self) -> None:
         self.sink = None
@@ -95,19 +98,21 @@ class Subscriber:
     async def get_batch(self) -> list[Record]:
         """Wait for events; returns [] when the subscriber overflowed or was closed."""
         while not self.buffer and not self.overflowed and not self.closed:
+            if self._ready is None:
+                self._ready = asyncio.Event()
             self._ready.clear()
             await self._ready.wait()
         if self.overflowed or self.closed:
             return []
-        batch = list(self.buffer)
-        self.buffer.clear()
+        batch, self.buffer = self.buffer, []
         return batch
 
     def close(self, reason: str | None = None) -> None:
         if reason is not None and not self.closed:
             self.close_reason = reason
         self.closed = True
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
         self._drop()
 
 

@@ -44,6 +44,26 @@ class JSONOut(JSONResponse):
         return wire.dumps(content).encode()
 
 
+class App(FastAPI):
+    """FastAPI, with the WebSocket endpoints in ``ws_endpoints`` dispatched ahead of the
+    middleware stack and the router: an open connection holds a coroutine frame (and FastAPI
+    two ``AsyncExitStack``s) for every layer it passes through, for as long as it is open.
+    Of the middlewares, only authentication and the transport handle act on WebSockets (the
+    request timer, CORS and the body limit pass them through; FastAPI's exception handlers
+    answer HTTP only), so those two are all such a connection goes through."""
+
+    ws_endpoints: dict[str, Any]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            endpoint = self.ws_endpoints.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def error_response(err: MangwaleError, headers: dict[str, str] | None = None) -> JSONOut:
     return JSONOut(err.to_body(), status_code=err.status, headers=headers)
 
@@ -121,7 +141,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             if owned:
                 await svc.stop()
 
-    app = FastAPI(
+    app = App(
         title="mangwale",
         version=__version__,
         description="Training jobs with live progress: REST, WebSocket (/ws/training) and SSE.",
@@ -185,6 +205,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(routes.hot)
     app.include_router(routes.router)
     app.include_router(stream.router)
+    app.ws_endpoints = {"/ws/training": AuthMiddleware(ExposeTransport(stream.ws_training_asgi), tokens=tokens)}
     app.include_router(telemetry.router)
     app.include_router(dashboard.router)
     _document_gate(app, tokens)

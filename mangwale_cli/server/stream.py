@@ -10,15 +10,15 @@ the client fell too far behind or stopped reading (resume from the last seq), 44
 messages. Refusals happen before the upgrade, as HTTP answers: 401/403 (auth.py), 403 for a
 foreign ``Origin``, 503 when ``websocket.max_connections`` are open.
 
-One connection is two tasks: a pump (replay, then live events, each send bounded by a deadline)
-and a receiver (client messages, rate limited). A subscriber that overflows stops the pump at
-once; a close frame that cannot leave within ``CLOSE_DEADLINE`` drops the socket.
-
-While a pump is idle and its socket writable, live events skip it: the bus hands each batch to
-``DirectFrames``, which writes it as WebSocket frames built once per batch for every such
-subscriber (server frames are not masked, so the bytes are the same for all), one
-``transport.write`` per connection, and no task wakes up. Only a peer whose socket stops taking
-data gets its events buffered, and then the pump sends them with its deadline as before.
+The handler (uvicorn's task for the connection) receives the client's messages (rate limited).
+Live events to a writable socket need no task at all: the bus hands each batch to the
+connection's sink (``Connection``), which writes it as WebSocket frames built once per batch for
+every such subscriber (server frames are not masked, so the bytes are the same for all), one
+``transport.write`` per connection. A pump task exists only while something waits to be sent:
+the replay, or the events buffered for a peer whose socket stopped taking data; it sends them
+with a deadline per send, then arms the sink again and ends. A subscriber that overflows stops
+the pump at once and interrupts the handler; a close frame that cannot leave within
+``CLOSE_DEADLINE`` drops the socket.
 """
 
 from __future__ import annotations
@@ -97,7 +97,12 @@ def same_origin(origin: str, host: str | None) -> bool:
 # --- WebSocket -------------------------------------------------------------------------------
 
 
-@router.websocket("/ws/training")
+async def ws_training_asgi(scope: Any, receive: Any, send: Any) -> None:
+    """``/ws/training`` as an ASGI app: ``app.App`` calls it (behind authentication and
+    ``ExposeTransport``) without the rest of the middleware stack or the router."""
+    await ws_training(WebSocket(scope, receive, send))
+
+
 async def ws_training(ws: WebSocket) -> None:
     service: Service = ws.app.state.service
     settings = ws.app.state.settings
@@ -159,7 +164,10 @@ def _send_deadline(settings: Any) -> float:
 
 
 async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Metrics) -> bool:
-    """Serve one accepted connection; False when it was dropped as a slow consumer (4408)."""
+    """Serve one accepted connection; False when it was dropped as a slow consumer (4408).
+
+    This coroutine (uvicorn's task for the connection) receives the client's messages itself;
+    a pump task exists only while there is something to send that could not go out at once."""
     deadline = _send_deadline(settings)
     try:
         async with asyncio.timeout(deadline):
@@ -172,29 +180,37 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Me
     except (WebSocketDisconnect, RuntimeError, OSError):
         return True
     subscriber = sub.subscriber
-    direct = DirectFrames.for_connection(ws, metrics.delivered)
-    pump = asyncio.create_task(_pump(ws, sub, deadline, metrics.delivered, direct))
-    receiver = asyncio.create_task(_receive(ws, RateLimit(settings.ws_message_rate, settings.ws_message_burst)))
-
-    def stop_pump() -> None:  # overflow or shutdown: even a pump waiting on a stalled peer stops
-        pump.cancel()
-
-    subscriber.on_drop = stop_pump
-    for task in (pump, receiver):
-        task.add_done_callback(_retrieve)
-    try:
-        await asyncio.wait({pump, receiver}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        subscriber.on_drop = None
-        pump.cancel()
-        receiver.cancel()
-        # asyncio.wait, not gather: gather would re-raise a child's cancellation in this task,
-        # where a server (or anyio's cancel scope in tests) cannot tell it from its own.
-        await asyncio.wait({pump, receiver})
-    pumped, received = _outcome(pump), _outcome(receiver)
-    if isinstance(received, tuple):  # the receiver asked for a close (binary frame, flood)
+    conn = Connection(ws, sub, deadline, metrics.delivered)
+    received: tuple[int, str] | None = None
+    if not subscriber.overflowed and not subscriber.closed:
+        subscriber.on_drop = conn.stop
+        if sub.replay or subscriber.buffer:
+            conn.start_pump()  # the replay, and what arrived meanwhile; it arms the sink after
+        else:
+            subscriber.sink = conn
+        handler = conn.handler = asyncio.current_task()
+        assert handler is not None
+        try:
+            received = await _receive(ws, RateLimit(settings.ws_message_rate, settings.ws_message_burst))
+        except asyncio.CancelledError:
+            # conn.stop() interrupts the wait (overflow, close, a failed pump); any other
+            # cancellation (the server's) goes on.
+            if not conn.interrupted or handler.uncancel() > 0:
+                raise
+        finally:
+            conn.handler = None
+            subscriber.on_drop = None
+            subscriber.sink = None
+            pump = conn.pump
+            if pump is not None:
+                pump.cancel()
+                # asyncio.wait, not gather: gather would re-raise the pump's cancellation in this
+                # task, where a server (or anyio's cancel scope in tests) cannot tell it from its own.
+                await asyncio.wait({pump})
+    failure = conn.failure
+    if received is not None:  # the client must be closed (binary frame, flood)
         await _close(ws, *received)
-    elif subscriber.overflowed or isinstance(pumped, TimeoutError):
+    elif subscriber.overflowed or isinstance(failure, TimeoutError):
         log.info("WebSocket client is not reading (over %d events behind); closing 4408", subscriber.limit)
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer: resume from your last seq", must_leave=True)
         return False
@@ -202,60 +218,11 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Me
         await _close(ws, CLOSE_SERVICE_RESTART, f"{subscriber.close_reason}: reconnect and resume")
     elif subscriber.closed:
         await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
-    elif isinstance(pumped, (RuntimeError, OSError)):
+    elif isinstance(failure, (RuntimeError, OSError)):
         # uvicorn already closed it (keepalive timeout): make sure the bytes it holds can leave.
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer", must_leave=True)
         return False
     return True
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # read, so that asyncio does not log "exception was never retrieved"
-
-
-def _outcome(task: asyncio.Task[Any]) -> Any:
-    """What a finished task gave: its result, its exception, or None if it was cancelled."""
-    if task.cancelled():
-        return None
-    return task.exception() or task.result()
-
-
-async def _pump(
-    ws: WebSocket, sub: Subscription, deadline: float, delivered: dict[str, int], direct: DirectFrames | None
-) -> None:
-    """Send the replay, then live events, until the subscriber is dropped or closed. A send that
-    waits ``deadline`` seconds for the peer raises ``TimeoutError``. ``delivered`` counts what
-    was sent (per batch: the fan-out path pays one addition, not one per event). While it waits
-    with nothing buffered, ``direct`` (if any) sends live events without waking it."""
-    loop = asyncio.get_running_loop()
-    subscriber = sub.subscriber
-    try:
-        async with asyncio.timeout(None) as timer:
-            replay, sub.replay = sub.replay, []
-            for rec in replay:
-                timer.reschedule(loop.time() + deadline)
-                await ws.send_text(rec.text)
-            delivered["websocket"] += len(replay)
-            while True:
-                timer.reschedule(None)
-                if not subscriber.overflowed and not subscriber.closed:
-                    subscriber.sink = direct  # only now: nothing of ours is queued or in flight
-                batch = await subscriber.get_batch()
-                subscriber.sink = None
-                if not batch:
-                    return
-                if direct is not None and direct.proto.close_sent:
-                    # uvicorn gave up on the peer (keepalive timeout) and closed; its send would
-                    # first wait for the socket to drain, which a peer that stopped reading
-                    # never lets happen: end now, so the connection is reset (4408 path).
-                    raise ConnectionResetError("the connection was closed under the pump")
-                for rec in batch:
-                    timer.reschedule(loop.time() + deadline)
-                    await ws.send_text(rec.text)
-                delivered["websocket"] += len(batch)
-    finally:
-        subscriber.sink = None
 
 
 def text_frame(text: str) -> bytes:
@@ -271,51 +238,115 @@ def text_frame(text: str) -> bytes:
     return head + data
 
 
-class DirectFrames:
-    """A ``Subscriber.sink`` that writes events to a uvicorn ``websockets-sansio`` connection
-    as frames, bypassing the ASGI send path (which only wraps the same bytes per client).
+class Connection:
+    """One accepted WebSocket's sending side: the ``Subscriber.sink`` while nothing is pending,
+    and the pump task, started only when events cannot go out at once (replay, a backed-up peer).
 
-    It declines (returns False) unless the connection is open and its transport below the high
-    water mark, so back-pressure, the 4408 drop and closing stay with the pump and uvicorn.
+    As a sink it writes a batch to a uvicorn ``websockets-sansio`` connection as frames,
+    bypassing the ASGI send path (which only wraps the same bytes per client). It declines
+    (returns False, so the subscriber buffers the batch) unless the connection is open and its
+    transport below the high water mark, and then starts the pump, which sends the buffer with a
+    deadline per send and, once the buffer is empty, arms the sink again and ends. So
+    back-pressure, the 4408 drop and closing stay with the pump and uvicorn, and an idle
+    connection has no task of its own. Elsewhere (not uvicorn sansio, or compressed frames)
+    the sink always declines: every batch goes through the pump.
+
     The websockets protocol object need not know of these frames: without extensions it keeps
     no state about sent data frames, and uvicorn writes whatever it produces at once, so its
     own frames (pongs, pings, close) never sit queued behind or ahead of ours.
     """
 
-    __slots__ = ("delivered", "proto")
+    __slots__ = ("deadline", "delivered", "failure", "handler", "interrupted", "proto", "pump", "sub", "ws")
     _last: tuple[list[Record], bytes] | None = None  # the batch most recently framed, and its bytes
 
-    def __init__(self, proto: Any, delivered: dict[str, int]) -> None:
-        self.proto = proto
+    def __init__(self, ws: WebSocket, sub: Subscription, deadline: float, delivered: dict[str, int]) -> None:
+        self.ws = ws
+        self.sub = sub
+        self.deadline = deadline
         self.delivered = delivered
-
-    @classmethod
-    def for_connection(cls, ws: WebSocket, delivered: dict[str, int]) -> DirectFrames | None:
         proto = ws.scope.get(PROTOCOL_KEY)
-        if proto is None or proto.conn.extensions:  # not uvicorn sansio, or compressed frames
-            return None
-        return cls(proto, delivered)
+        self.proto = None if proto is None or proto.conn.extensions else proto
+        self.pump: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None  # what ended the pump, if it failed
+        self.handler: asyncio.Task[Any] | None = None  # the task receiving, to interrupt
+        self.interrupted = False
 
     def __call__(self, batch: list[Record]) -> bool:
         proto = self.proto
-        transport = proto.transport
         if (
-            proto.close_sent
+            proto is None
+            or proto.close_sent
             or proto.disconnected
             or not proto.writable.is_set()
-            or transport.is_closing()
+            or proto.transport.is_closing()
             or proto.conn.state is not _OPEN
         ):
+            self.start_pump()
             return False
-        last = DirectFrames._last
+        last = Connection._last
         if last is not None and last[0] is batch:  # every unfiltered subscriber gets the same list
             data = last[1]
         else:
             data = b"".join([text_frame(rec.text) for rec in batch])
-            DirectFrames._last = (batch, data)
-        transport.write(data)
+            Connection._last = (batch, data)
+        proto.transport.write(data)
         self.delivered["websocket"] += len(batch)
         return True
+
+    def start_pump(self) -> None:
+        self.sub.subscriber.sink = None  # until the pump is done: nothing may overtake its sends
+        if self.pump is None:
+            self.pump = asyncio.get_running_loop().create_task(self._pump())
+
+    def stop(self) -> None:
+        """Overflow, close, or a failed pump: stop the pump (even one waiting on a stalled peer)
+        and interrupt the receiving handler, which then closes the connection."""
+        pump = self.pump
+        if pump is not None and pump is not asyncio.current_task():
+            pump.cancel()
+        handler = self.handler
+        if handler is not None and not self.interrupted:
+            self.interrupted = True
+            handler.cancel()
+
+    async def _pump(self) -> None:
+        """Send the replay, then the buffer until it is empty, then arm the sink and end. A send
+        that waits ``deadline`` seconds for the peer raises ``TimeoutError``. ``delivered``
+        counts what was sent (per batch: one addition, not one per event)."""
+        ws = self.ws
+        subscriber = self.sub.subscriber
+        proto = self.proto
+        delivered = self.delivered
+        loop = asyncio.get_running_loop()
+        deadline = self.deadline
+        try:
+            async with asyncio.timeout(None) as timer:
+                replay, self.sub.replay = self.sub.replay, []
+                for rec in replay:
+                    timer.reschedule(loop.time() + deadline)
+                    await ws.send_text(rec.text)
+                delivered["websocket"] += len(replay)
+                while not subscriber.overflowed and not subscriber.closed:
+                    batch = subscriber.buffer
+                    if not batch:
+                        self.pump = None
+                        subscriber.sink = self  # nothing of ours is queued or in flight
+                        return
+                    subscriber.buffer = []
+                    if proto is not None and proto.close_sent:
+                        # uvicorn gave up on the peer (keepalive timeout) and closed; its send would
+                        # first wait for the socket to drain, which a peer that stopped reading
+                        # never lets happen: end now, so the connection is reset (4408 path).
+                        raise ConnectionResetError("the connection was closed under the pump")
+                    for rec in batch:
+                        timer.reschedule(loop.time() + deadline)
+                        await ws.send_text(rec.text)
+                    delivered["websocket"] += len(batch)
+        except Exception as exc:
+            if not isinstance(exc, (TimeoutError, WebSocketDisconnect, RuntimeError, OSError)):
+                log.exception("WebSocket pump failed")
+            self.failure = exc
+            self.stop()
 
 
 async def _close(ws: WebSocket, code: int, reason: str, *, must_leave: bool = False) -> None:
