@@ -54,7 +54,8 @@ class Subscriber:
         self.sink: Callable[[list[Record]], bool] | None = None
 
     def offer_batch(self, batch: list[Record]) -> None:
-        """``offer`` for a whole batch: straight to ``sink`` when it is idle, else buffered."""
+        """Take a logged batch (the records of this subscriber's jobs): straight to ``sink``
+        when it is idle, else into the buffer; past ``limit`` buffered, overflow and drop."""
         if self.overflowed:
             return
         if self.jobs is not None:
@@ -72,20 +73,6 @@ class Subscriber:
             self._drop()
         else:
             buffer.extend(batch)
-        if self._ready is not None:
-            self._ready.set()
-
-    def offer(self, record: Record) -> None:
-        if self.overflowed:
-            return
-        if self.jobs is not None and record.job_id not in self.jobs:
-            return
-        if len(self.buffer) >= self.limit:
-            self.overflowed = True
-            self.buffer.clear()
-            self._drop()
-        else:
-            self.buffer.append(record)
         if self._ready is not None:
             self._ready.set()
 
