@@ -99,28 +99,24 @@ class Service:
         self._started = True
 
     async def _start_shared(self) -> None:
-        from redis.asyncio import Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import RedisError
 
         from .jobqueue import RedisQueue
         from .redisbus import RedisEventBus
+        from .store.redis_store import RedisStore
 
         s = self.settings
+        store = self.store
+        assert isinstance(store, RedisStore)
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.store.open()  # StoreError (start-up fails with one line) if Redis is away
-        url = s.store_backend
+        await store.open()  # StoreError (start-up fails with one line) if Redis is away
         block = 1.0
-        # One quick retry on a fresh connection: after a Redis restart every pooled socket fails
-        # once, and without it each would count as an outage of its own.
-        retry = Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (RedisConnectionError,))
-        common: dict[str, Any] = {"socket_connect_timeout": s.store_timeout, "retry": retry, "health_check_interval": 5}
-        client = Redis.from_url(url, socket_timeout=s.store_timeout, **common)
-        reader = Redis.from_url(url, socket_timeout=s.store_timeout + block, **common)
-        self._redis = [client, reader]
-        shown = self.store.safe_url  # type: ignore[attr-defined]
+        # The store's client serves the stream's and the queue's ordinary commands; their
+        # blocking reads (XREAD / XREADGROUP BLOCK) hold connections of their own.
+        client = store.client
+        reader = store.connect(extra_timeout=block)
+        self._redis = [reader]
+        shown = store.safe_url
         bus = RedisEventBus(
             client,
             reader,

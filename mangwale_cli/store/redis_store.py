@@ -146,17 +146,7 @@ class RedisStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot create {self.artifacts_dir}: {exc.strerror}", field="data_dir") from None
         try:
-            client = aioredis.Redis.from_url(
-                self.url,
-                decode_responses=False,  # artifacts are bytes
-                socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.connect_timeout,
-                health_check_interval=self.health_check_interval,
-                # One quick retry on a fresh connection covers pooled sockets a Redis restart
-                # closed; a timeout is not retried, so a hung Redis costs one socket_timeout.
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (rexc.ConnectionError,)),
-                client_name="mangwale",
-            )
+            client = self.connect()
         except ValueError as exc:
             raise StoreError(f"bad redis URL {self.safe_url}: {exc}", field="redis_url") from None
         self._client = client
@@ -177,6 +167,28 @@ class RedisStore(Store):
             if isinstance(exc, Unavailable):  # start-up reports a StoreError as one clear line
                 raise StoreError(f"cannot open the store: {exc.message}", code="store_unavailable") from None
             raise
+
+    def connect(self, extra_timeout: float = 0.0) -> aioredis.Redis:
+        """A new client (its own pool) to this store's Redis, configured as the store's own.
+        The event stream and the job queue use one with ``extra_timeout`` added to the socket
+        timeout for their blocking reads (``XREAD BLOCK``)."""
+        return aioredis.Redis.from_url(
+            self.url,
+            decode_responses=False,  # artifacts are bytes
+            socket_timeout=self.socket_timeout + extra_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            health_check_interval=self.health_check_interval,
+            # One quick retry on a fresh connection covers pooled sockets a Redis restart
+            # closed; a timeout is not retried, so a hung Redis costs one socket_timeout.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (rexc.ConnectionError,)),
+            client_name="mangwale",
+        )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The store's client (open): other parts of a Redis deployment share its pool."""
+        assert self._client is not None, "store is not open"
+        return self._client
 
     def _check_version(self, raw: bytes | str) -> None:
         where = f"redis at {self.safe_url} (prefix {self.keys.prefix!r})"
