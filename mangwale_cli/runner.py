@@ -148,6 +148,7 @@ class Runner:
         self._leases: dict[str, Lease] = {}  # job id -> the lease this instance holds on it
         self._lost: set[str] = set()  # running here, but another instance took the lease
         self._waiters: dict[str, asyncio.Event] = {}  # job id -> set when an event shows it ended
+        self._cancels: set[asyncio.Task[None]] = set()  # cancels asked for by other instances
         self._stopping = False
         self.takeovers = 0  # jobs this instance took over from an instance that stopped
         self.metrics: Metrics | None = None  # instrumentation: set by Metrics.attach
@@ -324,7 +325,10 @@ class Runner:
     def _remote_cancel(self, job_id: str) -> None:
         """Another instance asked to cancel a job: act if it runs here."""
         if job_id in self._running or job_id in self._starting:
-            asyncio.get_running_loop().create_task(self._cancel_local(job_id))
+            # The loop keeps only a weak reference to a task: hold it until it is done.
+            task = asyncio.get_running_loop().create_task(self._cancel_local(job_id))
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
 
     async def _cancel_local(self, job_id: str) -> None:
         job = await self.store.get_job(job_id)
