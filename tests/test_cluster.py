@@ -357,3 +357,23 @@ def test_sigterm_hands_running_jobs_to_another_instance_at_once(
     wait_for(lambda: status(other, job) in TERMINAL, 30, 0.1, "the job to end")
     assert status(other, job) == "succeeded"
     assert get(other, "/healthz")["takeovers"] == 0  # handed over, not taken over
+
+
+def test_cancel_through_another_instance(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """A job running on one instance is cancelled through the other: the answer is the job cancelled,
+    well before the lease (set long here) could have mattered."""
+    a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2, MANGWALE_RUNNER_LEASE="30")
+    job = simulate(a, steps=200, stepMs=50)
+    wait_for(lambda: status(a, job) == "running", 10, 0.02, "the job to start")
+    runner = a if get(a, "/healthz")["running"] else b
+    other = b if runner is a else a
+    t0 = time.monotonic()
+    with other.client() as c:
+        r = c.post(f"/training/jobs/{job}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "cancelled"
+    assert time.monotonic() - t0 < 5
+    assert status(runner, job) == "cancelled"
+    assert get(runner, "/healthz")["running"] == 0
