@@ -71,8 +71,8 @@ class LocalQueue:
         """The job goes back for the next start (it is ``queued`` in the store)."""
 
     def release(self, lease: Lease) -> None:
-        """Retry the job later (the store was failing)."""
-        asyncio.get_running_loop().call_later(1.0, self._q.put_nowait, lease.job_id)
+        """Not used: with the embedded store a failing write fails the job's attempt, and the
+        start-up scan re-queues what a crash left running."""
 
     async def request_cancel(self, job_id: str) -> None:
         pass
