@@ -1,17 +1,15 @@
-"""The event bus: numbers events, logs them, then fans them out without waiting on anyone.
+"""The event bus: hands committed events to every subscriber without waiting on anyone.
 
-``publish`` assigns ``seq`` / ``jobSeq`` and serializes the event once. Events published in the
-same loop iteration are appended to the log with one write, and only then handed to
-subscribers. Each subscriber has a bounded buffer; one that falls ``queue_size`` events behind
-is marked overflowed and dropped (its connection closes with 4408 and the client resumes from
-its last seq), so a stalled reader can neither delay the others nor grow memory without bound.
+Events are not published here: each is part of a change the store commits as one unit with the
+state it announces (``store/base.py``). The store calls ``deliver`` with every committed batch,
+in seq order, after it is in the log; the embedded store keeps the replay ring itself, a shared
+store's bus (``redisbus.RedisEventBus``) mirrors the shared stream into it. Each subscriber has a
+bounded buffer; one that falls ``queue_size`` events behind is marked overflowed and dropped (its
+connection closes with 4408 and the client resumes from its last seq), so a stalled reader can
+neither delay the others nor grow memory without bound.
 
 ``subscribe`` computes the replay and registers the subscriber in one synchronous step, so
 there is no gap and no duplicate between replayed and live events (see docs/protocol.md).
-
-Compacting the log (rewriting the whole kept file) would stall every client if done on the
-loop, so the bus runs it as a background task: the snapshot and the final rename happen on the
-loop, the bulk write and fsync in a worker thread (see eventlog.py).
 """
 
 from __future__ import annotations
@@ -20,13 +18,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import wire
-from .eventlog import Compaction, FileEventLog, Record
+from .eventlog import EventRing, Record
 
 log = logging.getLogger(__name__)
-
 
 class Subscriber:
     """A consumer of live events with a bounded buffer."""
@@ -60,7 +55,7 @@ class Subscriber:
             return
         if self.jobs is not None:
             jobs = self.jobs
-            batch = [rec for rec in batch if rec.job_id in jobs]
+            batch = [rec for rec in batch if rec.concerns(jobs)]
             if not batch:
                 return
         buffer = self.buffer
@@ -117,22 +112,11 @@ class FutureSince(ValueError):
 
 
 class EventBus:
-    def __init__(self, log_: FileEventLog, *, queue_size: int = 1000) -> None:
-        self.log = log_
+    def __init__(self, ring: EventRing, *, queue_size: int = 1000) -> None:
+        self.log = ring
         self.queue_size = queue_size
         self.subscribers: set[Subscriber] = set()
-        self._pending: list[Record] = []
-        self._next_seq = log_.head + 1
-        self._flush_scheduled = False
-        self._append_failing = False
         self._listeners: list[Callable[[list[Record]], None]] = []
-        self._ceiling: int | None = None
-        self._block = 0
-        self._on_reserve: Callable[[int], None] | None = None
-        self._sync_task: asyncio.Task[None] | None = None
-        self._compact_task: asyncio.Task[None] | None = None
-        self._stopping = False
-        log_.background_compaction = True
 
     @property
     def epoch(self) -> str:
@@ -140,121 +124,22 @@ class EventBus:
 
     @property
     def head(self) -> int:
-        """The newest seq that has reached the log (and so may reach clients)."""
+        """The newest seq committed (and so may reach clients)."""
         return self.log.head
 
-    def reserve(self, ceiling: int, block: int, on_reserve: Callable[[int], None]) -> None:
-        """Seqs below ``ceiling`` are durably reserved; when half a block is left, ask
-        ``on_reserve`` to persist a higher ceiling (so a lost log never reuses a seq)."""
-        self._ceiling, self._block, self._on_reserve = ceiling, block, on_reserve
-
-    def start(self, fsync_interval: float) -> None:
-        if fsync_interval > 0:
-            self._sync_task = asyncio.create_task(self._sync_loop(fsync_interval), name="eventlog-fsync")
-
     async def stop(self) -> None:
-        self._stopping = True  # no new compaction; a running one is finished (or given up)
-        self.flush()
-        task = self._compact_task
-        if task is not None:
-            try:
-                await task
-            except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise  # stop() itself was cancelled
-            self.flush()  # events published while it finished
-        if self._sync_task is not None:
-            self._sync_task.cancel()
         for sub in list(self.subscribers):
             sub.close()
-        self.log.close()
 
-    async def _sync_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.log.sync)
-            except OSError as exc:
-                log.error("event log fsync failed: %s", exc.strerror)
-
-    def _maybe_compact(self) -> None:
-        if self._compact_task is None and not self._stopping and self.log.compaction_due():
-            c = self.log.begin_compaction()
-            self._compact_task = asyncio.create_task(self._compact(c), name="eventlog-compact")
-
-    async def _compact(self, c: Compaction) -> None:
-        """Write the snapshot in a thread, then (on the loop) add what was appended and rename."""
-        fut = asyncio.get_running_loop().run_in_executor(None, c.write)
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # The thread cannot be stopped: forget the compaction, and delete its temp file
-            # once the thread is done with it. The old file stays the (complete) log.
-            fut.add_done_callback(lambda _f: self.log.abandon_compaction(c))
-            self.log.abandon_compaction(c)
-            raise
-        except OSError as exc:
-            self.log.abandon_compaction(c, exc)
-        else:
-            self.log.finish_compaction(c)
-        finally:
-            self._compact_task = None
-
-    # --- publishing -----------------------------------------------------------------------
-
-    def publish(self, event: dict[str, Any]) -> int:
-        """Log and broadcast ``event`` (a wire message dict); returns its seq."""
-        seq = self._next_seq
-        self._next_seq += 1
-        if self._ceiling is not None and seq > self._ceiling - self._block // 2:
-            self._ceiling = seq + self._block
-            assert self._on_reserve is not None
-            self._on_reserve(self._ceiling)
-        event["seq"] = seq
-        event["epoch"] = self.log.epoch
-        job_id = wire.event_job_id(event)
-        job_seq = None
-        is_log = event["type"] == wire.MsgType.JOB_LOG
-        if job_id is not None and not is_log:
-            job_seq = self.log.next_job_seq(job_id)
-            event["jobSeq"] = job_seq
-        self._pending.append(Record(seq, job_id, job_seq, wire.dumps(event), is_log))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-        return seq
-
-    def flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        try:
-            self.log.append(batch)
-        except OSError as exc:
-            # Not logged means not sent: keep the batch and try again shortly.
-            if not self._append_failing:  # once per outage, not every half second
-                log.error("event log append failed (%s); %d events wait", exc.strerror, len(batch))
-            self._append_failing = True
-            self._pending = batch + self._pending
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(0.5, self.flush)
-            return
-        if self._append_failing:
-            self._append_failing = False
-            log.info("event log append works again; %d events sent", len(batch))
-        self._maybe_compact()
-        self._deliver(batch)
-
-    def _deliver(self, batch: list[Record]) -> None:
-        """Hand logged records to every subscriber and listener."""
+    def deliver(self, batch: list[Record]) -> None:
+        """Hand committed records (in the ring already) to every subscriber and listener."""
         for sub in self.subscribers:
             sub.offer_batch(batch)
         for listener in self._listeners:
             listener(batch)
 
     def add_listener(self, fn: Callable[[list[Record]], None]) -> None:
-        """Call ``fn`` with every logged batch (used by in-process followers and tests)."""
+        """Call ``fn`` with every committed batch (used by in-process followers and tests)."""
         self._listeners.append(fn)
 
     # --- subscribing ----------------------------------------------------------------------

@@ -1,19 +1,25 @@
 """The job runner: a queue with bounded concurrency that drives trainers and reports every change.
 
-Every status or progress change is saved (status changes durably, progress batched) and then
-published as a ``training_update``. Progress never goes backwards within an attempt.
+Every status or progress change is one store write carrying its ``training_update`` (the store
+logs both as one unit). Progress never goes backwards within an attempt.
 
-Restarts: a job found ``running`` when the server starts was interrupted by a crash. It is put
-back in the queue as a new attempt while ``attempt < max_attempts``, otherwise it fails with
-"abandoned after N attempts". A graceful shutdown puts running jobs back in the queue the same
-way. Execution is therefore at-least-once; each re-run is a new ``attempt``.
+Leases: starting an attempt grants this runner (``holder``) the job's lease, whose fencing token
+is the attempt number; every later write of the attempt names that lease and the store refuses
+it once the lease is someone else's or has expired. The runner renews it every ``lease / 3``
+seconds. A trainer's reports go through an ordered outbox: the trainer never waits on the
+store, and a store that is away (Redis restarting, a full disk) has the reports held, in order,
+until it is back, or until the lease runs out, when this runner stops the trainer as a stale
+holder (another instance may take the job over).
+
+Restarts: a job found ``running`` when the embedded server starts was interrupted by a crash. It
+is put back in the queue as a new attempt while ``attempt < max_attempts``, otherwise it fails
+with "abandoned after N attempts". A graceful shutdown puts running jobs back in the queue the
+same way. Execution is therefore at-least-once; each re-run is a new ``attempt``.
 
 With a shared store (Redis) several instances run jobs from one queue (``jobqueue.RedisQueue``).
-There is no start-up scan: a job whose instance died is found ``running`` by the instance whose
-worker takes over its lease, and that is the new attempt (``takeovers`` counts them). Starting
-an attempt is a compare-and-set on the stored attempt, so two instances never both start one;
-an instance that lost its lease (it hung past it) stops its copy, and the store refuses its
-writes (``StaleWrite``). A cancel for a job running elsewhere is sent to its instance.
+A job whose instance died is found ``running`` by the instance whose worker takes over its queue
+entry; ``begin_attempt`` starts the next attempt only once the dead instance's lease has run
+out. A cancel for a job running elsewhere is sent to its instance.
 """
 
 from __future__ import annotations
@@ -21,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .errors import StaleWrite, Unavailable
 from .events import EventBus
 from .jobqueue import JobQueue, Lease, LocalQueue
-from .store.base import Store
+from .store.base import Expect, Store
 from .trainers import Registry
 from .trainers.base import TrainingContext
 from .wire import Job, JobStatus, now_ms
@@ -38,18 +46,97 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE = 4000  # characters kept of one log line
+MAX_HELD = 10_000  # reports an outbox holds while the store is away; progress beyond is dropped
+RETRY = 0.5  # seconds between attempts while the store is away
+
+
+class LeaseLost(Exception):
+    """This runner's lease on a job is gone (expired while the store was away, or taken over)."""
+
+
+class _Outbox:
+    """One attempt's writes, in order, written by one task; the trainer never waits on them."""
+
+    def __init__(self, runner: Runner, job: Job, on_lost: Callable[[str], None]) -> None:
+        self.runner = runner
+        self.job_id = job.id
+        self.items: deque[tuple[Callable[[], Awaitable[Any]], bool]] = deque()  # (write, droppable)
+        self.on_lost = on_lost
+        self.lost: str | None = None
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.held_since: float | None = None  # the store has been away since (monotonic)
+
+    def put(self, write: Callable[[], Awaitable[Any]], *, droppable: bool = True) -> None:
+        if self.lost is not None:
+            return
+        if droppable and len(self.items) >= MAX_HELD:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("job %s: %d progress reports dropped while the store is away", self.job_id, self.dropped)
+            return
+        self.items.append((write, droppable))
+        self._empty.clear()
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name=f"outbox-{self.job_id}")
+
+    async def _drain(self) -> None:
+        try:
+            while self.items:
+                write, _ = self.items[0]
+                try:
+                    await self.runner.persist(self.job_id, write, self)
+                except (StaleWrite, LeaseLost) as exc:
+                    self._lose(str(exc))
+                    return
+                self.items.popleft()
+        finally:
+            self._task = None
+            if not self.items:
+                self._empty.set()
+
+    def _lose(self, why: str) -> None:
+        self.lost = why
+        self.items.clear()
+        self._empty.set()
+        self.on_lost(why)
+
+    async def flush(self) -> None:
+        """Wait until every report put so far is written (or the lease is lost)."""
+        await self._empty.wait()
+        if self.lost is not None:
+            raise LeaseLost(self.lost)
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.items.clear()
+        self._empty.set()
+
+
+class _Held:
+    """A running job whose writes wait for the store (a cancel answers with the store's error
+    at once; the job's end is written once the store is back)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.error: Unavailable | None = None
 
 
 class _Reporter:
     """What a trainer calls to report progress for one attempt of one job."""
 
-    def __init__(self, runner: Runner, job: Job, first_line: int = 0) -> None:
+    def __init__(self, runner: Runner, job: Job, outbox: _Outbox, first_line: int = 0, first_point: int = 0) -> None:
         self.runner = runner
         self.job = job
+        self.outbox = outbox
+        self.expect = Expect.lease_of(job)
         self.last_report = time.monotonic()
         self.lines = first_line  # log lines of this job so far (all attempts)
+        self.points = first_point  # metrics points of this job so far
         self.dropped = 0
-        self.skipped = 0  # progress updates a shared store could not take
 
     async def progress(
         self,
@@ -72,31 +159,16 @@ class _Reporter:
         job.updated_at = now_ms()
         job.stalled = False
         self.last_report = time.monotonic()
-        point = None
+        lines = None
         if metrics:
-            point = {**metrics, "progress": job.progress, "attempt": job.attempt, "timestamp": job.updated_at}
-        if await self._store(self.runner.store.save_job(job)):
-            self.runner.bus.publish(wire.training_update(job, metrics=metrics, eta=eta))
-            if point is not None:
-                await self._store(self.runner.store.append_job_lines(job.id, "metrics", [point]))
-
-    async def _store(self, write: Any) -> bool:
-        """Await a progress write. A shared store that is away (Redis restarting) costs the
-        update, not the training: it goes on, and the next report or the final state is
-        saved. An embedded store's error (a full disk) is the job's, as before."""
-        try:
-            await write
-        except Unavailable as exc:
-            if not self.runner.queue.shared:
-                raise
-            self.skipped += 1
-            if self.skipped == 1 or self.skipped % 100 == 0:
-                log.warning("job %s: progress not saved (%s); %d updates skipped", self.job.id, exc, self.skipped)
-            return False
-        return True
+            self.points += 1
+            point = {**metrics, "progress": job.progress, "attempt": job.attempt, "timestamp": job.updated_at,
+                     "pointNo": self.points}  # fmt: skip
+            lines = ("metrics", [point])
+        self.runner.write(self.outbox, job, wire.training_update(job, metrics=metrics, eta=eta), self.expect, lines=lines)
 
     async def log(self, stream: str, line: str) -> None:
-        """A log line from the trainer: a ``job_log`` event and a line in the job's log file."""
+        """A log line from the trainer: a line in the job's logs and its ``job_log`` event."""
         self.last_report = time.monotonic()
         limit = self.runner.log_lines_per_job
         if self.lines >= limit:
@@ -108,11 +180,8 @@ class _Reporter:
         entry = {"lineNo": self.lines, "stream": stream, "line": text, "attempt": self.job.attempt, "timestamp": event["timestamp"]}
         if self.lines == limit:
             entry["note"] = f"log limit of {limit} lines reached; later lines are dropped"
-        if not await self._store(self.runner.store.append_job_lines(self.job.id, "logs", [entry])):
-            return
-        # Stored before published: a client that reads the head seq, then GET /logs, then
-        # follows from that seq sees every line (``logs.follow_logs``).
-        self.runner.bus.publish(event)
+        store, job_id, expect = self.runner.store, self.job.id, self.expect
+        self.outbox.put(lambda: store.append_log(job_id, entry, event, expect), droppable=False)
 
 
 class Runner:
@@ -128,6 +197,7 @@ class Runner:
         kill_grace: float = 3.0,
         log_lines_per_job: int = 10_000,
         queue: JobQueue | None = None,
+        holder: str = "local",
     ) -> None:
         self.store = store
         self.queue: JobQueue = queue or LocalQueue()
@@ -138,6 +208,7 @@ class Runner:
         self.stall_after = stall_after
         self.kill_grace = kill_grace
         self.log_lines_per_job = log_lines_per_job
+        self.holder = holder
         self._reporters: dict[str, _Reporter] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -145,10 +216,12 @@ class Runner:
         self._done: dict[str, asyncio.Event] = {}
         self._cancel_requested: set[str] = set()
         self._starting: set[str] = set()  # marked running, trainer task not created yet
-        self._leases: dict[str, Lease] = {}  # job id -> the lease this instance holds on it
-        self._lost: set[str] = set()  # running here, but another instance took the lease
+        self._leases: dict[str, Lease] = {}  # job id -> the queue entry this instance holds
+        self._renewed: dict[str, float] = {}  # job id -> when its job lease was last renewed
+        self._lost: set[str] = set()  # running here, but the lease is gone
         self._waiters: dict[str, asyncio.Event] = {}  # job id -> set when an event shows it ended
         self._cancels: set[asyncio.Task[None]] = set()  # cancels asked for by other instances
+        self._held: dict[str, _Held] = {}  # job id -> its writes wait for the store to come back
         self._stopping = False
         self.takeovers = 0  # jobs this instance took over from an instance that stopped
         self.metrics: Metrics | None = None  # instrumentation: set by Metrics.attach
@@ -161,9 +234,8 @@ class Runner:
             self.bus.add_listener(self._on_events)
         else:
             await self._recover()
-        self._workers = [
-            asyncio.create_task(self._worker(i), name=f"runner-{i}") for i in range(self.concurrency)
-        ]
+        self._workers = [asyncio.create_task(self._worker(i), name=f"runner-{i}") for i in range(self.concurrency)]
+        self._workers.append(asyncio.create_task(self._renew_leases(), name="runner-leases"))
         if self.stall_after > 0:
             self._watchdog = asyncio.create_task(self._watch_stalls(), name="runner-stall-watchdog")
 
@@ -181,28 +253,48 @@ class Runner:
                         f"stalled: no progress reported for {silent:.0f} s"
                     )
                     job.updated_at = now_ms()
-                    await self.store.save_job(job)
-                    self.bus.publish(wire.training_update(job))
+                    self.write(rep.outbox, job, wire.training_update(job), rep.expect)
                     log.warning("job %s reported nothing for %.0f s", job.id, silent)
 
+    async def _renew_leases(self) -> None:
+        """Renew the lease of every job running here every ``lease / 3`` s; a lease that could
+        not be renewed for a whole lease (the store was away) is gone: stop that copy."""
+        period = max(0.05, self.store.lease / 3)
+        while True:
+            await asyncio.sleep(period)
+            for job_id, rep in list(self._reporters.items()):
+                if rep.outbox.lost is not None:
+                    continue
+                try:
+                    ok = await self.store.renew_lease(job_id, self.holder, rep.expect.token or 0)
+                except Unavailable:
+                    if time.monotonic() - self._renewed.get(job_id, 0.0) > self.store.lease:
+                        rep.outbox._lose(f"the lease could not be renewed for {self.store.lease:g} s (the store is away)")
+                    continue
+                if ok:
+                    self._renewed[job_id] = time.monotonic()
+                elif job_id in self._reporters:
+                    rep.outbox._lose("the lease is gone (another runner took the job over)")
+
     async def _recover(self) -> None:
+        """Embedded store: jobs running when the server stopped have no runner any more."""
         for job in reversed(await self.store.list_jobs(statuses=[JobStatus.RUNNING, JobStatus.QUEUED])):
             if job.status is JobStatus.RUNNING:
-                # After kill -9 the store can lag the event log by a flush interval; clients
-                # saw the logged progress, so this attempt's last update must not go below it.
                 job.progress = max(job.progress, self._logged_progress(job))
                 if job.attempt >= self.max_attempts:
                     job.status = JobStatus.FAILED
-                    job.error = job.message = (
-                        f"abandoned after {job.attempt} attempts: the server stopped while it ran"
-                    )
+                    job.error = job.message = f"abandoned after {job.attempt} attempts: the server stopped while it ran"
                     job.finished_at = now_ms()
                 else:
                     job.status = JobStatus.QUEUED
                     job.message = f"re-queued: the server stopped during attempt {job.attempt}"
                 job.updated_at = now_ms()
-                await self.store.save_job(job, durable=True)
-                self.bus.publish(wire.training_update(job))
+                job.lease = None
+                expect = Expect(attempt=job.attempt, statuses=frozenset({"running"}))
+                try:
+                    job = await self.store.write_job(job, wire.training_update(job), expect=expect, durable=True)
+                except StaleWrite:
+                    continue
             if job.status is JobStatus.QUEUED:
                 await self.queue.put(job.id)
 
@@ -228,23 +320,66 @@ class Runner:
         for job_id, task in running:
             try:
                 await task
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - the job's own outcome is handled in _run
                 pass
             lease = self._leases.pop(job_id, None)
             job = await self.store.get_job(job_id)
             if job is not None and job.status is JobStatus.RUNNING and job_id not in self._lost:
+                expect = Expect.lease_of(job)
+                if expect.holder != self.holder:
+                    continue  # another instance has taken it over already
                 job.status = JobStatus.QUEUED
                 job.message = f"re-queued: the server shut down during attempt {job.attempt}"
                 job.updated_at = now_ms()
+                job.lease = None
                 try:
-                    await self.store.save_job(job, durable=True)
-                except StaleWrite:
-                    continue  # another instance has taken it over already
-                self.bus.publish(wire.training_update(job))
+                    await self.store.write_job(job, wire.training_update(job), expect=expect, durable=True)
+                except (StaleWrite, Unavailable):
+                    continue  # taken over, or the store is away: the lease runs out and it is retried
                 if lease is not None:
                     await self.queue.requeue(lease)
         await asyncio.gather(*self._workers, return_exceptions=True)
         await self.queue.stop()
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(
+        self,
+        outbox: _Outbox,
+        job: Job,
+        event: dict[str, Any],
+        expect: Expect,
+        *,
+        lines: tuple[str, list[dict[str, Any]]] | None = None,
+    ) -> None:
+        """Queue a write of ``job`` as it is now (a copy) with ``event``, in order."""
+        snapshot = Job.from_dict(job.to_dict())
+        store = self.store
+        outbox.put(lambda: store.write_job(snapshot, event, expect=expect, lines=lines))
+
+    async def persist(self, job_id: str, write: Callable[[], Awaitable[Any]], outbox: _Outbox | None) -> Any:
+        """Run one write of a running job; while the store is away, retry until it is back or
+        this runner's lease has run out (``LeaseLost``)."""
+        warned = False
+        while True:
+            try:
+                result = await write()
+            except Unavailable as exc:
+                since = self._renewed.get(job_id)
+                if since is not None and time.monotonic() - since > self.store.lease:
+                    raise LeaseLost(f"the store was away longer than the lease ({exc})") from None
+                if not warned:
+                    log.warning("job %s: the store is away (%s); its reports wait, in order", job_id, exc)
+                    warned = True
+                    held = self._held.setdefault(job_id, _Held())
+                    held.error = exc
+                    held.event.set()
+                await asyncio.sleep(RETRY)
+                continue
+            if warned:
+                log.info("job %s: the store is back; held reports written", job_id)
+                self._held.pop(job_id, None)
+            return result
 
     # --- API ------------------------------------------------------------------------------
 
@@ -276,10 +411,18 @@ class Runner:
             done = self._done.setdefault(job.id, asyncio.Event())
             if task is not None:
                 task.cancel()
-            await done.wait()
+            held = self._held.setdefault(job.id, _Held())
+            waits = [asyncio.ensure_future(done.wait()), asyncio.ensure_future(held.event.wait())]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if not done.is_set() and held.error is not None:
+                raise held.error  # not acknowledged: the cancellation is written once the store is back
         elif job.status is JobStatus.QUEUED:
             try:
-                return await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
+                return await self._cancel_queued(job)
             except StaleWrite:  # it started after the caller read it: cancel it as running
                 latest = await self.store.get_job(job.id)
                 return await self.cancel(latest) if latest is not None and not latest.status.terminal else latest or job
@@ -288,12 +431,16 @@ class Runner:
             return await self._cancel_shared(latest)  # another instance started it after all
         return latest or job
 
+    async def _cancel_queued(self, job: Job) -> Job:
+        expect = Expect(attempt=job.attempt, statuses=frozenset({"queued"}))
+        return await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started", expect=expect)
+
     async def _cancel_shared(self, job: Job) -> Job:
         """Cancel a job this instance does not run: it may be queued, or running elsewhere."""
         await self.queue.request_cancel(job.id)  # whoever takes it next, or runs it now, sees this
         if job.status is JobStatus.QUEUED:
             try:
-                return await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
+                return await self._cancel_queued(job)
             except StaleWrite:
                 pass  # an instance started it meanwhile: it got the request too
         ended = self._waiters.setdefault(job.id, asyncio.Event())
@@ -345,14 +492,13 @@ class Runner:
             lease = await self.queue.take()
             finished = True
             try:
-                await self._run(lease)
+                finished = await self._run(lease)
             except asyncio.CancelledError:
                 raise
-            except StaleWrite as exc:  # another instance owns the job now
+            except (StaleWrite, LeaseLost) as exc:  # another instance owns the job now
                 log.warning("runner: job %s: %s; this instance stops it", lease.job_id, exc)
-            except Unavailable as exc:  # a full or failing disk: the store retries, no traceback
+            except Unavailable as exc:  # the store is away: the queue entry stays for a retry
                 log.error("runner: job %s: %s", lease.job_id, exc)
-                # Shared store away: keep the entry; once its lease runs out an instance retries.
                 finished = not self.queue.shared
             except Exception:
                 log.exception("runner: unexpected error while running %s", lease.job_id)
@@ -364,7 +510,7 @@ class Runner:
                     await self.queue.done(lease)
                 else:
                     self.queue.release(lease)
-            except Exception as exc:  # the entry stays; whoever takes it finds the job ended
+            except Exception as exc:  # noqa: BLE001 - the entry stays; whoever takes it finds the job ended
                 log.warning("runner: could not remove %s from the queue: %s", lease.job_id, exc)
 
     async def _takeover(self, job: Job) -> bool:
@@ -374,22 +520,29 @@ class Runner:
         job.progress = max(job.progress, self._logged_progress(job))
         if job.attempt >= self.max_attempts:
             job.error = f"abandoned after {job.attempt} attempts: the instance running it stopped"
-            await self._finish(job, JobStatus.FAILED, job.error, error=job.error)
+            expect = Expect(attempt=job.attempt, statuses=frozenset({"running"}))
+            await self._finish(job, JobStatus.FAILED, job.error, error=job.error, expect=expect)
             return False
         log.warning("job %s: its instance stopped during attempt %d; taking it over", job.id, job.attempt)
         return True
 
-    async def _run(self, lease: Lease) -> None:
+    async def _run(self, lease: Lease) -> bool:
+        """Run the job a queue entry names; False when the entry must stay (retried later)."""
         job_id = lease.job_id
         job = await self.store.get_job(job_id)
         if job is None or job.status.terminal or job_id in self._running or job_id in self._starting:
-            return
+            return True
         if job.status is JobStatus.RUNNING:
-            if not self.queue.shared or not await self._takeover(job):
-                return
+            if not self.queue.shared:
+                return True
+            if job.lease and await self.store.lease_live(job.id):
+                return False  # its runner is alive after all: leave the entry for later
+            if not await self._takeover(job):
+                return True
         if self.queue.shared and await self.queue.cancel_requested(job_id):
-            await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
-            return
+            await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started",
+                               expect=Expect(attempt=job.attempt, statuses=frozenset({job.status.value})))  # fmt: skip
+            return True
         try:
             trainer = self.trainers.get(job.kind)
             dataset = await self.store.get_dataset(job.dataset_id) if job.dataset_id else None
@@ -401,8 +554,9 @@ class Runner:
         except Exception as exc:
             if self.queue.shared and isinstance(exc, (Unavailable, StaleWrite)):
                 raise  # Redis is away: the lease runs out and the job is taken again
-            await self._finish(job, JobStatus.FAILED, f"cannot start: {exc}", error=str(exc))
-            return
+            expect = Expect(attempt=job.attempt, statuses=frozenset({job.status.value}))
+            await self._finish(job, JobStatus.FAILED, f"cannot start: {exc}", error=str(exc), expect=expect)
+            return True
 
         previous = job.attempt
         job.status = JobStatus.RUNNING
@@ -411,23 +565,27 @@ class Runner:
         job.message = "Starting..."
         job.error = None
         job.started_at = job.updated_at = now_ms()
+        job.lease = {"holder": self.holder, "token": job.attempt}
         # Starting from here, a cancel waits for this task to finish the job (see cancel()).
         self._starting.add(job.id)
         watcher = asyncio.create_task(self._watch_lease(job.id, lease), name=f"lease-{job.id}")
+        outbox: _Outbox | None = None
         try:
             if job.id in self._cancel_requested:
-                job.status, job.attempt, job.started_at = JobStatus.QUEUED, previous, None
-                await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
-                return
-            if not await self.store.begin_attempt(job, previous):
+                job.status, job.attempt, job.started_at, job.lease = JobStatus.QUEUED, previous, None, None
+                await self._cancel_queued(job)
+                return True
+            if not await self.store.begin_attempt(job, previous, wire.training_update(job)):
                 log.info("job %s: another instance started it first, or it was cancelled", job.id)
-                return
+                return True
             self._leases[job.id] = lease
-            self.bus.publish(wire.training_update(job))
+            self._renewed[job.id] = time.monotonic()
             log.info("job %s (%s) started, attempt %d", job.id, job.kind, job.attempt)
 
             artifacts = self.store.artifact_dir(job.id)
-            reporter = _Reporter(self, job, await self._log_count(job.id))
+            outbox = _Outbox(self, job, lambda why: self._lose(job.id, why))
+            reporter = _Reporter(self, job, outbox, await self._count(job.id, "logs", "lineNo"),
+                                 await self._count(job.id, "metrics", "pointNo"))  # fmt: skip
             self._reporters[job.id] = reporter
             ctx = TrainingContext(job, dataset, params, reporter, artifacts, self.kill_grace)
             task = asyncio.create_task(trainer.run(ctx), name=f"train-{job.id}")
@@ -437,75 +595,92 @@ class Runner:
                 task.cancel()
             metrics = await task
             if job.id in self._lost:
-                return
+                return True
         except asyncio.CancelledError:
             if job.id in self._lost:
-                return  # another instance runs it now: nothing of this copy is saved
+                return True  # another instance runs it now: nothing of this copy is saved
             if job.id in self._cancel_requested:
-                await self._finish(job, JobStatus.CANCELLED, "Cancelled")
+                await self._finish(job, JobStatus.CANCELLED, "Cancelled", outbox=outbox)
             current = asyncio.current_task()
             if job.id not in self._cancel_requested or (current is not None and current.cancelling()):
                 # This worker is being stopped (stop() re-queues the job): swallowing the
                 # cancellation would leave the worker waiting on the queue and stop() on it.
                 raise
-        except StaleWrite:
+        except (StaleWrite, LeaseLost):
             raise
         except Exception as exc:
             if job.id in self._lost:
-                return
+                return True
             if self.queue.shared and isinstance(exc, Unavailable):
                 raise
             log.info("job %s failed: %s", job.id, exc)
-            await self._finish(job, JobStatus.FAILED, f"Training failed: {exc}", error=str(exc))
+            await self._finish(job, JobStatus.FAILED, f"Training failed: {exc}", error=str(exc), outbox=outbox)
         else:
             job.progress = 100
             job.metrics = metrics
-            # Models go where every instance can serve them before anyone is told it succeeded.
-            await self.store.save_artifacts(job.id)
-            await self._finish(job, JobStatus.SUCCEEDED, "Training completed")
+            # The model is complete (and published) before anyone is told the job succeeded.
+            await self.persist(job.id, lambda: self.store.save_artifacts(job.id), None)
+            await self._finish(job, JobStatus.SUCCEEDED, "Training completed", outbox=outbox)
             log.info("job %s succeeded", job.id)
         finally:
             watcher.cancel()
+            if outbox is not None and job.id in self._lost:
+                outbox.cancel()
             self._lost.discard(job.id)
             self._starting.discard(job.id)
             self._running.pop(job.id, None)
             self._reporters.pop(job.id, None)
+            self._renewed.pop(job.id, None)
+            self._held.pop(job.id, None)
             self._cancel_requested.discard(job.id)
             done = self._done.pop(job.id, None)
             if done is not None:
                 done.set()
+        return True
 
-    async def _watch_lease(self, job_id: str, lease: Lease) -> None:
-        """Stop this copy of the job if another instance took its lease over."""
-        await lease.lost.wait()
+    def _lose(self, job_id: str, why: str) -> None:
+        """The lease on a job running here is gone: stop this copy, write nothing more."""
+        log.warning("job %s: %s; stopping this copy", job_id, why)
         self._lost.add(job_id)
         task = self._running.get(job_id)
         if task is not None:
             task.cancel()
 
-    async def _log_count(self, job_id: str) -> int:
-        lines = await self.store.read_job_lines(job_id, "logs")
-        return max((int(entry.get("lineNo", 0)) for entry in lines), default=0)  # type: ignore[call-overload]
+    async def _watch_lease(self, job_id: str, lease: Lease) -> None:
+        """Stop this copy of the job if another instance took its queue entry over."""
+        await lease.lost.wait()
+        self._lose(job_id, "another instance took its queue entry over")
 
-    async def _finish(self, job: Job, status: JobStatus, message: str, *, error: str | None = None) -> Job:
+    async def _count(self, job_id: str, name: str, key: str) -> int:
+        lines = await self.store.read_job_lines(job_id, name)
+        return max((int(entry.get(key, 0)) for entry in lines), default=0)
+
+    async def _finish(
+        self,
+        job: Job,
+        status: JobStatus,
+        message: str,
+        *,
+        error: str | None = None,
+        outbox: _Outbox | None = None,
+        expect: Expect | None = None,
+    ) -> Job:
+        """Write the job's final state (after every report of the attempt), durably."""
+        if outbox is not None:
+            await outbox.flush()
+        if expect is None:
+            expect = Expect.lease_of(job)
         job.status = status
         job.message = message
         job.error = error
         job.stalled = False
         job.finished_at = job.updated_at = now_ms()
-        try:
-            await self.store.save_job(job, durable=True)
-        except StaleWrite:
-            raise  # another instance owns the job: this outcome is not the job's
-        except BaseException:
-            # The disk refused the save (it is retried): the event reaches clients only once the
-            # event log can be written too, and a follower must not wait forever.
-            self._publish_final(job, status)
-            raise
-        self._publish_final(job, status)
+        job.lease = None
+        event = wire.training_update(job, metrics=job.metrics if status is JobStatus.SUCCEEDED else None)
+        write = lambda: self.store.write_job(job, event, expect=expect, durable=True)  # noqa: E731
+        # A running attempt holds its end until the store takes it; anything else (a queued
+        # job cancelled, a job that cannot start) answers the store's error to its caller.
+        stored: Job = await (self.persist(job.id, write, outbox) if outbox is not None else write())
         if self.metrics is not None:  # instrumentation
-            self.metrics.job_finished(job)
-        return job
-
-    def _publish_final(self, job: Job, status: JobStatus) -> None:
-        self.bus.publish(wire.training_update(job, metrics=job.metrics if status is JobStatus.SUCCEEDED else None))
+            self.metrics.job_finished(stored)
+        return stored

@@ -22,11 +22,11 @@ from typing import Any
 
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, NotFound, StoreError
-from .eventlog import FileEventLog, Record
+from .eventlog import Record
 from .events import EventBus
 from .runner import Runner
 from .settings import Settings
-from .store.base import Store
+from .store.base import Cursor, Store
 from .store.datadir import DataDir
 from .store.tinydb_store import TinyDBStore
 from .trainers import Registry, builtin
@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 SAMPLE_DATASET_NAME = "food-delivery-sample"
 MODEL_FILE = "model.joblib"
 MODEL_CACHE = 4
-SEQ_CEILING_KEY = "seqCeiling"  # every seq ever issued is below this (durably reserved blocks)
-SEQ_BLOCK = 10_000
+PRUNE_BATCH = 1000  # jobs per job_deleted event (and per store write) when pruning
 
 
 class Service:
@@ -66,11 +65,16 @@ class Service:
                 connect_timeout=settings.store_timeout,
             )
         else:
-            self.store = TinyDBStore(self.datadir, flush_interval=settings.store_flush_interval)
+            self.store = TinyDBStore(
+                self.datadir,
+                retention=settings.events_retention,
+                log_retention=settings.events_log_retention,
+                fsync_interval=settings.events_fsync_interval,
+                lease=settings.runner_lease,
+            )
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
-        self._background: set[asyncio.Task[None]] = set()
         self._models: dict[str, Any] = {}  # job id -> loaded IntentModel, oldest first
         self._started = False
 
@@ -94,6 +98,7 @@ class Service:
             kill_grace=self.settings.runner_kill_grace,
             log_lines_per_job=self.settings.runner_log_lines,
             queue=self._queue,
+            holder=self.instance,
         )
         await self.runner.start()
         self._started = True
@@ -155,23 +160,11 @@ class Service:
         self.datadir.prepare()
         try:
             await self.store.open()
-            head = await self.store.get_meta(SEQ_CEILING_KEY)
-            elog = FileEventLog(
-                self.datadir.events,
-                retention=self.settings.events_retention,
-                log_retention=self.settings.events_log_retention,
-                fallback_head=head if isinstance(head, int) else 0,
-            )
-            elog.open()
         except BaseException:
             self.datadir.unlock()
             raise
-        # If events.jsonl is ever lost, the new epoch starts at the ceiling: no seq is reused.
-        ceiling = elog.head + SEQ_BLOCK
-        await self.store.set_meta(SEQ_CEILING_KEY, ceiling)
-        self.bus = EventBus(elog, queue_size=self.settings.ws_client_queue)
-        self.bus.reserve(ceiling, SEQ_BLOCK, self._raise_ceiling)
-        self.bus.start(self.settings.events_fsync_interval)
+        self.bus = EventBus(self.store.ring, queue_size=self.settings.ws_client_queue)
+        self.store.on_events = self.bus.deliver
 
     async def stop(self) -> None:
         if not self._started:
@@ -179,26 +172,12 @@ class Service:
         self._started = False
         assert self.runner is not None and self.bus is not None
         await self.runner.stop()
-        self.bus.flush()
         await self.bus.stop()
         await self.store.close()
         if self.shared:
             await self._close_redis()
         else:
             self.datadir.unlock()
-
-    def _raise_ceiling(self, ceiling: int) -> None:
-        """Durably move the seq ceiling up before the bus runs out of reserved numbers."""
-
-        async def write() -> None:
-            try:
-                await self.store.set_meta(SEQ_CEILING_KEY, ceiling)
-            except Exception:  # the next publish retries
-                log.exception("could not reserve event numbers up to %d", ceiling)
-
-        task = asyncio.get_running_loop().create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def ensure_sample_dataset(self) -> Dataset | None:
         """Load the shipped sample data set into a store that has never had one (once, even
@@ -251,7 +230,6 @@ class Service:
             updated_at=t,
         )
         await self.store.create_dataset(ds)
-        self._publish(wire.dataset_update(ds.id, "created"))
         return ds
 
     async def update_dataset(self, dataset_id: str, body: DatasetPatch) -> Dataset:
@@ -264,7 +242,6 @@ class Service:
             ds.examples = [e.to_dict() for e in body.examples]
         ds.updated_at = now_ms()
         await self.store.save_dataset(ds)
-        self._publish(wire.dataset_update(ds.id, "updated"))
         return ds
 
     async def delete_dataset(self, dataset_id: str) -> None:
@@ -281,7 +258,6 @@ class Service:
                 code="in_use",
             )
         await self.store.delete_dataset(dataset_id)
-        self._publish(wire.dataset_update(dataset_id, "deleted"))
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -316,7 +292,6 @@ class Service:
         idem = (idempotency_key, body.fingerprint()) if idempotency_key else None
         job, created = await self.store.create_job(job, idem)
         if created:
-            self._publish(wire.job_created(job))
             assert self.runner is not None
             await self.runner.submit(job)
             log.info("job %s (%s) queued", job.id, job.kind)
@@ -329,30 +304,34 @@ class Service:
         return job
 
     async def list_jobs(
-        self, *, statuses: list[JobStatus] | None = None, limit: int | None = None, before: str | None = None
+        self, *, statuses: list[JobStatus] | None = None, limit: int | None = None, cursor: str | None = None
     ) -> list[Job]:
-        if before is not None and await self.store.get_job(before) is None:
-            raise InvalidInput(f"cursor {before!r} does not name a job", field="cursor")
-        return await self.store.list_jobs(statuses=statuses, limit=limit, before=before)
+        """Newest first. ``cursor``: a position from ``X-Next-Cursor`` (``createdAt.id``: paging
+        goes on when jobs are deleted meanwhile), or, as older servers gave, a job id."""
+        after = None
+        if cursor is not None:
+            after = Cursor.decode(cursor)
+            if after is None:
+                anchor = await self.store.get_job(cursor)
+                if anchor is None:
+                    raise InvalidInput(f"cursor {cursor[:60]!r} is not a cursor this server gave", field="cursor")
+                after = Cursor(anchor.created_at, anchor.id)
+        return await self.store.list_jobs(statuses=statuses, limit=limit, after=after)
 
     async def cancel_job(self, job_id: str) -> Job:
         job = await self.get_job(job_id)
         if job.status.terminal:
             raise Conflict(f"job {job_id} already {job.status.value}", field="jobId", code="finished")
         assert self.runner is not None
-        job = await self.runner.cancel(job)
-        # The runner saves the final state from its own task; a disk that refused it must not be
-        # acknowledged as cancelled (507/503 instead; the state is saved once the disk has room).
-        # A shared store has the state its owner saved: rewriting it could only go stale.
-        if not self.shared:
-            await self.store.save_job(job, durable=True)
-        return job
+        # The runner writes the final state, durably, before this returns; a store that refused
+        # it answers 507/503 (not acknowledged), and the runner writes it once the store is back.
+        return await self.runner.cancel(job)
 
     async def delete_job(self, job_id: str) -> None:
         job = await self.get_job(job_id)
         if not job.status.terminal:
             raise Conflict(f"job {job_id} is {job.status.value}; cancel it first", field="jobId", code="active")
-        await self.store.delete_job(job_id)
+        await self.store.delete_jobs([job_id])
         self._models.pop(job_id, None)
         await self.store.delete_artifacts(job_id)
 
@@ -389,10 +368,6 @@ class Service:
         return result
 
     # --- events ---------------------------------------------------------------------------
-
-    def _publish(self, event: dict[str, Any]) -> int:
-        assert self.bus is not None
-        return self.bus.publish(event)
 
     async def job_events(self, job_id: str, since: int = 0) -> list[Record]:
         await self.get_job(job_id)

@@ -14,6 +14,8 @@ Messages (server to client) on ``/ws/training`` and ``/training/events``:
 * ``job_log``        logged: ``jobId``, ``stream`` (stdout/stderr/trainer), ``line``, ``lineNo``,
   ``attempt``, ``timestamp``; numbered by ``seq`` but not by ``jobSeq``, and kept within its own
   bound so log lines never evict progress from the replay window
+* ``job_deleted``    logged: ``jobIds`` (finished jobs deleted or pruned), ``reason``; no
+  ``jobSeq`` (it may name many jobs); seed clients ignore it
 * ``resync``, ``error``, ``pong``: control messages, not logged
 
 Every logged event carries ``seq`` (global, +1 per event), ``epoch`` (the log's id) and, when
@@ -56,6 +58,7 @@ class MsgType:
     TRAINING_UPDATE = "training_update"
     DATASET_UPDATE = "dataset_update"
     JOB_LOG = "job_log"
+    JOB_DELETED = "job_deleted"
     RESYNC = "resync"
     ERROR = "error"
     PING = "ping"
@@ -63,7 +66,7 @@ class MsgType:
 
 
 LOGGED_TYPES = frozenset(
-    {MsgType.JOB_CREATED, MsgType.TRAINING_UPDATE, MsgType.DATASET_UPDATE, MsgType.JOB_LOG}
+    {MsgType.JOB_CREATED, MsgType.TRAINING_UPDATE, MsgType.DATASET_UPDATE, MsgType.JOB_LOG, MsgType.JOB_DELETED}
 )
 
 
@@ -250,6 +253,8 @@ class Job:
     error: str | None = None
     metrics: dict[str, Any] | None = None
     stalled: bool = False
+    job_seq: int = 0  # the jobSeq of the newest event about this job
+    lease: dict[str, Any] | None = None  # the current attempt's runner: {"holder", "token"}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -269,6 +274,8 @@ class Job:
             "error": self.error,
             "metrics": self.metrics,
             "stalled": self.stalled,
+            "jobSeq": self.job_seq,
+            "lease": self.lease,
         }
 
     @classmethod
@@ -290,6 +297,8 @@ class Job:
             error=d.get("error"),
             metrics=d.get("metrics"),
             stalled=bool(d.get("stalled", False)),
+            job_seq=int(d.get("jobSeq") or 0),
+            lease=d.get("lease"),
         )
 
 
@@ -359,6 +368,10 @@ class JobOut(BaseModel):
     error: str | None
     metrics: dict[str, Any] | None
     stalled: bool = False
+    jobSeq: int = Field(0, description="jobSeq of the newest event about this job (followers wait for it)")
+    lease: dict[str, Any] | None = Field(
+        None, description="who runs the current attempt: holder (instance or worker) and fencing token"
+    )
 
 
 class DatasetSummaryOut(BaseModel):
@@ -386,10 +399,10 @@ class ErrorOut(BaseModel):
 
 
 class EventOut(BaseModel):
-    """A logged event: one of job_created, training_update, dataset_update, job_log."""
+    """A logged event: one of job_created, training_update, dataset_update, job_log, job_deleted."""
 
     model_config = ConfigDict(extra="allow")
-    type: Literal["job_created", "training_update", "dataset_update", "job_log"]
+    type: Literal["job_created", "training_update", "dataset_update", "job_log", "job_deleted"]
     seq: int
     epoch: str
     timestamp: int
@@ -451,6 +464,10 @@ def job_log(job_id: str, stream: str, line: str, line_no: int, attempt: int) -> 
         "attempt": attempt,
         "timestamp": now_ms(),
     }
+
+
+def job_deleted(job_ids: list[str], reason: str) -> dict[str, Any]:
+    return {"type": MsgType.JOB_DELETED, "jobIds": job_ids, "reason": reason, "timestamp": now_ms()}
 
 
 def dataset_update(dataset_id: str, action: str) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import httpx
 import pytest
 from redisserver import RedisServer
 
+from mangwale_cli.store.tinydb_store import Inspection, inspect
+
 BANNER = re.compile(r"serving on (http://\S+) ")
 
 
@@ -45,16 +47,26 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0
         time.sleep(interval)
 
 
-def log_head(events_file: Path) -> int:
-    """The seq of the last complete line of an event log file (a torn tail is ignored)."""
-    lines = [ln for ln in events_file.read_bytes().split(b"\n")[:-1] if ln]
-    if len(lines) == 1:
-        return int(json.loads(lines[0])["baseSeq"])
-    return int(json.loads(lines[-1])["seq"])
+def stored(data_dir: Path) -> Inspection:
+    """What a data dir's record holds (jobs, datasets, kept events), read as start-up would,
+    without changing anything; the server may be running or dead."""
+    return inspect(data_dir)
+
+
+def log_head(data_dir: Path) -> int:
+    """The seq of the newest event in a data dir's log (a torn tail is ignored)."""
+    return inspect(data_dir).head
+
+
+def simulate_power_loss(data_dir: Path) -> None:
+    """Make the next start see a machine that rebooted while the server ran (what a power loss
+    looks like): it must start a new event epoch, as unsynced events may be gone."""
+    run = data_dir / "run.json"
+    doc = json.loads(run.read_text())
+    run.write_text(json.dumps({**doc, "clean": False, "bootId": "another-boot"}))
 
 
 FAST_ENV = {
-    "MANGWALE_STORE_FLUSH_INTERVAL": "0.05",
     "MANGWALE_EVENTS_FSYNC_INTERVAL": "0.2",
     "MANGWALE_WS_PING_INTERVAL": "2",
     "MANGWALE_WS_PING_TIMEOUT": "2",

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import wait_for
+from conftest import stored, wait_for
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
 
@@ -336,14 +336,12 @@ def test_failing_trainer_ends_failed_with_its_error(api: TestClient) -> None:
 
 
 def test_created_job_is_on_disk_when_post_returns(api: TestClient, settings: Any) -> None:
-    """When POST /training/jobs answers, the job is in the data dir's db.json."""
+    """When POST /training/jobs answers, the job is in the data dir's log, and so is every
+    event a client was sent."""
     job = create_job(api, SLOW)
-    db = json.loads((settings.data_dir / "db.json").read_text())
-    assert db["jobs"][job["id"]]["status"] in ("queued", "running")
+    assert stored(settings.data_dir).jobs[job["id"]]["status"] in ("queued", "running")
     logged = wait_logged_end(api, create_job(api)["id"])
-    on_disk = [
-        json.loads(ln) for ln in (settings.data_dir / "events.jsonl").read_text().splitlines()[1:]
-    ]
+    on_disk = stored(settings.data_dir).events
     assert all(e in on_disk for e in logged)
 
 
@@ -401,10 +399,14 @@ def test_list_jobs_pagination_covers_every_job_once(api: TestClient) -> None:
         cursor = r.headers.get("X-Next-Cursor")
         if cursor is None:
             break
-        assert cursor == page[-1] and 'rel="next"' in r.headers["Link"]
+        last = r.json()[-1]
+        assert cursor == f"{last['createdAt']}.{last['id']}" and 'rel="next"' in r.headers["Link"]
         assert pages < 10
     assert pages == 3
     assert seen == ids[::-1]
+    # A job id as the cursor (what servers before positions gave) still pages on from that job.
+    older = api.get("/training/jobs", params={"limit": 3, "cursor": ids[4]})
+    assert [j["id"] for j in older.json()] == ids[3::-1][:3]
 
 
 def test_get_job_and_unknown_job(api: TestClient) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ServerProcess
+from conftest import ServerProcess, simulate_power_loss
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -271,11 +271,11 @@ def test_kill_and_restart_flip_the_badge_and_lose_no_event(
 
 @needs_chromium
 def test_resync_after_a_new_epoch_refetches_the_job_list(server: ServerProcess, page: Page) -> None:
-    """When the event log was lost (new epoch) the page gets a resync and re-fetches the jobs it missed."""
+    """After a power loss (new epoch) the page gets a resync and re-fetches the jobs it missed."""
     open_dashboard(page, server)
     page.evaluate("() => window.__mangwale.stream.stop()")
     server.kill()
-    (server.data_dir / "events.jsonl").unlink()
+    simulate_power_loss(server.data_dir)
     server.start()
     missed = create_job(server, "simulate", steps=2, stepMs=20)
     page.evaluate("() => window.__mangwale.stream.reconnect()")

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from conftest import ServerProcess, free_port, wait_for
+from conftest import ServerProcess, free_port, simulate_power_loss, wait_for
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
@@ -377,8 +377,8 @@ def test_trimmed_history_gives_resync_then_rest_state(server_factory: Callable[.
     assert outcome.exit_code == ExitCode.FAILED and outcome.jobs[old].error is not None
 
 
-def test_new_epoch_after_the_log_is_lost(server_factory: Callable[..., ServerProcess]) -> None:
-    """When the server restarts without its event log, the epoch differs: resync, then live events to the end."""
+def test_new_epoch_after_a_power_loss(server_factory: Callable[..., ServerProcess]) -> None:
+    """When the server restarts after a power loss, the epoch differs: resync, then live events to the end."""
     server = server_factory(env={"MANGWALE_RUNNER_MAX_ATTEMPTS": "5"})
     job = create_job(server, steps=40, stepMs=25)
     items: list[Any] = []
@@ -388,7 +388,7 @@ def test_new_epoch_after_the_log_is_lost(server_factory: Callable[..., ServerPro
         task = asyncio.create_task(f.run(items.append))
         await asyncio.to_thread(wait_for, lambda: sum(isinstance(i, EventItem) for i in items) >= 3)
         await asyncio.to_thread(server.kill)
-        (server.data_dir / "events.jsonl").unlink()
+        simulate_power_loss(server.data_dir)
         await asyncio.to_thread(server.start)
         return await asyncio.wait_for(task, 20)
 

@@ -333,7 +333,7 @@ def test_restart_keeps_everything_and_continues_seq(
 
     assert server.stop() == 0
     feed.close()
-    disk_head = log_head(server.data_dir / "events.jsonl")
+    disk_head = log_head(server.data_dir)
     assert disk_head > seen  # the re-queue update was logged on the way out
 
     server.start()
@@ -369,7 +369,7 @@ def test_restart_keeps_everything_and_continues_seq(
 
     # An idle restart: the head is exactly the last logged seq and the next event is head + 1.
     assert server.stop() == 0
-    disk_head = log_head(server.data_dir / "events.jsonl")
+    disk_head = log_head(server.data_dir)
     server.start()
     with server.client() as http:
         health = http.get("/healthz").json()

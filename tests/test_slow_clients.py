@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import httpx
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, stored, wait_for
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -309,8 +309,7 @@ def test_sigterm_closes_websockets_with_1001_and_watch_resumes(
     slowest = max(at for _, at in codes) - sent
     assert {code for code, _ in codes} == {1001} and len(codes) == 50
     assert slowest < 10
-    db = json.loads((srv.data_dir / "db.json").read_text())
-    assert db["jobs"][job]["status"] == "queued"  # a restart continues it
+    assert stored(srv.data_dir).jobs[job]["status"] == "queued"  # a restart continues it
     srv.start()
     out, err = watch.communicate(timeout=60)
     assert watch.returncode == 0, err

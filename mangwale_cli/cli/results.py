@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .render import console, print_json
 
-CURVE_META = ("progress", "attempt", "timestamp")  # stored beside each metrics report
+CURVE_META = ("progress", "attempt", "timestamp", "pointNo")  # stored beside each metrics report
 
 
 def log_lines(entries: list[dict[str, Any]], as_json: bool = False) -> None:

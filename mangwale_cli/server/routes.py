@@ -13,6 +13,7 @@ from starlette.responses import FileResponse, Response
 from .. import wire
 from ..errors import InvalidInput
 from ..service import Service
+from ..store.base import Cursor
 from ..wire import DatasetCreate, DatasetPatch, JobCreate, JobStatus
 from .app import JSONOut
 
@@ -138,12 +139,13 @@ async def list_jobs(
     cursor = query.get("cursor")
     if cursor is not None and len(cursor) > 100:
         raise InvalidInput("cursor: String should have at most 100 characters", field="cursor")
-    jobs = await svc(request).list_jobs(statuses=statuses, limit=limit + 1 if limit else None, before=cursor)
+    jobs = await svc(request).list_jobs(statuses=statuses, limit=limit + 1 if limit else None, cursor=cursor)
     headers = {}
     if limit and len(jobs) > limit:
         jobs = jobs[:limit]
-        headers["X-Next-Cursor"] = jobs[-1].id
-        nxt = request.url.include_query_params(cursor=jobs[-1].id)
+        position = Cursor(jobs[-1].created_at, jobs[-1].id).encode()
+        headers["X-Next-Cursor"] = position
+        nxt = request.url.include_query_params(cursor=position)
         headers["Link"] = f'<{nxt}>; rel="next"'
     body = wire.dumps([j.to_dict() for j in jobs]).encode()
     return Response(body, media_type="application/json", headers=headers)

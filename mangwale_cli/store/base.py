@@ -1,8 +1,17 @@
-"""The storage interface. TinyDB (embedded, the default) and Redis are peer backends.
+"""The storage interface: one atomic record of every change. TinyDB (embedded, the default) and
+Redis are peer backends.
 
-The runner, the event bus and the service only see ``Store``. Every method is async so a
-networked backend fits without changing callers. Writes marked ``durable`` return only once
-the change would survive kill -9; other writes (progress) may be batched.
+Every write here is one atomic unit of state and the event that announces it: a job and its
+``job_created``, a status and its ``training_update``, a log line and its ``job_log``, a
+deletion and its ``job_deleted``, a dataset and its ``dataset_update``. A backend numbers the
+event (``seq``, ``jobSeq``, ``epoch``) inside the same unit, so the stored state and the event
+log can never disagree, whatever instant a process dies at (docs/storage.md, "The record").
+
+Job writes are guarded inside the same unit (``refusal``): a write that would move a job
+backwards, touch a finished job, or come from a runner whose lease is gone is refused with
+``StaleWrite`` and changes nothing.
+
+Every method is async so a networked backend fits without changing callers.
 """
 
 from __future__ import annotations
@@ -10,48 +19,143 @@ from __future__ import annotations
 import asyncio
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from .. import wire
 from ..errors import StaleWrite
-from ..wire import TERMINAL, Dataset, Job, JobStatus
+from ..eventlog import EventRing, Record
+from ..wire import ACTIVE, TERMINAL, Dataset, Job, JobStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+IDEMPOTENCY_TTL = 24 * 3600.0  # seconds an Idempotency-Key is remembered (store.idempotency_ttl)
+
+_TERMINAL = frozenset(s.value for s in TERMINAL)
+_ACTIVE = frozenset(s.value for s in ACTIVE)
 
 
-def stale_reason(stored_status: str, stored_attempt: int, new_status: str, new_attempt: int) -> str | None:
-    """Why saving a job over the stored one would lose newer state, or None when it may be saved.
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What the stored job must look like for a write to go through (checked atomically).
 
-    The rule of ``Store.save_job``; the Redis backend runs the same rule in Lua.
+    ``holder`` / ``token``: the job's lease must be held by ``holder`` with fencing token
+    ``token`` and must not have expired. ``attempt``: the stored attempt. ``statuses``: the
+    stored status is one of these.
     """
-    terminal = {s.value for s in TERMINAL}
-    if new_attempt < stored_attempt:
-        return f"attempt {new_attempt} is older than the stored attempt {stored_attempt}"
-    if stored_status in terminal and new_status not in terminal:
-        return f"the job already {stored_status}"
-    if new_attempt > stored_attempt and stored_status not in ("queued", "running"):
-        return f"attempt {new_attempt} cannot start: the job already {stored_status}"
+
+    attempt: int | None = None
+    statuses: frozenset[str] | None = None
+    holder: str | None = None
+    token: int | None = None
+
+    @classmethod
+    def lease_of(cls, job: Job) -> Expect:
+        """The runner holding ``job``'s current lease (as it last wrote it)."""
+        lease = job.lease or {}
+        return cls(holder=lease.get("holder"), token=lease.get("token"))
+
+    def to_args(self) -> list[str]:
+        """Positional form for the Redis scripts ('' = no condition)."""
+        return [
+            "" if self.attempt is None else str(self.attempt),
+            "" if self.statuses is None else ",".join(sorted(self.statuses)),
+            self.holder or "",
+            "" if self.token is None else str(self.token),
+        ]
+
+
+def refusal(
+    stored: dict[str, Any] | None,
+    new_status: str,
+    new_attempt: int,
+    expect: Expect | None,
+    lease_live: bool,
+) -> str | None:
+    """Why a job write must be refused, or None when it may be stored. The Redis backend runs
+    the same rule in Lua (``redis_scripts.GUARD``); the contract suite checks both.
+
+    Always: a finished job takes no more writes (terminal to anything is refused); an older
+    attempt never overwrites a newer one; a higher attempt starts only from queued or running.
+    """
+    if stored is None:
+        return "the job does not exist"
+    status, attempt = stored["status"], int(stored.get("attempt") or 0)
+    lease = stored.get("lease") or {}
+    if expect is not None:
+        if expect.attempt is not None and attempt != expect.attempt:
+            return f"it is at attempt {attempt}, not {expect.attempt}"
+        if expect.statuses is not None and status not in expect.statuses:
+            return f"it is {status}"
+        if expect.holder is not None:
+            if lease.get("holder") != expect.holder or lease.get("token") != expect.token:
+                held = f"{lease.get('holder')} (token {lease.get('token')})" if lease else "nobody"
+                return f"its lease is held by {held}, not {expect.holder} (token {expect.token})"
+            if not lease_live:
+                return f"the lease of {expect.holder} (token {expect.token}) expired"
+    if status in _TERMINAL:
+        return f"the job already {status}"
+    if new_attempt < attempt:
+        return f"attempt {new_attempt} is older than the stored attempt {attempt}"
+    if new_attempt > attempt and status not in _ACTIVE:
+        return f"attempt {new_attempt} cannot start: the job already {status}"
     return None
 
 
-def stale_write(job: Job, reason: str, stored_status: str, stored_attempt: int) -> StaleWrite:
+def can_begin(stored: dict[str, Any] | None, previous: int, lease_live: bool) -> bool:
+    """Whether attempt ``previous + 1`` may start: the stored job is still at ``previous`` and
+    queued, or running under a lease that is gone (its runner died). The compare-and-set that
+    lets one runner, and only one, start an attempt."""
+    if stored is None or int(stored.get("attempt") or 0) != previous:
+        return False
+    return stored["status"] == "queued" or (stored["status"] == "running" and not lease_live)
+
+
+def stale_write(job_id: str, status: str, attempt: int, reason: str, stored: dict[str, Any] | None) -> StaleWrite:
     return StaleWrite(
-        f"job {job.id} was not saved as {job.status.value} (attempt {job.attempt}): {reason}",
-        stored_status=stored_status,
-        stored_attempt=stored_attempt,
+        f"job {job_id} was not saved as {status} (attempt {attempt}): {reason}",
+        stored_status=stored["status"] if stored else "deleted",
+        stored_attempt=int(stored.get("attempt") or 0) if stored else 0,
     )
 
 
-class Store(ABC):
-    """Jobs, datasets, idempotency keys and small metadata."""
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A position in the newest-first job list: the (createdAt, id) of the last job seen.
+    Pages stay consistent when jobs before the position are deleted (pruned)."""
 
-    #: several instances may use this store at once (the runner then expects guarded saves,
-    #: ``claim_meta`` races and artifacts published with ``save_artifacts``)
+    created_at: int
+    job_id: str
+
+    def encode(self) -> str:
+        return f"{self.created_at}.{self.job_id}"
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor | None:
+        """None when ``text`` is not a cursor (the service reports the field)."""
+        head, sep, tail = text.partition(".")
+        if not sep or not head.isdigit() or not tail or len(text) > 300:
+            return None
+        return cls(int(head), tail)
+
+    def key(self) -> tuple[int, str]:
+        return (self.created_at, self.job_id)
+
+
+class Store(ABC):
+    """Jobs, datasets, idempotency keys, small metadata, and the event log they share."""
+
+    #: several instances may use this store at once (artifacts are published, metadata raced)
     shared: ClassVar[bool] = False
     #: where trained models and job files live (a directory per job)
     artifacts_dir: Path
+    #: the kept events for replay, in seq order (the embedded store fills it from its log; a
+    #: shared store's event bus mirrors the shared stream into it)
+    ring: EventRing
+    #: seconds a lease lasts without renewal (``runner.lease``)
+    lease: float = 30.0
+    #: called with each batch of committed events, in seq order (set by the event bus)
+    on_events: Callable[[list[Record]], None] | None = None
 
     @abstractmethod
     async def open(self) -> None:
@@ -59,44 +163,61 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None:
-        """Flush everything and release resources."""
+        """Make everything written durable and release resources."""
 
-    # jobs
+    # --- jobs -----------------------------------------------------------------------------
+
     @abstractmethod
     async def create_job(self, job: Job, idempotency: tuple[str, str] | None = None) -> tuple[Job, bool]:
-        """Durably store a new job. With ``(key, fingerprint)``, a key seen before returns the
-        job it created and False; the same key with another fingerprint raises ``Conflict``."""
+        """Durably store a new job with its ``job_created`` event (and, on a shared store, its
+        queue entry). With ``(key, fingerprint)``, a key seen before (within its TTL) returns
+        the job it created and False; the same key with another fingerprint raises
+        ``Conflict``. The returned job carries ``jobSeq`` 1."""
+
+    @abstractmethod
+    async def write_job(
+        self,
+        job: Job,
+        event: dict[str, Any] | None,
+        *,
+        expect: Expect | None = None,
+        lines: tuple[str, list[dict[str, Any]]] | None = None,
+        durable: bool = False,
+    ) -> Job:
+        """Replace the stored job with ``job`` and log ``event`` about it, as one unit; with
+        ``lines`` (``("metrics", [...])``), append them to the job's lines too. Refused with
+        ``StaleWrite`` (nothing written) by ``refusal``. A change of ``job.lease`` grants the
+        lease for ``self.lease`` seconds (or releases it). Returns the job as stored, with the
+        ``jobSeq`` of its event. ``durable``: on disk (fsync) before it returns."""
+
+    @abstractmethod
+    async def begin_attempt(self, job: Job, previous: int, event: dict[str, Any]) -> bool:
+        """Store ``job`` (running its next attempt, with its new lease) and ``event`` only if
+        ``can_begin``; False (nothing written) if another runner got there first or the job
+        ended. Durable."""
+
+    @abstractmethod
+    async def append_log(self, job_id: str, entry: dict[str, Any], event: dict[str, Any], expect: Expect | None) -> None:
+        """One log line: appended to the job's ``logs`` lines with its ``job_log`` event, as one
+        unit; refused with ``StaleWrite`` when ``expect`` (the writer's lease) does not hold."""
+
+    @abstractmethod
+    async def lease_live(self, job_id: str) -> bool:
+        """Whether the job's lease is held and unexpired (its runner is alive)."""
+
+    @abstractmethod
+    async def renew_lease(self, job_id: str, holder: str, token: int) -> bool:
+        """Extend the lease ``holder`` has on the job by ``self.lease`` seconds from now; False
+        if it is not (or no longer) theirs, or expired already."""
+
+    @abstractmethod
+    async def delete_jobs(self, job_ids: list[str]) -> list[str]:
+        """Delete finished jobs (with their lines) and log one ``job_deleted`` event naming the
+        ones deleted, as one unit; jobs that are unknown or still queued/running are skipped.
+        Returns the ids deleted. Durable. Files are removed by ``delete_artifacts``."""
 
     @abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...
-
-    @abstractmethod
-    async def save_job(self, job: Job, *, durable: bool = False) -> None:
-        """Replace a job document (or create it).
-
-        Guarded saves: a write is refused with ``StaleWrite`` when (a) its ``attempt`` is lower
-        than the stored one (a stale instance), (b) the stored status is terminal and the new
-        one is not, or (c) its attempt is higher while the stored status is neither queued nor
-        running (``stale_reason``). Backends shared by several instances enforce it; TinyDB
-        (one process) may too.
-        """
-
-    async def begin_attempt(self, job: Job, previous: int) -> bool:
-        """Save ``job`` (now running its next attempt) only if the stored job is still at attempt
-        ``previous`` and queued or running: the compare-and-set that lets one runner, and only
-        one, start an attempt. False (nothing written) if another got there first.
-
-        This default suits one process (one runner): nothing runs between the read and the write
-        that could start the job too. Shared backends do it atomically.
-        """
-        stored = await self.get_job(job.id)
-        if stored is None or stored.attempt != previous or stored.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-            return False
-        await self.save_job(job, durable=True)
-        return True
-
-    @abstractmethod
-    async def delete_job(self, job_id: str) -> None: ...
 
     @abstractmethod
     async def list_jobs(
@@ -104,95 +225,108 @@ class Store(ABC):
         *,
         statuses: Iterable[JobStatus] | None = None,
         limit: int | None = None,
-        before: str | None = None,
+        after: Cursor | None = None,
     ) -> list[Job]:
-        """Newest first; ``before`` is a job id: only jobs created before it."""
+        """Newest first by (createdAt, id); ``after``: only jobs older than that position."""
 
     @abstractmethod
     async def count_jobs(self) -> dict[str, int]:
-        """Number of jobs per status."""
+        """Number of jobs per status (every status, zeros included)."""
 
-    # datasets
+    async def finished_before(self, finished_before: int, statuses: Iterable[JobStatus], limit: int) -> list[Job]:
+        """Up to ``limit`` finished jobs of ``statuses`` whose ``finishedAt`` is before the
+        given time, oldest first (what pruning by age deletes)."""
+        wanted = {s.value for s in statuses}
+        out = [j for j in await self.list_jobs(statuses=[s for s in TERMINAL if s.value in wanted])
+               if (j.finished_at or j.updated_at) < finished_before]  # fmt: skip
+        out.sort(key=lambda j: (j.finished_at or j.updated_at, j.id))
+        return out[:limit]
+
+    # --- datasets -------------------------------------------------------------------------
+
     @abstractmethod
-    async def create_dataset(self, dataset: Dataset) -> None: ...
+    async def create_dataset(self, dataset: Dataset) -> None:
+        """Store a new dataset with its ``dataset_update`` (created). Durable."""
+
+    @abstractmethod
+    async def save_dataset(self, dataset: Dataset) -> None:
+        """Replace a dataset, with its ``dataset_update`` (updated). Durable."""
+
+    @abstractmethod
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset, with its ``dataset_update`` (deleted). Durable."""
 
     @abstractmethod
     async def get_dataset(self, dataset_id: str) -> Dataset | None: ...
 
     @abstractmethod
-    async def save_dataset(self, dataset: Dataset) -> None: ...
+    async def list_datasets(self) -> list[Dataset]:
+        """Oldest first (createdAt, then id)."""
+
+    # --- metadata -------------------------------------------------------------------------
 
     @abstractmethod
-    async def delete_dataset(self, dataset_id: str) -> None: ...
+    async def get_meta(self, key: str) -> object | None: ...
 
     @abstractmethod
-    async def list_datasets(self) -> list[Dataset]: ...
+    async def set_meta(self, key: str, value: object) -> None:
+        """Durably set a metadata value (no event)."""
 
-    # artifacts, logs and metrics history (files in the job's directory by default)
+    @abstractmethod
+    async def claim_meta(self, key: str, value: object) -> bool:
+        """Set ``key`` only if it has no value; True if this call set it. Instances starting
+        together use it to do a one-time job once (seeding the sample data set)."""
+
+    # --- job lines (logs, metrics), read side -----------------------------------------------
+
+    @abstractmethod
+    async def read_job_lines(self, job_id: str, name: str) -> list[dict[str, Any]]:
+        """A job's ``logs`` or ``metrics`` lines, oldest first."""
+
+    # --- artifacts ------------------------------------------------------------------------
+
     def artifact_dir(self, job_id: str) -> Path:
         """The local directory holding a job's files (model, metrics, logs)."""
         return self.artifacts_dir / job_id
 
-    async def append_job_lines(self, job_id: str, name: str, items: list[dict[str, object]]) -> None:
-        """Append JSON lines to a job's ``logs`` or ``metrics`` file (not fsynced: best effort)."""
-        if not items:
-            return
-        path = self.artifact_dir(job_id) / f"{name}.jsonl"
-        text = "".join(wire.dumps(i) + "\n" for i in items)
-
-        def write() -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(text)
-
-        await asyncio.to_thread(write)
-
-    async def read_job_lines(self, job_id: str, name: str) -> list[dict[str, object]]:
-        path = self.artifact_dir(job_id) / f"{name}.jsonl"
-
-        def read() -> list[dict[str, object]]:
-            try:
-                raw = path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                return []
-            out = []
-            for ln in raw.splitlines():
-                try:
-                    out.append(wire.loads(ln))
-                except ValueError:
-                    continue  # a torn last line after a crash
-            return out
-
-        return await asyncio.to_thread(read)
-
     async def save_artifacts(self, job_id: str) -> None:
-        """Publish the files of a succeeded job so every instance can serve them.
+        """Publish the files of a job about to succeed so every instance can serve them; done
+        before the terminal state is written, so a succeeded job always has its model.
 
-        A local store serves them from ``artifact_dir`` already: nothing to do.
-        """
+        A local store serves them from ``artifact_dir`` already: it only makes them durable."""
+        await asyncio.to_thread(_fsync_tree, self.artifact_dir(job_id))
 
     async def load_artifacts(self, job_id: str) -> Path:
         """Make sure the job's published files are in ``artifact_dir`` and return it."""
         return self.artifact_dir(job_id)
 
     async def delete_artifacts(self, job_id: str) -> None:
-        """Remove the job's files, logs and metrics, here and wherever they were published."""
+        """Remove the job's files (after ``delete_jobs``), here and wherever they were published."""
         await asyncio.to_thread(shutil.rmtree, self.artifact_dir(job_id), True)
 
-    # metadata
-    @abstractmethod
-    async def get_meta(self, key: str) -> object | None: ...
 
-    @abstractmethod
-    async def set_meta(self, key: str, value: object) -> None: ...
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and the directories holding them (a model must survive
+    a power loss once its job is recorded as succeeded)."""
+    import os
 
-    async def claim_meta(self, key: str, value: object) -> bool:
-        """Set ``key`` only if it has no value; True if this call set it.
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), reverse=True):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-        Instances starting together use it to do a one-time job once (seeding the sample data
-        set). This default suits one process: nothing can run between the read and the write.
-        """
-        if await self.get_meta(key) is not None:
-            return False
-        await self.set_meta(key, value)
-        return True
+

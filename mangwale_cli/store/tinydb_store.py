@@ -1,339 +1,1024 @@
-"""The embedded store: TinyDB documents in ``db.json``, written atomically with group commit.
+"""The embedded store: TinyDB documents over one write-ahead log, with snapshots and an archive.
 
-TinyDB's stock ``JSONStorage`` rewrites its file in place, so kill -9 mid-write can leave it
-unreadable. Here TinyDB works on an in-memory copy (``MemoryStorage`` below) and a flusher task
-writes the whole file with temp file + fsync + rename. Durable writes (job creation, status
-changes, datasets) wait for the next flush, and every write that arrives while a flush runs is
-carried by the one after it; progress writes are marked dirty and ride along at most
-``flush_interval`` later. A file that does not parse stops start-up; it is never overwritten.
+The record (docs/storage.md): every change is one line of the log (``wal.py``) holding the
+state change and the event that announces it. The state is the log's fold over the last
+snapshot; the event log clients replay is read from the same lines. A write goes through one
+writer task (group commit):
+
+1. each pending change is *staged* against the state as of the changes before it: its guard
+   is checked (``base.refusal``), its event numbered (``seq``, ``jobSeq``);
+2. the batch is appended with one ``write``, and fsynced when one of its changes is durable
+   (creates, status changes, cancels, datasets, deletions);
+3. only then is it applied to the documents TinyDB serves, handed to the event bus, and answered.
+
+So nothing is shown (a REST body, an event) before it is in the log, and a kill -9 at any
+instant leaves a log whose fold is a state some client may have seen, with its events.
+
+TinyDB is the document layer: its ``Table`` is extended (``RecordTable``) to change one document
+in place of copying the whole table per write, and its storage (``LiveStorage``) holds the live
+tables instead of a file. The jobs table is ``JobTable``: finished jobs are archived to disk by
+the snapshot and read back on demand, so memory holds the active jobs and an index, whatever the
+history. Snapshots (``snapshot.json`` naming the record it reflects, plus a new archive segment
+and changed datasets) are written by a background task whose file work runs in a thread; the
+log segments they cover are then deleted, once the replay ring no longer keeps their events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
-from collections.abc import Iterable
+import os
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
-from tinydb.table import Document, Table
+from tinydb.table import Table
 
-from ..errors import Conflict, InsufficientStorage, StoreError, Unavailable
-from ..wire import Dataset, Job, JobStatus
-from .base import SCHEMA_VERSION, Store, stale_reason, stale_write
-from .datadir import DataDir, atomic_write
+from .. import faults, wire
+from ..errors import Conflict, InsufficientStorage, MangwaleError, StoreError, Unavailable
+from ..eventlog import EventRing, Record, new_epoch
+from ..wire import Dataset, Job, JobStatus, now_ms
+from . import archive
+from .base import IDEMPOTENCY_TTL, SCHEMA_VERSION, Cursor, Expect, Store, can_begin, refusal, stale_write
+from .datadir import TMP_MARK, DataDir, atomic_write, fsync_dir
+from .jobtable import JobTable
+from .wal import RecordLog, encode
 
 log = logging.getLogger(__name__)
 
-WRITE_RETRY = 0.5  # seconds between attempts while the disk refuses writes
-JOBS = "jobs"
-DATASETS = "datasets"
-IDEMPOTENCY = "idempotency"
-META = "meta"
+JOBS, DATASETS, IDEM, META = "jobs", "datasets", "idem", "meta"
+SNAPSHOT_NAME = "snapshot.json"
+RUN_NAME = "run.json"
+SNAPSHOT_KEY = "mangwaleSnapshot"
+SNAPSHOT_RECORDS = 20_000  # a snapshot is due after this many records...
+SNAPSHOT_BYTES = 32 * 1024 * 1024  # ...or this many bytes of log since the last one
+SEQ_BLOCK = 10_000  # seqs reserved ahead in run.json (a power loss never reuses a seq)
+_TERMINAL = frozenset(s.value for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED))
 
 
-class _StrTable(Table):
+def boot_id() -> str:
+    """This boot of the machine: a power loss or crash of the OS changes it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+# --- TinyDB extension points -------------------------------------------------------------------
+
+
+class LiveStorage(Storage):
+    """TinyDB storage holding the live tables; the log, not this, makes them durable."""
+
+    def __init__(self, tables: dict[str, MutableMapping[str, Any]]) -> None:
+        self.tables = tables
+
+    def read(self) -> dict[str, Any]:
+        return self.tables
+
+    def write(self, data: dict[str, Any]) -> None:
+        raise RuntimeError("the embedded store writes through its log, not through TinyDB's storage")
+
+
+class RecordTable(Table):
+    """A TinyDB table that changes one document in place: the stock ``Table`` copies the whole
+    table on every write, which is what made writes cost more as history grew."""
+
     document_id_class = str
+
+    def _read_table(self) -> Any:
+        return self._storage.read()[self.name]
+
+    def _update_table(self, updater: Callable[[Any], None]) -> None:
+        updater(self._storage.read()[self.name])
+        self.clear_cache()
+
+    def put(self, doc_id: str, doc: dict[str, Any]) -> None:
+        def set_doc(table: Any) -> None:
+            table[doc_id] = doc
+
+        self._update_table(set_doc)
+
+    def drop(self, doc_id: str) -> None:
+        def del_doc(table: Any) -> None:
+            if doc_id in table:
+                del table[doc_id]
+
+        self._update_table(del_doc)
+
+    def raw(self, doc_id: str) -> dict[str, Any] | None:
+        """The stored document itself (not a copy): callers must not change it."""
+        table = self._read_table()
+        try:
+            return table[doc_id]  # type: ignore[no-any-return]
+        except KeyError:
+            return None
 
 
 class _DB(TinyDB):
-    table_class = _StrTable
+    table_class = RecordTable
 
 
-class MemoryStorage(Storage):
-    """Holds the whole database in memory; the store decides when it reaches the disk."""
-
-    def __init__(self, data: dict[str, dict[str, Any]] | None, on_write: Any) -> None:
-        self.data = data
-        self._on_write = on_write
-
-    def read(self) -> dict[str, dict[str, Any]] | None:
-        return self.data
-
-    def write(self, data: dict[str, dict[str, Any]]) -> None:
-        self.data = data
-        self._on_write()
+# --- staging ----------------------------------------------------------------------------------
 
 
-def load_db_file(path: Path) -> dict[str, dict[str, Any]] | None:
-    """Parse and check ``db.json``; None when it does not exist. Never modifies the file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"cannot read store {path}: {exc.strerror}", field="data_dir") from None
-    hint = "restore it from a backup or move it away to start empty"
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"store {path} is corrupt ({exc}); {hint}", code="corrupt") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(t, dict) and all(isinstance(d, dict) for d in t.values()) for t in data.values()
-    ):
-        raise StoreError(f"store {path} is not a mangwale store (unexpected structure); {hint}", code="corrupt")
-    version = data.get(META, {}).get("schema", {}).get("version")
-    if version is None and data:
-        raise StoreError(f"store {path} has no schema version; {hint}", code="corrupt")
-    if version is not None and (not isinstance(version, int) or version > SCHEMA_VERSION):
-        raise StoreError(
-            f"store {path} has schema version {version}, newer than this mangwale ({SCHEMA_VERSION}); "
-            "upgrade mangwale",
-            code="too_new",
-        )
-    return data
+@dataclass(slots=True)
+class Staged:
+    """A change ready to be logged: its state ops, its event (numbered by the writer)."""
+
+    ops: list[list[Any]]
+    event: dict[str, Any] | None = None
+    job_id: str | None = None  # the job the event is about (gets a jobSeq)
+    job_seq: int | None = None
+    result: Any = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    stage: Callable[[_View], Staged | None]
+    durable: bool
+    future: asyncio.Future[Any]
+    noop: Any = None  # the result when stage returns None (nothing to log)
+
+
+class _View:
+    """The state as of the changes staged so far in a batch (they are not applied yet)."""
+
+    def __init__(self, store: TinyDBStore) -> None:
+        self.store = store
+        self.over: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self.granted: dict[str, bool] = {}  # job id -> lease granted (True) or released in the batch
+
+    def get(self, table: str, key: str) -> dict[str, Any] | None:
+        k = (table, key)
+        if k in self.over:
+            return self.over[k]
+        return self.store._tables[table].raw(key)
+
+    def lease_live(self, job_id: str) -> bool:
+        if job_id in self.granted:
+            return self.granted[job_id]
+        return self.store._lease_live(job_id)
+
+    def stage(self, ops: list[list[Any]]) -> None:
+        for op in ops:
+            if op[0] == "put":
+                if op[1] == JOBS:
+                    old = self.get(JOBS, op[2])
+                    lease = op[3].get("lease")
+                    if lease != (old or {}).get("lease"):
+                        self.granted[op[2]] = lease is not None
+                self.over[(op[1], op[2])] = op[3]
+            elif op[0] == "del":
+                self.over[(op[1], op[2])] = None
+
+
+# --- the store ---------------------------------------------------------------------------------
 
 
 class TinyDBStore(Store):
-    def __init__(self, datadir: DataDir, *, flush_interval: float = 0.5) -> None:
+    shared: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        datadir: DataDir,
+        *,
+        retention: int = 100_000,
+        log_retention: int = 10_000,
+        fsync_interval: float = 1.0,
+        lease: float = 30.0,
+        idempotency_ttl: float = IDEMPOTENCY_TTL,
+        snapshot_records: int = SNAPSHOT_RECORDS,
+        snapshot_bytes: int = SNAPSHOT_BYTES,
+        segment_bytes: int | None = None,
+    ) -> None:
         self.datadir = datadir
-        self.path = datadir.db
+        self.root = datadir.path
         self.artifacts_dir = datadir.artifacts
-        self.flush_interval = flush_interval
+        self.archive_dir = self.root / "jobs"
+        self.datasets_dir = self.root / "datasets"
+        self.fsync_interval = fsync_interval
+        self.lease = lease
+        self.idempotency_ttl = idempotency_ttl
+        self.snapshot_records = snapshot_records
+        self.snapshot_bytes = snapshot_bytes
+        self.segment_bytes = segment_bytes
+        self.retention, self.log_retention = retention, log_retention
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh in-memory state: ``open`` rebuilds it from disk (the store may be reopened)."""
+        self.ring = EventRing(retention=self.retention, log_retention=self.log_retention)
+        self.log = RecordLog(self.root / "log", **({"segment_bytes": self.segment_bytes} if self.segment_bytes else {}))
+        self.reader = archive.Reader(self.archive_dir)
+        self.jobs = JobTable(self.reader)
+        self._raw: dict[str, Any] = {JOBS: self.jobs, DATASETS: {}, IDEM: {}, META: {}}
         self._db: _DB | None = None
-        self._dirty = False
-        self._urgent = asyncio.Event()
+        self._tables: dict[str, RecordTable] = {}
+        self._record = 0  # last record applied
+        self._seq = 0  # last seq issued
+        self._ceiling = 0  # seqs below it are reserved in run.json
+        self.epoch = ""
+        self._leases: dict[str, float] = {}  # job id -> monotonic expiry of its lease
+        self._pending: list[_Pending] = []
         self._kick = asyncio.Event()
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._syncer: asyncio.Task[None] | None = None
+        self._unsynced = False
         self._closed = False
-        self._write_error: OSError | None = None
+        self._failing: OSError | None = None
+        # snapshots
+        self._snap_record = 0
+        self._snap_size = 0  # log bytes written when the last snapshot was taken
+        self._written = 0  # log bytes written since open
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._segments: list[int] = []  # archive segments the snapshot lists
+        self._dataset_files: dict[str, str] = {}  # dataset id -> file the snapshot lists
+        self._dirty_datasets: set[str] = set()
+        self._lines_touched: set[tuple[str, str]] = set()
+        self.snapshots = 0  # taken since open (tests, metrics)
+        self._read_only = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
-        data = load_db_file(self.path)
-        storage_holder: dict[str, MemoryStorage] = {}
+        from .migrate import migrate_if_needed
 
-        def factory() -> MemoryStorage:
-            storage_holder["s"] = MemoryStorage(data, self._mark_dirty)
-            return storage_holder["s"]
-
-        self._db = _DB(storage=factory)  # type: ignore[arg-type]
-        self._storage = storage_holder["s"]
-        if not data:  # a new store, or "{}": stamp the version, or the next open refuses it
-            self._db.table(META).insert(Document({"version": SCHEMA_VERSION}, doc_id="schema"))
-            await self._flush_now()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="store-flusher")
+        self._reset()
+        await asyncio.to_thread(migrate_if_needed, self.root)
+        self._db = _DB(storage=LiveStorage, tables=self._raw)  # type: ignore[arg-type]
+        self._tables = {name: self._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]
+        await asyncio.to_thread(self._load)
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        if self.fsync_interval > 0:
+            self._syncer = asyncio.create_task(self._sync_loop(), name="store-fsync")
 
     async def close(self) -> None:
         if self._closed:
             return
+        deadline = time.monotonic() + 5.0
+        while self._pending and time.monotonic() < deadline:  # what was asked for before close is written
+            await asyncio.sleep(0.005)
         self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in (self._writer, self._syncer):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self._snapshot_task is not None:
             try:
-                await self._flusher
-            except asyncio.CancelledError:
+                await self._snapshot_task
+            except Exception:  # noqa: BLE001 - logged by the task; closing goes on
                 pass
-        if self._dirty:
-            await self._flush_now()
+        self.log.close()
+        self.reader.close()
+        self._write_run(clean=True)
 
-    # --- flushing -------------------------------------------------------------------------
+    # --- loading ----------------------------------------------------------------------------
 
-    def _mark_dirty(self) -> None:
-        self._dirty = True
+    def _load(self, *, read_only: bool = False) -> None:
+        """Snapshot, archive index, then the log's records after the snapshot (thread). With
+        ``read_only`` (``inspect``) nothing on disk is touched, torn tails included."""
+        snap = _read_snapshot(self.root / SNAPSHOT_NAME)
+        self._snap_record = snap.get("record", 0)
+        meta = self._raw[META]
+        meta.update(snap.get("meta") or {})
+        self._raw[IDEM].update(snap.get("idem") or {})
+        for ds_id, name in (snap.get("datasets") or {}).items():
+            self._raw[DATASETS][ds_id] = _read_json(self.datasets_dir / name, "dataset file")
+            self._dataset_files[ds_id] = name
+        dead = snap.get("dead") or {}
+        self._segments = list(snap.get("jobSegments") or [])
+        for n in self._segments:
+            self.jobs.load_segment(n, archive.read_index(self.archive_dir, n), dead.get(str(n), ()))
+        self.jobs.sort()
+        for doc in snap.get("active") or []:
+            self.jobs[doc["id"]] = doc
+        self._record = self._snap_record
+        self._seq = snap.get("seq", 0)
+        self.epoch = snap.get("epoch") or ""
+        self._replay_log(repair=not read_only)
+        if read_only:
+            return
+        self._check_run()
+        self._clean_orphans()
+        now = time.monotonic()
+        for job_id in self.jobs.page([JobStatus.RUNNING.value], None, None):
+            # Runners hold leases in memory; whoever held one gets a full lease from now to
+            # come back (a remote worker) before anyone may take the job over.
+            self._leases[job_id] = now + self.lease
+        self.log.open_for_append(self.epoch)
+        self._write_run(clean=False)
+
+    def _replay_log(self, *, repair: bool = True) -> None:
+        self.log.discover()
+        if self.log.segments and self.log.segments[0].first > self._snap_record + 1:
+            raise StoreError(
+                f"the store's log in {self.log.dir} starts at record {self.log.segments[0].first}, but the snapshot "
+                f"covers only up to {self._snap_record}; restore the data dir from a backup",
+                code="corrupt",
+            )
+        ring = self.ring
+        epoch: str | None = None  # of the events in the ring
+        for line in self.log.read(repair=repair):
+            if line.seq is not None:
+                if epoch != self.log.epoch:  # the first event, or the first of a new epoch
+                    epoch = self.log.epoch
+                    ring.reset(epoch, line.seq - 1)
+                elif line.seq != ring.head + 1:
+                    seg = self.log.segments[-1].path
+                    raise StoreError(
+                        f"the store's log {seg} is corrupt: seq {line.seq} where {ring.head + 1} was expected",
+                        code="corrupt",
+                    )
+                ring.keep([_ring_record(line)])
+                self._seq = max(self._seq, line.seq)
+            if line.record > self._record:
+                if line.ops:
+                    self._apply(wire.loads(line.ops), replay=True)
+                self._record = line.record
+        if self.log.epoch:
+            self.epoch = self.log.epoch
+        if epoch != self.epoch:  # no event of the current epoch in the log
+            ring.reset(self.epoch, self._seq)
+        self.log.next_record = self._record + 1
+        self._snap_size = 0
+
+    def _check_run(self) -> None:
+        """After a power loss (the machine booted since, and we did not stop cleanly), what
+        was not fsynced may be gone, including events clients saw: start a new epoch with seq
+        above every seq that may have been issued (clients resync)."""
+        run = _read_json(self.root / RUN_NAME, "run file", missing={})
+        self._ceiling = max(int(run.get("seqCeiling") or 0), self._seq)
+        unclean = run and not run.get("clean") and run.get("bootId") not in (None, boot_id())
+        if not self.epoch or unclean:
+            if unclean:
+                log.warning("the machine restarted while mangwale ran: starting a new event epoch (clients resync)")
+            self.epoch = new_epoch()
+            self._seq = self._ceiling
+            self.ring.reset(self.epoch, self._seq)
+
+    def _write_run(self, *, clean: bool, upto: int | None = None) -> None:
+        if not clean:
+            self._ceiling = max(self._ceiling, (upto or self._seq) + SEQ_BLOCK)
+        atomic_write(
+            self.root / RUN_NAME,
+            wire.dumps({"bootId": boot_id(), "clean": clean, "seqCeiling": self._ceiling, "pid": os.getpid()}).encode(),
+        )
+
+    def _clean_orphans(self) -> None:
+        """Files a crash left between writing them and the snapshot that lists them."""
+        listed = set(self._segments)
+        for n in archive.existing(self.archive_dir) - listed:
+            archive.remove_segment(self.archive_dir, n)
+        if self.datasets_dir.is_dir():
+            keep = set(self._dataset_files.values())
+            for p in self.datasets_dir.iterdir():
+                if p.name not in keep:
+                    p.unlink(missing_ok=True)
+
+    # --- applying the record ------------------------------------------------------------------
+
+    def _apply(self, ops: list[list[Any]], *, replay: bool = False) -> None:
+        """Fold one record's ops into the live state (after it is in the log)."""
+        for op in ops:
+            kind = op[0]
+            if kind == "put":
+                if op[1] == JOBS and not replay:
+                    old = self._tables[JOBS].raw(op[2])
+                    lease = op[3].get("lease")
+                    if lease is None:
+                        self._leases.pop(op[2], None)
+                    elif lease != (old or {}).get("lease"):  # granted: it runs from now
+                        self._leases[op[2]] = time.monotonic() + self.lease
+                self._tables[op[1]].put(op[2], op[3])
+                if op[1] == DATASETS:
+                    self._dirty_datasets.add(op[2])
+            elif kind == "del":
+                self._tables[op[1]].drop(op[2])
+                if op[1] == DATASETS:
+                    self._dirty_datasets.add(op[2])
+                elif op[1] == JOBS:
+                    self._leases.pop(op[2], None)
+            elif kind == "lines" and not self._read_only:
+                self._append_lines(op[1], op[2], op[3], replay=replay)
+
+    def _append_lines(self, job_id: str, name: str, items: list[dict[str, Any]], *, replay: bool) -> None:
+        path = self.artifact_dir(job_id) / f"{name}.jsonl"
+        if replay:  # the line may be in the file already (written before the crash)
+            last = _last_number(path)
+            items = [i for i in items if int(i.get(_NUMBER[name], 0)) > last]
+            if not items:
+                return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(wire.dumps(i) + "\n" for i in items))
+        self._lines_touched.add((job_id, name))
+
+    # --- the writer -------------------------------------------------------------------------
+
+    async def _submit(self, stage: Callable[[_View], Staged | None], *, durable: bool, noop: Any = None) -> Any:
+        if self._closed:
+            raise Unavailable("the store is closed")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(stage, durable, fut, noop))
         self._kick.set()
+        return await fut
 
-    async def _commit(self) -> None:
-        """Wait until everything written so far is on disk."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._urgent.set()
-        self._kick.set()
-        await fut
-
-    async def _flush_loop(self) -> None:
+    async def _write_loop(self) -> None:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            if not self._urgent.is_set():
+            while self._pending:
+                batch, self._pending = self._pending, []
                 try:
-                    await asyncio.wait_for(self._urgent.wait(), self.flush_interval)
-                except TimeoutError:
-                    pass
-            self._urgent.clear()
-            if self._dirty or self._waiters:
-                await self._flush_now()
+                    await self._commit(batch)
+                except asyncio.CancelledError:
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(Unavailable("the store is closing"))
+                    raise
 
-    async def _flush_now(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        self._dirty = False
-        text = json.dumps(self._storage.data, separators=(",", ":"), ensure_ascii=False)
-        try:
-            await asyncio.to_thread(atomic_write, self.path, text.encode())
-        except OSError as exc:
-            self._dirty = True
-            if self._write_error is None or self._write_error.errno != exc.errno:  # once per outage
-                log.error("store write to %s failed: %s", self.path, exc.strerror)
-            self._write_error = exc
-            err: Unavailable
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                err = InsufficientStorage(f"the disk of {self.datadir.path} is full ({exc.strerror}); nothing was saved")
-            else:
-                err = Unavailable(f"the store cannot be written ({exc.strerror}); nothing was saved")
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(err)
-            if not self._closed:  # retry on its own: the next write may be a long time coming
-                asyncio.get_running_loop().call_later(max(self.flush_interval, WRITE_RETRY), self._kick.set)
+    async def _commit(self, batch: list[_Pending]) -> None:
+        view = _View(self)
+        staged: list[tuple[_Pending, Staged, Record | None]] = []
+        chunks: list[bytes] = []
+        record, seq = self._record, self._seq
+        max_seq = max_log_seq = 0
+        durable = False
+        for p in batch:
+            try:
+                st = p.stage(view)
+            except MangwaleError as exc:
+                p.future.set_exception(exc)
+                continue
+            if st is None or (not st.ops and st.event is None):  # nothing to log
+                p.future.set_result(p.noop if st is None else st.result)
+                continue
+            record += 1
+            rec = None
+            text = ""
+            kind = "-"
+            if st.event is not None:
+                seq += 1
+                ev = st.event
+                ev["seq"] = seq
+                ev["epoch"] = self.epoch
+                is_log = ev["type"] == wire.MsgType.JOB_LOG
+                job_ids = None
+                if st.job_seq is not None:
+                    ev["jobSeq"] = st.job_seq
+                if is_log:
+                    kind, max_log_seq = "l", seq
+                elif ev["type"] == wire.MsgType.JOB_DELETED:
+                    kind, max_seq = "d", seq
+                    job_ids = frozenset(ev["jobIds"])
+                else:
+                    kind, max_seq = "e", seq
+                text = wire.dumps(ev)
+                rec = Record(seq, st.job_id, st.job_seq, text, is_log, job_ids)
+            chunks.append(encode(record, rec.seq if rec else None, st.job_seq, kind, st.job_id,
+                                 wire.dumps(st.ops) if st.ops else "", text))  # fmt: skip
+            view.stage(st.ops)
+            staged.append((p, st, rec))
+            durable = durable or p.durable
+        if not staged:
             return
-        if self._write_error is not None:
-            log.info("store write to %s works again", self.path)
-        self._write_error = None
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+        if seq >= self._ceiling:  # reserve more seqs first (a power loss must not reuse one)
+            await asyncio.to_thread(self._write_run, clean=False, upto=seq)
+        try:
+            self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
+            self._written += sum(len(c) for c in chunks)
+            self._unsynced = True
+            if durable:
+                await asyncio.to_thread(self.log.sync)
+                self._unsynced = False
+        except OSError as exc:
+            self.log.undo(self.log.size)  # write() cut a failed batch; a failed fsync leaves it unacknowledged
+            err = self._write_failed(exc)
+            for p, _, _ in staged:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        if self._failing is not None:
+            log.info("store log %s can be written again", self.log.dir)
+            self._failing = None
+        faults.point("wal-synced")
+        self._record, self._seq = record, seq
+        records: list[Record] = []
+        for p, st, rec in staged:
+            self._apply(st.ops)
+            if rec is not None:
+                records.append(rec)
+        if records:
+            self.ring.keep(records)
+            if self.on_events is not None:
+                self.on_events(records)
+        for p, st, _ in staged:
+            if not p.future.done():
+                p.future.set_result(st.result)
+        self._maybe_snapshot()
 
-    def _table(self, name: str) -> Table:
-        assert self._db is not None, "store is not open"
-        return self._db.table(name)
+    def _write_failed(self, exc: OSError) -> Unavailable:
+        if self._failing is None or self._failing.errno != exc.errno:  # once per outage
+            log.error("store log write to %s failed: %s", self.log.dir, exc.strerror)
+        self._failing = exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return InsufficientStorage(f"the disk of {self.root} is full ({exc.strerror}); nothing was saved")
+        return Unavailable(f"the store cannot be written ({exc.strerror}); nothing was saved")
 
-    # --- jobs -----------------------------------------------------------------------------
+    async def _sync_loop(self) -> None:
+        """``events.fsync_interval``: how much progress (not durable on its own) a power loss
+        can cost at most."""
+        while True:
+            await asyncio.sleep(self.fsync_interval)
+            if self._unsynced:
+                self._unsynced = False
+                try:
+                    await asyncio.to_thread(self.log.sync)
+                except OSError as exc:
+                    log.error("store log fsync failed: %s", exc.strerror)
+
+    # --- jobs -------------------------------------------------------------------------------
 
     async def create_job(self, job: Job, idempotency: tuple[str, str] | None = None) -> tuple[Job, bool]:
-        idem = self._table(IDEMPOTENCY)
-        if idempotency is not None:
-            key, fingerprint = idempotency
-            seen = idem.get(doc_id=key)
-            if seen is not None:
-                if seen["fingerprint"] != fingerprint:
-                    raise Conflict(
-                        "Idempotency-Key was already used with a different request",
-                        field="Idempotency-Key",
-                        code="idempotency_mismatch",
-                    )
-                existing = await self.get_job(seen["jobId"])
-                if existing is not None:
-                    return existing, False
-                idem.remove(doc_ids=[key])
-        jobs = self._table(JOBS)
-        jobs.insert(Document(job.to_dict(), doc_id=job.id))
-        if idempotency is not None:
-            idem.insert(Document({"jobId": job.id, "fingerprint": idempotency[1]}, doc_id=idempotency[0]))
-        try:
-            await self._commit()
-        except Unavailable:
-            jobs.remove(doc_ids=[job.id])
+        job.job_seq = 1
+        doc = job.to_dict()
+        now = now_ms()
+
+        def stage(view: _View) -> Staged | None:
+            ops: list[list[Any]] = []
             if idempotency is not None:
-                idem.remove(doc_ids=[idempotency[0]])
-            raise
-        return job, True
+                key, fingerprint = idempotency
+                seen = view.get(IDEM, key)
+                if seen is not None and seen.get("expiresAt", 0) > now:
+                    if seen["fingerprint"] != fingerprint:
+                        raise Conflict(
+                            "Idempotency-Key was already used with a different request",
+                            field="Idempotency-Key",
+                            code="idempotency_mismatch",
+                        )
+                    existing = view.get(JOBS, seen["jobId"])
+                    if existing is not None:
+                        return Staged([], result=(Job.from_dict(existing), False))
+                ops.append(["put", IDEM, key, {"jobId": job.id, "fingerprint": fingerprint,
+                                               "expiresAt": now + int(self.idempotency_ttl * 1000)}])  # fmt: skip
+            if view.get(JOBS, job.id) is not None:
+                raise Conflict(f"job {job.id} already exists", field="jobId", code="exists")
+            ops.insert(0, ["put", JOBS, job.id, doc])
+            return Staged(ops, wire.job_created(job), job.id, 1, (job, True))
+
+        result = await self._submit(stage, durable=True)
+        return result  # type: ignore[no-any-return]
+
+    def _job_stage(
+        self, job: Job, event: dict[str, Any] | None, expect: Expect | None, extra: list[list[Any]], begin: int | None = None
+    ) -> Callable[[_View], Staged | None]:
+        def stage(view: _View) -> Staged | None:
+            stored = view.get(JOBS, job.id)
+            live = view.lease_live(job.id)
+            if begin is not None:
+                if not can_begin(stored, begin, live):
+                    return None
+            else:
+                reason = refusal(stored, job.status.value, job.attempt, expect, live)
+                if reason is not None:
+                    raise stale_write(job.id, job.status.value, job.attempt, reason, stored)
+            assert stored is not None
+            job.job_seq = int(stored.get("jobSeq") or 0) + (1 if event is not None else 0)
+            doc = job.to_dict()
+            return Staged([["put", JOBS, job.id, doc], *extra], event, job.id if event is not None else None,
+                          job.job_seq if event is not None else None, Job.from_dict(doc))  # fmt: skip
+
+        return stage
+
+    async def write_job(
+        self,
+        job: Job,
+        event: dict[str, Any] | None,
+        *,
+        expect: Expect | None = None,
+        lines: tuple[str, list[dict[str, Any]]] | None = None,
+        durable: bool = False,
+    ) -> Job:
+        extra = [["lines", job.id, lines[0], lines[1]]] if lines and lines[1] else []
+        stored: Job = await self._submit(self._job_stage(job, event, expect, extra), durable=durable)
+        return stored
+
+    async def begin_attempt(self, job: Job, previous: int, event: dict[str, Any]) -> bool:
+        stored = await self._submit(self._job_stage(job, event, None, [], begin=previous), durable=True, noop=None)
+        return stored is not None
+
+    async def lease_live(self, job_id: str) -> bool:
+        return self._lease_live(job_id)
+
+    def _lease_live(self, job_id: str) -> bool:
+        return self._leases.get(job_id, 0.0) > time.monotonic()
+
+    async def append_log(self, job_id: str, entry: dict[str, Any], event: dict[str, Any], expect: Expect | None) -> None:
+        def stage(view: _View) -> Staged | None:
+            stored = view.get(JOBS, job_id)
+            if expect is not None:
+                reason = refusal(stored, stored["status"] if stored else "running",
+                                 int(stored.get("attempt") or 0) if stored else 0, expect, view.lease_live(job_id))  # fmt: skip
+                if reason is not None:
+                    raise stale_write(job_id, "running", expect.token or 0, reason, stored)
+            return Staged([["lines", job_id, "logs", [entry]]], event, job_id)
+
+        await self._submit(stage, durable=False)
+
+    async def renew_lease(self, job_id: str, holder: str, token: int) -> bool:
+        doc = self._tables[JOBS].raw(job_id)
+        lease = (doc or {}).get("lease") or {}
+        if lease.get("holder") != holder or lease.get("token") != token or not self._lease_live(job_id):
+            return False
+        self._leases[job_id] = time.monotonic() + self.lease
+        return True
+
+    async def delete_jobs(self, job_ids: list[str], reason: str = "deleted") -> list[str]:
+        def stage(view: _View) -> Staged | None:
+            gone = []
+            for job_id in dict.fromkeys(job_ids):
+                doc = view.get(JOBS, job_id)
+                if doc is not None and doc["status"] in _TERMINAL:
+                    gone.append(job_id)
+            if not gone:
+                return None
+            ops: list[list[Any]] = [["del", JOBS, j] for j in gone]
+            return Staged(ops, wire.job_deleted(gone, reason), None, None, gone)
+
+        return await self._submit(stage, durable=True, noop=[])  # type: ignore[no-any-return]
 
     async def get_job(self, job_id: str) -> Job | None:
-        doc = self._table(JOBS).get(doc_id=job_id)
-        return Job.from_dict(dict(doc)) if doc is not None else None
-
-    async def save_job(self, job: Job, *, durable: bool = False) -> None:
-        jobs = self._table(JOBS)
-        stored = jobs.get(doc_id=job.id)
-        if stored is not None:  # the rule shared stores enforce; here it catches runner bugs
-            status, attempt = stored["status"], int(stored.get("attempt", 0))
-            reason = stale_reason(status, attempt, job.status.value, job.attempt)
-            if reason is not None:
-                raise stale_write(job, reason, status, attempt)
-        jobs.upsert(Document(job.to_dict(), doc_id=job.id))
-        if durable:
-            await self._commit()
-
-    async def delete_job(self, job_id: str) -> None:
-        jobs = self._table(JOBS)
-        before = jobs.get(doc_id=job_id)
-        if before is not None:
-            jobs.remove(doc_ids=[job_id])
-        idem = self._table(IDEMPOTENCY)
-        stale = [d for d in idem.all() if d.get("jobId") == job_id]
-        if stale:
-            idem.remove(doc_ids=[d.doc_id for d in stale])
-        try:
-            await self._commit()
-        except Unavailable:  # not deleted after all: the next flush must not delete it either
-            if before is not None:
-                jobs.insert(Document(dict(before), doc_id=job_id))
-            for d in stale:
-                idem.insert(Document(dict(d), doc_id=d.doc_id))
-            raise
+        doc = self._tables[JOBS].raw(job_id)
+        return Job.from_dict(doc) if doc is not None else None
 
     async def list_jobs(
         self,
         *,
         statuses: Iterable[JobStatus] | None = None,
         limit: int | None = None,
-        before: str | None = None,
+        after: Cursor | None = None,
     ) -> list[Job]:
-        wanted = {s.value for s in statuses} if statuses else None
-        docs = self._table(JOBS)._read_table()
-        rows = sorted(docs.values(), key=lambda d: (d["createdAt"], d["id"]), reverse=True)
-        if before is not None:
-            anchor = docs.get(before)
-            if anchor is None:
-                return []
-            key = (anchor["createdAt"], anchor["id"])
-            rows = [d for d in rows if (d["createdAt"], d["id"]) < key]
-        if wanted is not None:
-            rows = [d for d in rows if d["status"] in wanted]
-        if limit is not None:
-            rows = rows[:limit]
-        return [Job.from_dict(dict(d)) for d in rows]
+        if limit is not None and limit <= 0:
+            return []
+        wanted = [s.value for s in statuses] if statuses else None
+        ids = self.jobs.page(wanted, after.key() if after else None, limit)
+        return [Job.from_dict(self.jobs[i]) for i in ids]
 
     async def count_jobs(self) -> dict[str, int]:
-        counts = {s.value: 0 for s in JobStatus}
-        for d in self._table(JOBS)._read_table().values():
-            counts[d["status"]] = counts.get(d["status"], 0) + 1
-        return counts
+        return self.jobs.counts()
 
-    # --- datasets -------------------------------------------------------------------------
+    async def finished_before(self, finished_before: int, statuses: Iterable[JobStatus], limit: int) -> list[Job]:
+        ids = self.jobs.finished_before(finished_before, [s.value for s in statuses], limit)
+        return [Job.from_dict(self.jobs[i]) for i in ids]
+
+    def oldest_finished(self, keep: int, statuses: Iterable[JobStatus], limit: int) -> list[str]:
+        return self.jobs.oldest_finished(keep, [s.value for s in statuses], limit)
+
+    # --- datasets ---------------------------------------------------------------------------
 
     async def create_dataset(self, dataset: Dataset) -> None:
-        table = self._table(DATASETS)
-        table.insert(Document(dataset.to_dict(), doc_id=dataset.id))
-        try:
-            await self._commit()
-        except Unavailable:
-            table.remove(doc_ids=[dataset.id])
-            raise
+        doc = dataset.to_dict()
 
-    async def get_dataset(self, dataset_id: str) -> Dataset | None:
-        doc = self._table(DATASETS).get(doc_id=dataset_id)
-        return Dataset.from_dict(dict(doc)) if doc is not None else None
+        def stage(view: _View) -> Staged | None:
+            if view.get(DATASETS, dataset.id) is not None:
+                raise Conflict(f"dataset {dataset.id} already exists", field="datasetId", code="exists")
+            return Staged([["put", DATASETS, dataset.id, doc]], wire.dataset_update(dataset.id, "created"))
+
+        await self._submit(stage, durable=True)
 
     async def save_dataset(self, dataset: Dataset) -> None:
-        table = self._table(DATASETS)
-        before = table.get(doc_id=dataset.id)
-        table.upsert(Document(dataset.to_dict(), doc_id=dataset.id))
-        try:
-            await self._commit()
-        except Unavailable:
-            if before is not None:
-                table.upsert(Document(dict(before), doc_id=dataset.id))
-            raise
+        doc = dataset.to_dict()
+
+        def stage(view: _View) -> Staged | None:
+            return Staged([["put", DATASETS, dataset.id, doc]], wire.dataset_update(dataset.id, "updated"))
+
+        await self._submit(stage, durable=True)
 
     async def delete_dataset(self, dataset_id: str) -> None:
-        table = self._table(DATASETS)
-        before = table.get(doc_id=dataset_id)
-        if before is not None:
-            table.remove(doc_ids=[dataset_id])
-        try:
-            await self._commit()
-        except Unavailable:
-            if before is not None:
-                table.insert(Document(dict(before), doc_id=dataset_id))
-            raise
+        def stage(view: _View) -> Staged | None:
+            if view.get(DATASETS, dataset_id) is None:
+                return None
+            return Staged([["del", DATASETS, dataset_id]], wire.dataset_update(dataset_id, "deleted"))
+
+        await self._submit(stage, durable=True)
+
+    async def get_dataset(self, dataset_id: str) -> Dataset | None:
+        doc = self._tables[DATASETS].raw(dataset_id)
+        return Dataset.from_dict(doc) if doc is not None else None
 
     async def list_datasets(self) -> list[Dataset]:
-        docs = self._table(DATASETS)._read_table().values()
-        return sorted((Dataset.from_dict(dict(d)) for d in docs), key=lambda d: (d.created_at, d.id))
+        docs = self._raw[DATASETS].values()
+        return sorted((Dataset.from_dict(d) for d in docs), key=lambda d: (d.created_at, d.id))
 
-    # --- metadata -------------------------------------------------------------------------
+    # --- metadata ---------------------------------------------------------------------------
 
     async def get_meta(self, key: str) -> object | None:
-        doc = self._table(META).get(doc_id=key)
+        doc = self._tables[META].raw(key)
         return doc.get("value") if doc is not None else None
 
     async def set_meta(self, key: str, value: object) -> None:
-        self._table(META).upsert(Document({"value": value}, doc_id=key))
-        await self._commit()
+        await self._submit(lambda view: Staged([["put", META, key, {"value": value}]]), durable=True)
+
+    async def claim_meta(self, key: str, value: object) -> bool:
+        def stage(view: _View) -> Staged | None:
+            if view.get(META, key) is not None:
+                return None
+            return Staged([["put", META, key, {"value": value}]], result=True)
+
+        return await self._submit(stage, durable=True, noop=False)  # type: ignore[no-any-return]
+
+    # --- job lines ----------------------------------------------------------------------------
+
+    async def read_job_lines(self, job_id: str, name: str) -> list[dict[str, Any]]:
+        path = self.artifact_dir(job_id) / f"{name}.jsonl"
+
+        def read() -> list[dict[str, Any]]:
+            try:
+                raw = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return []
+            out = []
+            for ln in raw.splitlines():
+                try:
+                    out.append(wire.loads(ln))
+                except ValueError:
+                    continue  # a torn last line after a crash
+            return out
+
+        return await asyncio.to_thread(read)
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def _maybe_snapshot(self) -> None:
+        if self._snapshot_task is not None or self._closed:
+            return
+        if (
+            self._record - self._snap_record >= self.snapshot_records
+            or self._written - self._snap_size >= self.snapshot_bytes
+        ):
+            self._snapshot_task = asyncio.create_task(self._snapshot(), name="store-snapshot")
+            self._snapshot_task.add_done_callback(self._snapshot_done)
+
+    def _snapshot_done(self, task: asyncio.Task[None]) -> None:
+        self._snapshot_task = None
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("store snapshot failed (%s); the log keeps everything, will retry", exc)
+            self._snap_size = self._written  # wait for as much log again before retrying
+
+    async def snapshot(self) -> None:
+        """Take a snapshot now (tests; ``close`` does not need one)."""
+        if self._snapshot_task is not None:
+            await asyncio.shield(self._snapshot_task)
+        self._snapshot_task = asyncio.create_task(self._snapshot(), name="store-snapshot")
+        self._snapshot_task.add_done_callback(self._snapshot_done)
+        await asyncio.shield(self._snapshot_task)
+
+    async def _snapshot(self) -> None:
+        # On the loop: what the snapshot covers. Documents are never changed in place (a write
+        # puts a new dict), so holding references is a consistent picture of this record.
+        record, seq = self._record, self._seq
+        now = now_ms()
+        to_archive = self.jobs.to_archive()
+        merge = self.jobs.sparse([n for n in self._segments], min_size=1024)
+        merge_rows = {n: self.jobs.archived_in(n) for n in merge}
+        active = [self.jobs.entries[j].doc for j in self.jobs.page(["queued", "running"], None, None)]
+        datasets = {d: self._raw[DATASETS].get(d) for d in self._dirty_datasets}
+        self._dirty_datasets = set()
+        lines = self._lines_touched
+        self._lines_touched = set()
+        n = max([*self._segments, *archive.existing(self.archive_dir), 0]) + 1
+        dead = {n_: sorted(ids) for n_, ids in self.jobs.dead.items() if n_ not in merge and ids}
+        snap: dict[str, Any] = {
+            SNAPSHOT_KEY: SCHEMA_VERSION,
+            "record": record,
+            "seq": seq,
+            "epoch": self.epoch,
+            "createdAt": now,
+            "meta": dict(self._raw[META]),
+            "idem": {k: v for k, v in self._raw[IDEM].items() if v.get("expiresAt", 0) > now},
+            "active": active,
+            "dead": {str(k): v for k, v in dead.items()},
+        }
+        files = dict(self._dataset_files)
+
+        def write() -> tuple[list[tuple[str, int, int]], list[dict[str, Any]]]:
+            docs = list(to_archive)
+            reader = archive.Reader(self.archive_dir)  # its own descriptors: the loop reads too
+            try:
+                for n_ in merge:
+                    for _job_id, off, size in merge_rows[n_]:
+                        docs.append(reader.read(n_, off, size))
+            finally:
+                reader.close()
+            written = archive.write_segment(self.archive_dir, n, docs) if docs else []
+            for ds_id, doc in datasets.items():
+                if doc is None:
+                    files.pop(ds_id, None)
+                else:
+                    name = f"{ds_id}.{record}.json"
+                    self.datasets_dir.mkdir(exist_ok=True)
+                    _write_json(self.datasets_dir / name, doc)
+                    files[ds_id] = name
+            if datasets:
+                fsync_dir(self.datasets_dir)
+            for job_id, name in lines:  # log lines are as durable as the snapshot that covers them
+                _fsync_file(self.artifact_dir(job_id) / f"{name}.jsonl")
+            segments = [s for s in self._segments if s not in merge] + ([n] if docs else [])
+            snap["jobSegments"] = segments
+            snap["datasets"] = files
+            path = self.root / SNAPSHOT_NAME
+            tmp = path.with_name(f"{path.name}{TMP_MARK}snap")
+            _write_json(tmp, snap)
+            faults.point("snapshot-written")
+            os.replace(tmp, path)
+            fsync_dir(self.root)
+            faults.point("snapshot-renamed")
+            return [(w.job_id, w.offset, w.size) for w in written], docs
+
+        written, docs = await asyncio.to_thread(write)
+        # On the loop again: the new segment holds these documents; forget what it replaced.
+        if docs:
+            self.jobs.archived(n, written, docs)
+            self._segments = [s for s in self._segments if s not in merge] + [n]
+        else:
+            self._segments = [s for s in self._segments if s not in merge]
+        old_files = set(self._dataset_files.values()) - set(files.values())
+        self._dataset_files = files
+        for n_ in merge:
+            self.jobs.forget_segment(n_)
+        self._snap_record, self._snap_size = record, self._written
+        self.snapshots += 1
+
+        def cleanup() -> None:
+            for n_ in merge:
+                faults.point("segments-merged")
+                archive.remove_segment(self.archive_dir, n_)
+            for name in old_files:
+                (self.datasets_dir / name).unlink(missing_ok=True)
+
+        await asyncio.to_thread(cleanup)
+        self._drop_log()
+
+    def _drop_log(self) -> None:
+        """Delete log segments the snapshot covers whose events the ring no longer keeps."""
+        try:
+            self.log.drop_through(self._snap_record, self.ring.lost_through, self.ring.logs_lost_through)
+        except OSError as exc:
+            log.warning("could not delete old log segments: %s", exc.strerror)
+
+
+_NUMBER = {"logs": "lineNo", "metrics": "pointNo"}
+
+
+def _last_number(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+    except FileNotFoundError:
+        return 0
+    key = _NUMBER.get(path.stem, "lineNo")
+    for ln in reversed(tail.split(b"\n")):
+        try:
+            doc = wire.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            return int(doc.get(key) or 0)
+    return 0
+
+
+def _ring_record(line: Any) -> Record:
+    job_ids = None
+    if line.kind == "d":
+        job_ids = frozenset(wire.loads(line.event).get("jobIds") or ())
+    return Record(line.seq, line.job_id, line.job_seq, line.event, line.kind == "l", job_ids)
+
+
+def _read_json(path: Path, what: str, missing: Any = None) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if missing is not None:
+            return missing
+        raise StoreError(f"the store's {what} {path} is missing; restore the data dir from a backup", code="corrupt") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read the store's {what} {path}: {exc.strerror}", code="corrupt") from None
+    try:
+        return wire.loads(raw)
+    except ValueError as exc:
+        raise StoreError(f"the store's {what} {path} is corrupt ({exc}); restore the data dir from a backup",
+                         code="corrupt") from None  # fmt: skip
+
+
+def _read_snapshot(path: Path) -> dict[str, Any]:
+    snap = _read_json(path, "snapshot", missing={})
+    if not isinstance(snap, dict):
+        raise StoreError(f"the store's snapshot {path} is not a mangwale snapshot", code="corrupt")
+    if snap:
+        version = snap.get(SNAPSHOT_KEY)
+        if not isinstance(version, int):
+            raise StoreError(f"the store's snapshot {path} has no schema version", code="corrupt")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store {path.parent} has schema version {version}, newer than this mangwale ({SCHEMA_VERSION}); "
+                "upgrade mangwale",
+                code="too_new",
+            )
+    return snap
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    """Write a JSON file durably (no rename: callers rename, or use names nobody reads yet).
+    Large lists are serialized in pieces so the event loop's thread gets the GIL back."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in _chunks(doc):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chunks(doc: Any, depth: int = 0) -> Iterable[bytes]:
+    """``doc`` as JSON in pieces: a big list or dict is not serialized in one call (one call
+    holds the GIL for all of it, and the event loop waits that long)."""
+    if depth < 3 and isinstance(doc, dict) and (len(doc) > 64 or any(_big(v) for v in doc.values())):
+        yield b"{"
+        for i, (k, v) in enumerate(doc.items()):
+            yield (("," if i else "") + wire.dumps(k) + ":").encode()
+            yield from _chunks(v, depth + 1)
+        yield b"}"
+    elif depth < 3 and isinstance(doc, list) and len(doc) > 64:
+        yield b"["
+        for i in range(0, len(doc), 64):
+            yield (("," if i else "") + wire.dumps(doc[i : i + 64])[1:-1]).encode()
+        yield b"]"
+    else:
+        yield wire.dumps(doc).encode()
+
+
+def _big(value: Any) -> bool:
+    return isinstance(value, (list, dict)) and len(value) > 64
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+
+
+@dataclass
+class Inspection:
+    """What a data dir's record holds, read without changing anything (tests, diagnostics)."""
+
+    jobs: dict[str, dict[str, Any]]
+    datasets: dict[str, dict[str, Any]]
+    meta: dict[str, Any]
+    events: list[dict[str, Any]]  # the kept events, oldest first
+    epoch: str
+    head: int
+
+
+def inspect(root: Path) -> Inspection:
+    """Fold a data dir's snapshot and log as start-up would, read-only. The server may be
+    running (or dead): this takes no lock and writes nothing."""
+    store = TinyDBStore(DataDir(root))
+    store._read_only = True
+    store._db = _DB(storage=LiveStorage, tables=store._raw)  # type: ignore[arg-type]
+    store._tables = {name: store._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]
+    store._load(read_only=True)
+    try:
+        jobs = {job_id: dict(store.jobs[job_id]) for job_id in list(store.jobs)}
+    finally:
+        store.reader.close()
+    events = [wire.loads(r.text) for r in _kept(store.ring)]
+    return Inspection(jobs, dict(store._raw[DATASETS]), {k: v.get("value") for k, v in store._raw[META].items()},
+                      events, store.epoch, store.ring.head)  # fmt: skip
+
+
+def _kept(ring: EventRing) -> list[Record]:
+    return sorted([*ring.ring, *ring.logs], key=lambda r: r.seq)

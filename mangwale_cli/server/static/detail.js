@@ -10,8 +10,8 @@ import { $, TERMINAL, clock, dateTime, duration, elapsed, etaLeft, h, metric, pc
 const MAX_LOG_LINES = 2000;
 const SERIES_LABELS = { loss: "Loss", valAccuracy: "Validation accuracy", accuracy: "Accuracy", valLoss: "Validation loss" };
 const PREFERRED = ["loss", "valAccuracy"];
-const NOT_SERIES = new Set(["epoch", "epochs", "progress", "attempt", "timestamp", "step", "steps"]);
-const REST_ONLY = new Set(["progress", "attempt", "timestamp"]); // added by the server to /metrics
+const NOT_SERIES = new Set(["epoch", "epochs", "progress", "attempt", "timestamp", "pointNo", "step", "steps"]);
+const REST_ONLY = new Set(["progress", "attempt", "timestamp", "pointNo"]); // added by the server to /metrics
 
 function pointKey(attempt, m) {
   return `${attempt}:${m.epoch ?? JSON.stringify(m)}`;
