@@ -277,6 +277,13 @@ class Store(ABC):
         """Set ``key`` only if it has no value; True if this call set it. Instances starting
         together use it to do a one-time job once (seeding the sample data set)."""
 
+    # --- the event log, read side -----------------------------------------------------------
+
+    @abstractmethod
+    async def events_after(self, since: int) -> list[dict[str, Any]]:
+        """The committed events with seq > ``since`` that the log still keeps, oldest first,
+        as clients receive them (tests and diagnostics; clients read the bus's ring)."""
+
     # --- job lines (logs, metrics), read side -----------------------------------------------
 
     @abstractmethod

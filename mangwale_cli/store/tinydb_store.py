@@ -736,6 +736,11 @@ class TinyDBStore(Store):
 
         return await self._submit(stage, durable=True, noop=False)  # type: ignore[no-any-return]
 
+    # --- the event log ------------------------------------------------------------------------
+
+    async def events_after(self, since: int) -> list[dict[str, Any]]:
+        return [wire.loads(r.text) for r in self.ring.after(since)]
+
     # --- job lines ----------------------------------------------------------------------------
 
     async def read_job_lines(self, job_id: str, name: str) -> list[dict[str, Any]]:
