@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 BODY = '{"kind":"simulate","params":{"steps":1,"stepMs":0}}'
 

@@ -16,11 +16,11 @@ from importlib import resources
 from typing import Any
 
 __all__ = [
-    "DataFileError",
     "SUPPORTED_FORMATS",
+    "DataFileError",
     "detect_format",
-    "parse_examples",
     "load_sample_examples",
+    "parse_examples",
 ]
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("jsonl", "csv", "json")
@@ -76,8 +76,7 @@ def _decode(data: bytes | str) -> str:
             ) from None
     else:
         text = data
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     return text
 
 

@@ -151,7 +151,7 @@ def test_full_disk_is_507_keeps_acknowledged_state_and_recovers(
         m
         for m in list(watcher.messages)
         if m.get("jobId") == running and m.get("status") in TERMINAL
-    ]  # noqa: E731
+    ]
     wait_for(ends, what="the watcher to see the running job end")
     assert (
         http.post(
