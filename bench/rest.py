@@ -136,7 +136,7 @@ def main() -> int:
     if tool == "auto":
         tool = "wrk" if shutil.which("wrk") else "python"
     if tool == "wrk":
-        args.duration = max(1, int(round(args.duration)))
+        args.duration = max(1, round(args.duration))
     pin = common.default_pin() and not args.no_pin
     results: list[dict[str, Any]] = []
     with common.Server(pin_cpu=0 if pin else None, env={"MANGWALE_RUNNER_CONCURRENCY": "4"}) as server:

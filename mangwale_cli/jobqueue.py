@@ -287,7 +287,7 @@ class RedisQueue:
             finally:
                 try:
                     await pubsub.aclose()
-                except Exception:  # already broken
+                except Exception:  # noqa: BLE001, S110 - closing a broken client: nothing to learn from its error
                     pass
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,7 @@ class _Reporter:
             pct = float(progress)
         except (TypeError, ValueError):
             pct = job.progress
-        if pct != pct:  # NaN
+        if math.isnan(pct):
             pct = job.progress
         job.progress = max(job.progress, min(100.0, pct))
         if message is not None:
@@ -228,7 +229,7 @@ class Runner:
         for job_id, task in running:
             try:
                 await task
-            except BaseException:
+            except BaseException:  # noqa: BLE001, S110 - cancelled or failed, the task has ended; stop goes on
                 pass
             lease = self._leases.pop(job_id, None)
             job = await self.store.get_job(job_id)
@@ -364,7 +365,7 @@ class Runner:
                     await self.queue.done(lease)
                 else:
                     self.queue.release(lease)
-            except Exception as exc:  # the entry stays; whoever takes it finds the job ended
+            except Exception as exc:  # noqa: BLE001 - the entry stays; whoever takes it finds the job ended
                 log.warning("runner: could not remove %s from the queue: %s", lease.job_id, exc)
 
     async def _takeover(self, job: Job) -> bool:
@@ -384,9 +385,8 @@ class Runner:
         job = await self.store.get_job(job_id)
         if job is None or job.status.terminal or job_id in self._running or job_id in self._starting:
             return
-        if job.status is JobStatus.RUNNING:
-            if not self.queue.shared or not await self._takeover(job):
-                return
+        if job.status is JobStatus.RUNNING and not (self.queue.shared and await self._takeover(job)):
+            return
         if self.queue.shared and await self.queue.cancel_requested(job_id):
             await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
             return

@@ -147,7 +147,7 @@ class Service:
         for r in self._redis:
             try:
                 await r.aclose()
-            except Exception:  # already broken
+            except Exception:  # noqa: BLE001, S110 - closing a broken client: nothing to learn from its error
                 pass
         self._redis = []
 

@@ -48,7 +48,7 @@ def cli(
         "MANGWALE_BACKOFF_MAX": "0.1",
         **(env or {}),
     }
-    return subprocess.run([*CLI, *args], env=full, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], env=full, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 # --- minting and configuration ------------------------------------------------------------------
@@ -266,9 +266,8 @@ def test_unauthenticated_requests_are_refused_before_the_body_is_read(secured: T
 def test_websocket_is_refused_before_the_upgrade(secured: TestClient, keys: dict[str, str]) -> None:
     """WS: no token -> HTTP 401, a token without read -> HTTP 403; never an accepted-then-closed socket."""
     for headers, status in (({}, 401), (bearer("mw_nope"), 401), (bearer(keys["writer"]), 403)):
-        with pytest.raises(WebSocketDenialResponse) as info:
-            with secured.websocket_connect("/ws/training", headers=headers):
-                pass
+        with pytest.raises(WebSocketDenialResponse) as info, secured.websocket_connect("/ws/training", headers=headers):
+            pass
         assert info.value.status_code == status
         assert info.value.json()["error"]["code"] in (
             "missing_token",

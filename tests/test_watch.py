@@ -47,7 +47,7 @@ def client_env(**extra: str) -> dict[str, str]:
 def mangwale(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mangwale_cli", *args],
-        env=env or client_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        env=env or client_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
     )
 
 
@@ -430,11 +430,11 @@ class Tmux:
         )
 
     def screen(self) -> str:
-        r = subprocess.run(["tmux", "-L", self.sock, "capture-pane", "-p"], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["tmux", "-L", self.sock, "capture-pane", "-p"], capture_output=True, text=True, timeout=10, check=False)
         return r.stdout
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10, check=False)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
