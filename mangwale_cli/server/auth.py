@@ -33,6 +33,7 @@ from ..tokens import (
 )
 from .limits import ASGIApp, Receive, Send
 from .limits import Scope as ASGIScope
+from .responses import error_response
 
 log = logging.getLogger("mangwale.auth")
 
@@ -83,8 +84,6 @@ class AuthMiddleware:
             err.code,
         )
         headers = {"WWW-Authenticate": _challenge(err, need)}
-        from .app import error_response
-
         response = error_response(err, headers=headers)
         if kind == "http":
             await response(scope, receive, send)

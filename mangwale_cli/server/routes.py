@@ -14,7 +14,7 @@ from .. import wire
 from ..errors import InvalidInput
 from ..service import Service
 from ..wire import DatasetCreate, DatasetPatch, JobCreate, JobStatus
-from .app import JSONOut
+from .responses import JSONOut
 
 router = APIRouter()
 

@@ -41,8 +41,8 @@ from ..eventlog import Record
 from ..events import FutureSince, Subscription
 from ..metrics import Metrics
 from ..service import Service
-from .app import JSONOut
 from .limits import PROTOCOL_KEY, TRANSPORT_KEY, RateLimit
+from .responses import JSONOut
 
 log = logging.getLogger("mangwale.stream")
 router = APIRouter()
