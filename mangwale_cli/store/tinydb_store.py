@@ -14,13 +14,14 @@ import asyncio
 import errno
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
-from tinydb.table import Document, Table
+from tinydb.table import Document as TinyDocument
+from tinydb.table import Table
 
 from ..errors import Conflict, InsufficientStorage, StoreError, Unavailable
 from ..wire import Dataset, Job, JobStatus
@@ -36,8 +37,34 @@ IDEMPOTENCY = "idempotency"
 META = "meta"
 
 
+# Every table here is keyed by str ids (job, dataset and idempotency ids). TinyDB allows any
+# ``document_id_class``, but its type hints say int throughout; ``Document`` and ``_Keyed`` state
+# the str ids, and the ignores below are where TinyDB's hints meet them.
+
+
+class Document(TinyDocument):
+    """A TinyDB document with a str id."""
+
+    doc_id: str  # type: ignore[assignment]  # TinyDB's hints: int ids only
+
+    def __init__(self, value: Mapping[str, Any], doc_id: str) -> None:
+        super().__init__(value, doc_id)  # type: ignore[arg-type]  # TinyDB's hints: int ids only
+
+
 class _StrTable(Table):
-    document_id_class = str
+    document_class = Document  # type: ignore[assignment]  # TinyDB's hints: int ids only
+    document_id_class = str  # type: ignore[assignment]  # TinyDB's hints: int ids only
+
+
+class _Keyed(Protocol):
+    """What this module calls on a ``_StrTable``, with its ids as the str they are."""
+
+    def get(self, *, doc_id: str) -> Document | None: ...
+    def insert(self, document: Mapping[str, Any]) -> str: ...
+    def upsert(self, document: Mapping[str, Any]) -> list[str]: ...
+    def remove(self, *, doc_ids: Iterable[str]) -> list[str]: ...
+    def all(self) -> list[Document]: ...
+    def _read_table(self) -> dict[str, Mapping[str, Any]]: ...
 
 
 class _DB(TinyDB):
@@ -113,7 +140,7 @@ class TinyDBStore(Store):
             storage_holder["s"] = MemoryStorage(data, self._mark_dirty)
             return storage_holder["s"]
 
-        self._db = _DB(storage=factory)  # type: ignore[arg-type]
+        self._db = _DB(storage=factory)
         self._storage = storage_holder["s"]
         if not data:  # a new store, or "{}": stamp the version, or the next open refuses it
             self._db.table(META).insert(Document({"version": SCHEMA_VERSION}, doc_id="schema"))
@@ -189,9 +216,9 @@ class TinyDBStore(Store):
             if not w.done():
                 w.set_result(None)
 
-    def _table(self, name: str) -> Table:
+    def _table(self, name: str) -> _Keyed:
         assert self._db is not None, "store is not open"
-        return self._db.table(name)
+        return cast(_Keyed, self._db.table(name))  # a _StrTable (see _Keyed)
 
     # --- jobs -----------------------------------------------------------------------------
 
