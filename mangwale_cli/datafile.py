@@ -13,7 +13,7 @@ import csv
 import io
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "SUPPORTED_FORMATS",
@@ -114,7 +114,7 @@ def _field(value: Any, name: str, line: int | None) -> str:
     return stripped
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     """True for real integers (``bool`` excluded)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -171,6 +171,7 @@ def _example(obj: Any, line: int | None) -> dict[str, Any]:
     if entities is not None:
         # Offsets refer to the text as given; shift them if stripping removed
         # leading whitespace.
+        assert isinstance(raw_text, str)  # _field let only a str through
         shift = len(raw_text) - len(raw_text.lstrip())
         if shift and isinstance(entities, list):
             entities = [

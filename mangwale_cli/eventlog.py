@@ -240,7 +240,7 @@ class FileEventLog(EventRing):
         if not isinstance(header, dict) or header.get(HEADER_KEY) != 1 or not isinstance(header.get("epoch"), str):
             return "bad header"
         self.epoch = header["epoch"]
-        base = header.get("baseSeq", 0)
+        base: int = header.get("baseSeq", 0)
         self.job_seqs = dict(header.get("jobSeqs") or {})
         self.job_lost = dict(header.get("jobLost") or {})
         self.head = self.lost_through = base

@@ -485,7 +485,7 @@ class Runner:
 
     async def _log_count(self, job_id: str) -> int:
         lines = await self.store.read_job_lines(job_id, "logs")
-        return max((int(entry.get("lineNo", 0)) for entry in lines), default=0)  # type: ignore[call-overload]
+        return max((int(entry.get("lineNo", 0)) for entry in lines), default=0)  # type: ignore[call-overload]  # lineNo: an int in every stored line
 
     async def _finish(self, job: Job, status: JobStatus, message: str, *, error: str | None = None) -> Job:
         job.status = status

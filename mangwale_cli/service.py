@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, NotFound, StoreError
@@ -32,6 +32,9 @@ from .store.tinydb_store import TinyDBStore
 from .trainers import Registry, builtin
 from .trainers.command import command_trainers
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
+
+if TYPE_CHECKING:  # imported where first needed: it brings numpy and scikit-learn
+    from .nlu.model import IntentModel
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class Service:
         self.runner: Runner | None = None
         self._last_created = 0
         self._background: set[asyncio.Task[None]] = set()
-        self._models: dict[str, Any] = {}  # job id -> loaded IntentModel, oldest first
+        self._models: dict[str, IntentModel] = {}  # job id -> loaded model, oldest first
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class Service:
 
     def describe_store(self) -> str:
         if self.shared:
-            return f"{self.store.safe_url} (instance {self.instance})"  # type: ignore[attr-defined]
+            return f"{self.store.safe_url} (instance {self.instance})"  # type: ignore[attr-defined]  # shared: a RedisStore
         return f"tinydb in {self.settings.data_dir}"
 
     async def _close_redis(self) -> None:
@@ -403,7 +406,7 @@ class Service:
         """The job's stored log lines with ``lineNo > since``."""
         await self.get_job(job_id)
         lines = await self.store.read_job_lines(job_id, "logs")
-        return [entry for entry in lines if int(entry.get("lineNo", 0)) > since]  # type: ignore[call-overload]
+        return [entry for entry in lines if int(entry.get("lineNo", 0)) > since]  # type: ignore[call-overload]  # lineNo: an int in every stored line
 
     async def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every metrics report of the job, oldest first: its training curve."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 # mangwale command) when those are installed; without it, ``httpx.main`` is a stub. mangwale never
 # runs the httpx CLI, so its module is marked absent before httpx is first imported.
 if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]  # None there makes the import fail, as documented
 
 import typer
 
@@ -234,7 +234,7 @@ def _resolve_dataset(client: Client, ref: str | None) -> str | None:
 def jobs_create(
     kind: Annotated[str, typer.Argument(help="job kind: nlu-train, fine-tune, simulate, ...")],
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="dataset id or name")] = None,
-    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses); repeatable")] = [],  # noqa: B006
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses); repeatable")] = [],  # noqa: B006 - typer reads it, nothing mutates it
     params: Annotated[str | None, typer.Option("--params", help="params as a JSON object")] = None,
     agent: Annotated[str | None, typer.Option("--agent", help="agent id")] = None,
     idempotency_key: Annotated[
@@ -271,7 +271,7 @@ def jobs_create(
 
 @jobs_app.command("list")
 def jobs_list(
-    status: Annotated[list[str], typer.Option("--status", "-s", help="only this status; repeatable")] = [],  # noqa: B006
+    status: Annotated[list[str], typer.Option("--status", "-s", help="only this status; repeatable")] = [],  # noqa: B006 - typer reads it, nothing mutates it
     limit: Annotated[int, typer.Option(help="at most this many jobs", min=1, max=1000)] = 50,
     cursor: Annotated[str | None, typer.Option(help="continue after this job id (the next-page cursor)")] = None,
     url: UrlOpt = None,

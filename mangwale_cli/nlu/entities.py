@@ -71,7 +71,7 @@ class EntityExtractor:
                 for p in pats:
                     compiled.append((re.compile(rf"(?<![\w-])(?:{p})(?![\w-])"), entity))
             self._compiled = compiled
-        return self._compiled  # type: ignore[no-any-return]
+        return self._compiled
 
     def extract(self, text: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []

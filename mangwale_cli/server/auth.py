@@ -88,7 +88,7 @@ class AuthMiddleware:
         if kind == "http":
             await response(scope, receive, send)
             return
-        ws = WebSocket(scope, receive, send)  # type: ignore[arg-type]
+        ws = WebSocket(scope, receive, send)
         if "websocket.http.response" in scope.get("extensions", {}):
             await ws.send_denial_response(response)
         else:  # a server without the denial extension: a bare 403 is the best it can say

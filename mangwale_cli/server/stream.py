@@ -65,7 +65,7 @@ def parse_replay_params(
     since_n: int | None = None
     if since not in (None, ""):
         try:
-            since_n = int(since)  # type: ignore[arg-type]
+            since_n = int(since)
         except ValueError:
             raise InvalidInput(f"since must be a non-negative integer, got {since!r}", field="since") from None
         if since_n < 0:
