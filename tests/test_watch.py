@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import ServerProcess, free_port, wait_for
-from netproxy import NetProxy, netproxy  # noqa: F401  (fixture)
+from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
 
 SOAK = os.environ.get("MANGWALE_SOAK") == "1"
 KILL_ROUNDS = 20 if SOAK else 3
@@ -183,7 +183,7 @@ def test_watch_survives_kill9_restarts(server_factory: Callable[..., ServerProce
 
 
 @pytest.mark.parametrize("fault", ["cut", "reset", "blackhole"])
-def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811
+def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811 - the fixture imported above
     """A cut, reset or blackholed connection between watch and server: watch reconnects and loses nothing."""
     proxy = netproxy(server.port)
     # A blackhole is only noticed by the client's keepalive (~1 s here): it needs a longer job.
@@ -206,7 +206,7 @@ def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable
     assert w.stderr().count("connection: live") >= 2
 
 
-def test_watch_resyncs_when_further_behind_than_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811
+def test_watch_resyncs_when_further_behind_than_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
     """A watcher away longer than the log keeps gets a resync, re-reads the job, and ends with its final state and exit code."""
     server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"})
     proxy = netproxy(server.port)
