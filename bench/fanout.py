@@ -38,15 +38,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import httpx  # noqa: E402
-from urllib.parse import urlsplit  # noqa: E402
-
-from websockets.asyncio.client import connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
+import common
+import httpx
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 SEQ = b'"seq":'
 TS = b'"timestamp":'
@@ -67,7 +65,7 @@ def _int_after(msg: bytes, key: bytes) -> int | None:
 
 
 class Watcher:
-    __slots__ = ("ws", "head", "last", "received", "gaps", "dupes", "lat", "measure", "closed")
+    __slots__ = ("closed", "dupes", "gaps", "head", "last", "lat", "measure", "received", "ws")
 
     def __init__(self) -> None:
         self.ws: Any = None
@@ -127,8 +125,20 @@ class RawWatcher(asyncio.Protocol):
     the ``websockets`` client costs ~20, which at 1,000 watchers would otherwise be most of the
     measured latency (1,000 receipts are processed one after the other on one core)."""
 
-    __slots__ = ("transport", "buf", "open_", "ready", "head", "last", "received", "gaps", "dupes", "lat",
-                 "closed", "stalled")
+    __slots__ = (
+        "buf",
+        "closed",
+        "dupes",
+        "gaps",
+        "head",
+        "last",
+        "lat",
+        "open_",
+        "ready",
+        "received",
+        "stalled",
+        "transport",
+    )
 
     def __init__(self) -> None:
         self.transport: Any = None

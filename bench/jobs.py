@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import httpx  # noqa: E402
-from websockets.asyncio.client import connect  # noqa: E402
+import common
+import httpx
+from websockets.asyncio.client import connect
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -87,7 +86,7 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
         timed_out = False
         try:
             await asyncio.wait_for(finished.wait(), timeout=args.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
         head = (await http.get("/healthz")).json()["headSeq"]
     deadline = time.monotonic() + 5

@@ -34,7 +34,6 @@ def main() -> int:
         print(f"CLINC150 not found at {args.data}; nothing to measure")
         return 0
     sys.path.insert(0, str(ROOT))
-    import numpy as np
     from sklearn.metrics import accuracy_score, f1_score
 
     from mangwale_cli.nlu.model import IntentModel, normalize, train

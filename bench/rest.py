@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import httpx  # noqa: E402
+import common
+import httpx
 
 POST_BODY = '{"kind":"simulate","params":{"steps":1,"stepMs":0}}'
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -67,7 +66,7 @@ def run_wrk(url: str, method: str, args: argparse.Namespace, pin: bool) -> dict[
         os.unlink(script)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    pct = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.MULTILINE)}
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
@@ -137,7 +136,7 @@ def main() -> int:
     if tool == "auto":
         tool = "wrk" if shutil.which("wrk") else "python"
     if tool == "wrk":
-        args.duration = max(1, int(round(args.duration)))
+        args.duration = max(1, round(args.duration))
     pin = common.default_pin() and not args.no_pin
     results: list[dict[str, Any]] = []
     with common.Server(pin_cpu=0 if pin else None, env={"MANGWALE_RUNNER_CONCURRENCY": "4"}) as server:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -87,7 +87,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,10 +118,10 @@ class Client:
     # --- datasets ---------------------------------------------------------------------------
 
     def list_datasets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/training/datasets")  # type: ignore[no-any-return]
+        return self._json("GET", "/training/datasets")
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/training/datasets/{dataset_id}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/training/datasets/{dataset_id}")
 
     def create_dataset(
         self, name: str, examples: list[dict[str, Any]], description: str | None = None
@@ -129,10 +129,10 @@ class Client:
         body: dict[str, Any] = {"name": name, "examples": examples}
         if description:
             body["description"] = description
-        return self._json("POST", "/training/datasets", json=body)  # type: ignore[no-any-return]
+        return self._json("POST", "/training/datasets", json=body)
 
     def update_dataset(self, dataset_id: str, **changes: Any) -> dict[str, Any]:
-        return self._json("PUT", f"/training/datasets/{dataset_id}", json=changes)  # type: ignore[no-any-return]
+        return self._json("PUT", f"/training/datasets/{dataset_id}", json=changes)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._json("DELETE", f"/training/datasets/{dataset_id}")
@@ -140,7 +140,7 @@ class Client:
     # --- jobs -------------------------------------------------------------------------------
 
     def list_kinds(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/training/kinds")  # type: ignore[no-any-return]
+        return self._json("GET", "/training/kinds")
 
     def create_job(
         self,
@@ -159,7 +159,7 @@ class Client:
         if params:
             body["params"] = params
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        return self._json("POST", "/training/jobs", json=body, headers=headers)  # type: ignore[no-any-return]
+        return self._json("POST", "/training/jobs", json=body, headers=headers)
 
     def list_jobs(
         self, *, statuses: list[str] | None = None, limit: int | None = None, cursor: str | None = None
@@ -176,33 +176,33 @@ class Client:
         return resp.json(), resp.headers.get("X-Next-Cursor")
 
     def get_job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/training/jobs/{job_id}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/training/jobs/{job_id}")
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/training/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+        return self._json("POST", f"/training/jobs/{job_id}/cancel")
 
     def delete_job(self, job_id: str) -> None:
         self._json("DELETE", f"/training/jobs/{job_id}")
 
     def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        return self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})  # type: ignore[no-any-return]
+        return self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})
 
     def health(self) -> dict[str, Any]:
-        return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+        return self._json("GET", "/healthz")
 
     # --- training output --------------------------------------------------------------------
 
     def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
         """The job's stored log lines with ``lineNo > since``, oldest first."""
-        return self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})  # type: ignore[no-any-return]
+        return self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})
 
     def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every metrics report of the job (its training curve), oldest first."""
-        return self._json("GET", f"/training/jobs/{job_id}/metrics")  # type: ignore[no-any-return]
+        return self._json("GET", f"/training/jobs/{job_id}/metrics")
 
     def predict(self, job_id: str, text: str) -> dict[str, Any]:
         """Classify ``text`` with the model of a succeeded nlu-train / fine-tune job."""
-        return self._json("POST", f"/training/jobs/{job_id}/predict", json={"text": text})  # type: ignore[no-any-return]
+        return self._json("POST", f"/training/jobs/{job_id}/predict", json={"text": text})
 
     def download_artifact(self, job_id: str, dest: Path) -> int:
         """Stream the job's model into ``dest`` and return its size. The bytes go to a temp file
@@ -254,7 +254,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -275,7 +275,7 @@ class AsyncClient:
             raise MangwaleError(f"{method} {path}: the server sent something that is not JSON") from None
 
     async def get_job(self, job_id: str) -> dict[str, Any]:
-        return await self._json("GET", f"/training/jobs/{job_id}")  # type: ignore[no-any-return]
+        return await self._json("GET", f"/training/jobs/{job_id}")
 
     async def list_jobs(self, *, statuses: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """The newest jobs first (one page)."""
@@ -284,16 +284,16 @@ class AsyncClient:
             params["status"] = ",".join(statuses)
         if limit:
             params["limit"] = limit
-        return await self._json("GET", "/training/jobs", params=params)  # type: ignore[no-any-return]
+        return await self._json("GET", "/training/jobs", params=params)
 
     async def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        return await self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})  # type: ignore[no-any-return]
+        return await self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})
 
     async def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        return await self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})  # type: ignore[no-any-return]
+        return await self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})
 
     async def health(self) -> dict[str, Any]:
-        return await self._json("GET", "/healthz")  # type: ignore[no-any-return]
+        return await self._json("GET", "/healthz")
 
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return await self._json("POST", f"/training/jobs/{job_id}/cancel")  # type: ignore[no-any-return]
+        return await self._json("POST", f"/training/jobs/{job_id}/cancel")

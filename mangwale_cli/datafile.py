@@ -13,14 +13,14 @@ import csv
 import io
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
-    "DataFileError",
     "SUPPORTED_FORMATS",
+    "DataFileError",
     "detect_format",
-    "parse_examples",
     "load_sample_examples",
+    "parse_examples",
 ]
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("jsonl", "csv", "json")
@@ -76,8 +76,7 @@ def _decode(data: bytes | str) -> str:
             ) from None
     else:
         text = data
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     return text
 
 
@@ -115,7 +114,7 @@ def _field(value: Any, name: str, line: int | None) -> str:
     return stripped
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     """True for real integers (``bool`` excluded)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -172,6 +171,7 @@ def _example(obj: Any, line: int | None) -> dict[str, Any]:
     if entities is not None:
         # Offsets refer to the text as given; shift them if stripping removed
         # leading whitespace.
+        assert isinstance(raw_text, str)  # _field let only a str through
         shift = len(raw_text) - len(raw_text.lstrip())
         if shift and isinstance(entities, list):
             entities = [

@@ -406,6 +406,7 @@ class Follower:
         """One WebSocket connection. True when the followed jobs are done; raises when the
         connection ends."""
         from websockets.asyncio.client import connect
+        from websockets.typing import Subprotocol
 
         s = self.settings
         self._server_error = None
@@ -414,7 +415,7 @@ class Follower:
             self.ws_url(),
             additional_headers=headers,
             user_agent_header=f"mangwale/{__version__}",
-            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
             compression=None,
             open_timeout=max(5.0, s.ping_timeout),
             ping_interval=s.ping_interval,

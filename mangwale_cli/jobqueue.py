@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from .store import redis_keys
@@ -215,10 +216,10 @@ class RedisQueue:
                 return Lease(fields[b"job"].decode(), entry_id, 1)
         return None
 
-    async def _owned(self, script: object, lease: Lease, *extra: str) -> bool:
+    async def _owned(self, script: AsyncScript, lease: Lease, *extra: str) -> bool:
         if lease.entry is None:
             return False
-        ok = await script(keys=[self.k.queue], args=[redis_keys.WORKERS_GROUP, self.consumer, lease.entry, *extra])  # type: ignore[operator]
+        ok = await script(keys=[self.k.queue], args=[redis_keys.WORKERS_GROUP, self.consumer, lease.entry, *extra])
         return bool(ok)
 
     async def done(self, lease: Lease) -> None:
@@ -287,7 +288,7 @@ class RedisQueue:
             finally:
                 try:
                     await pubsub.aclose()
-                except Exception:  # already broken
+                except Exception:  # noqa: BLE001, S110 - closing a broken client: nothing to learn from its error
                     pass
 
 

@@ -12,13 +12,14 @@ several apps in one test process do not clash. Two kinds of figure:
   REST latency (``server/app.py``'s ASGI middleware).
 
 This module knows nothing of the web framework; the server renders ``exposition()`` at
-``GET /metrics``.
+``GET /metrics``. Nor does it import the service or the runner: the runner reports finished jobs
+here, and what is read from them is stated by the ``Observed`` and ``ObservedRunner`` protocols.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,7 +28,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .eventlog import Record
-    from .service import Service
+    from .events import EventBus
+    from .store.base import Store
     from .wire import Job
 
 # Version 0.0.4: the classic text format, which every Prometheus (and the parser) reads.
@@ -37,12 +39,42 @@ JOB_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0,
 HTTP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, float("inf"))
 
 
+class ObservedRunner(Protocol):
+    """What metrics reads from the runner, and the hook it sets there (``Runner`` is one)."""
+
+    metrics: Metrics | None  # told of every finished job
+    takeovers: int
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+
+class Observed(Protocol):
+    """What metrics reads from a service (``Service`` is one); bus and runner are set once it
+    has started."""
+
+    @property
+    def bus(self) -> EventBus | None: ...
+
+    @property
+    def runner(self) -> ObservedRunner | None: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def shared(self) -> bool: ...
+
+
 class Metrics:
     """Every figure of one server. ``attach(service)`` wires it to a started ``Service``."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.service: Service | None = None
+        self.service: Observed | None = None
         self.connections = dict.fromkeys(TRANSPORTS, 0)  # open now
         self.delivered = dict.fromkeys(TRANSPORTS, 0)  # events sent, cumulative
         self.dropped = dict.fromkeys(TRANSPORTS, 0)  # clients dropped as slow, cumulative
@@ -71,7 +103,7 @@ class Metrics:
         self._http_children: dict[tuple[str, str, int], Any] = {}
         self.registry.register(_LiveCollector(self))
 
-    def attach(self, service: Service) -> None:
+    def attach(self, service: Observed) -> None:
         """Read gauges from ``service`` and count its events and finished jobs (idempotent)."""
         if self.service is service:
             return

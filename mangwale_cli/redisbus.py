@@ -106,7 +106,7 @@ class RedisEventBus(EventBus):
         block: float = 1.0,
         retry: float = 0.5,
     ) -> None:
-        super().__init__(MirrorRing(retention=retention, log_retention=log_retention), queue_size=queue_size)  # type: ignore[arg-type]
+        super().__init__(MirrorRing(retention=retention, log_retention=log_retention), queue_size=queue_size)  # type: ignore[arg-type]  # see self.log
         self.log: MirrorRing  # type: ignore[assignment]  # the bus reads only the EventRing part
         self.r = redis
         self.reader = reader  # its own connection: XREAD BLOCK holds it

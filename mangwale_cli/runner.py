@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -151,7 +152,7 @@ class _Reporter:
             pct = float(progress)
         except (TypeError, ValueError):
             pct = job.progress
-        if pct != pct:  # NaN
+        if math.isnan(pct):
             pct = job.progress
         job.progress = max(job.progress, min(100.0, pct))
         if message is not None:
@@ -320,7 +321,7 @@ class Runner:
         for job_id, task in running:
             try:
                 await task
-            except BaseException:  # noqa: BLE001 - the job's own outcome is handled in _run
+            except BaseException:  # noqa: BLE001, S110 - the job's own outcome is handled in _run
                 pass
             lease = self._leases.pop(job_id, None)
             job = await self.store.get_job(job_id)
@@ -677,7 +678,7 @@ class Runner:
         job.finished_at = job.updated_at = now_ms()
         job.lease = None
         event = wire.training_update(job, metrics=job.metrics if status is JobStatus.SUCCEEDED else None)
-        write = lambda: self.store.write_job(job, event, expect=expect, durable=True)  # noqa: E731
+        write = lambda: self.store.write_job(job, event, expect=expect, durable=True)
         # A running attempt holds its end until the store takes it; anything else (a queued
         # job cancelled, a job that cannot start) answers the store's error to its caller.
         stored: Job = await (self.persist(job.id, write, outbox) if outbox is not None else write())

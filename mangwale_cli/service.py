@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, NotFound, StoreError
@@ -32,6 +32,9 @@ from .store.tinydb_store import TinyDBStore
 from .trainers import Registry, builtin
 from .trainers.command import command_trainers
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
+
+if TYPE_CHECKING:  # imported where first needed: it brings numpy and scikit-learn
+    from .nlu.model import IntentModel
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class Service:
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
-        self._models: dict[str, Any] = {}  # job id -> loaded IntentModel, oldest first
+        self._models: dict[str, IntentModel] = {}  # job id -> loaded model, oldest first
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -145,14 +148,14 @@ class Service:
 
     def describe_store(self) -> str:
         if self.shared:
-            return f"{self.store.safe_url} (instance {self.instance})"  # type: ignore[attr-defined]
+            return f"{self.store.safe_url} (instance {self.instance})"  # type: ignore[attr-defined]  # shared: a RedisStore
         return f"tinydb in {self.settings.data_dir}"
 
     async def _close_redis(self) -> None:
         for r in self._redis:
             try:
                 await r.aclose()
-            except Exception:  # already broken
+            except Exception:  # noqa: BLE001, S110 - closing a broken client: nothing to learn from its error
                 pass
         self._redis = []
 
@@ -378,7 +381,7 @@ class Service:
         """The job's stored log lines with ``lineNo > since``."""
         await self.get_job(job_id)
         lines = await self.store.read_job_lines(job_id, "logs")
-        return [entry for entry in lines if int(entry.get("lineNo", 0)) > since]  # type: ignore[call-overload]
+        return [entry for entry in lines if int(entry.get("lineNo", 0)) > since]
 
     async def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every metrics report of the job, oldest first: its training curve."""

@@ -23,6 +23,7 @@ the section (``[auth.tokens]``) is kept in ``extra`` and validated by the module
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -203,7 +204,7 @@ def _coerce(spec: Spec, value: Any, where: str, *, typed: bool = False) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
-            if out != out or out in (float("inf"), float("-inf")):
+            if not math.isfinite(out):
                 raise ValueError
         else:
             if not isinstance(value, str):

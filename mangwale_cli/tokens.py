@@ -206,8 +206,8 @@ def load_tokens(settings: Any) -> TokenSet:
         extra = set(raw) - {"auth"}
         if extra:
             raise ConfigError(
-                f"{path}: a tokens file holds only [auth.tokens], not {sorted(extra)[0]!r}",
-                field=sorted(extra)[0],
+                f"{path}: a tokens file holds only [auth.tokens], not {min(extra)!r}",
+                field=min(extra),
             )
         body = raw.get("auth", {})
         if not isinstance(body, dict) or set(body) - {"tokens"}:
@@ -243,8 +243,8 @@ def _read_section(section: Mapping[str, Any], where: str, into: dict[str, Token]
         unknown = set(entry) - {"sha256", "scopes"}
         if unknown:
             raise ConfigError(
-                f"{where}: unknown key {key}.{sorted(unknown)[0]}",
-                field=f"{key}.{sorted(unknown)[0]}",
+                f"{where}: unknown key {key}.{min(unknown)}",
+                field=f"{key}.{min(unknown)}",
             )
         digest = entry.get("sha256")
         if not isinstance(digest, str) or not SHA256_RE.match(digest.lower()):

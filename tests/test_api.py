@@ -1008,6 +1008,8 @@ def test_ws_origin_of_the_server_itself_is_admitted(api: TestClient) -> None:
     headers = {"origin": "http://dashboard.example:8080", "host": "dashboard.example:8080"}
     with api.websocket_connect("/ws/training", headers=headers) as ws:
         assert ws.receive_json()["type"] == "connected"
-    with pytest.raises(WebSocketDisconnect):
-        with api.websocket_connect("/ws/training", headers={**headers, "origin": "http://evil.example:8080"}) as ws:
-            ws.receive_json()
+    with (
+        pytest.raises(WebSocketDisconnect),
+        api.websocket_connect("/ws/training", headers={**headers, "origin": "http://evil.example:8080"}) as ws,
+    ):
+        ws.receive_json()

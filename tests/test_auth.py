@@ -48,7 +48,7 @@ def cli(
         "MANGWALE_BACKOFF_MAX": "0.1",
         **(env or {}),
     }
-    return subprocess.run([*CLI, *args], env=full, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], env=full, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 # --- minting and configuration ------------------------------------------------------------------
@@ -266,20 +266,18 @@ def test_unauthenticated_requests_are_refused_before_the_body_is_read(secured: T
 def test_websocket_is_refused_before_the_upgrade(secured: TestClient, keys: dict[str, str]) -> None:
     """WS: no token -> HTTP 401, a token without read -> HTTP 403; never an accepted-then-closed socket."""
     for headers, status in (({}, 401), (bearer("mw_nope"), 401), (bearer(keys["writer"]), 403)):
-        with pytest.raises(WebSocketDenialResponse) as info:
-            with secured.websocket_connect("/ws/training", headers=headers):
-                pass
+        with pytest.raises(WebSocketDenialResponse) as info, secured.websocket_connect("/ws/training", headers=headers):
+            pass
         assert info.value.status_code == status
         assert info.value.json()["error"]["code"] in (
             "missing_token",
             "invalid_token",
             "insufficient_scope",
         )
-    with pytest.raises(WebSocketDenialResponse) as info:
-        with secured.websocket_connect(
-            "/ws/training", subprotocols=["mangwale.v1", "mangwale.bearer.%%%"]
-        ):
-            pass
+    with pytest.raises(WebSocketDenialResponse) as info, secured.websocket_connect(
+        "/ws/training", subprotocols=["mangwale.v1", "mangwale.bearer.%%%"]
+    ):
+        pass
     assert info.value.status_code == 401
 
 
@@ -302,11 +300,10 @@ def test_foreign_origin_is_refused_even_with_a_valid_token(
 ) -> None:
     """CSWSH: a page on another origin is refused before the upgrade, whatever credential it carries."""
     for origin in ("https://evil.example", "http://localhost.evil.example", "null"):
-        with pytest.raises(WebSocketDisconnect) as info:
-            with secured.websocket_connect(
-                "/ws/training", headers={**bearer(keys["boss"]), "Origin": origin}
-            ):
-                pass
+        with pytest.raises(WebSocketDisconnect) as info, secured.websocket_connect(
+            "/ws/training", headers={**bearer(keys["boss"]), "Origin": origin}
+        ):
+            pass
         assert info.value.code == 1008  # refused before accept: a real server answers HTTP 403
     with secured.websocket_connect(
         "/ws/training", headers={**bearer(keys["boss"]), "Origin": "http://localhost:5173"}
@@ -472,13 +469,12 @@ def test_foreign_origin_gets_http_403_from_a_real_server(
 ) -> None:
     """Through uvicorn, a foreign Origin with a good token is an HTTP 403 at the handshake; an allowed one connects."""
     srv, keys = guarded
-    with pytest.raises(InvalidStatus) as info:
-        with connect(
-            srv.ws_url,
-            origin=Origin("https://evil.example"),
-            additional_headers=bearer(keys["reader"]),
-        ):
-            pass
+    with pytest.raises(InvalidStatus) as info, connect(
+        srv.ws_url,
+        origin=Origin("https://evil.example"),
+        additional_headers=bearer(keys["reader"]),
+    ):
+        pass
     assert info.value.response.status_code == 403
     with connect(
         srv.ws_url,
@@ -494,9 +490,8 @@ def test_websocket_refusal_comes_fast(guarded: tuple[ServerProcess, dict[str, st
     took = []
     for _ in range(100):
         started = time.perf_counter()
-        with pytest.raises(InvalidStatus) as info:
-            with connect(srv.ws_url, open_timeout=5):
-                pass
+        with pytest.raises(InvalidStatus) as info, connect(srv.ws_url, open_timeout=5):
+            pass
         took.append(time.perf_counter() - started)
         assert info.value.response.status_code == 401
     took.sort()

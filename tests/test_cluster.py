@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ServerProcess, free_port, wait_for
-from netproxy import NetProxy, netproxy  # noqa: F401
+from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
 from redisserver import RedisServer
-from test_watch import Watch, assert_complete_transcript, client_env, server_events, watches  # noqa: F401
+from test_watch import assert_complete_transcript, server_events, watches  # noqa: F401 - watches: a pytest fixture, used by name
 from websockets.sync.client import connect
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -129,7 +129,7 @@ def test_instances_share_jobs_events_and_models(
 
 @pytest.mark.parametrize("round_", range(10 if SOAK else 1))
 def test_kill9_instance_mid_run_jobs_are_taken_over(
-    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path, watches: Any,  # noqa: F811
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path, watches: Any,  # noqa: F811 - the fixture imported above
     round_: int,
 ) -> None:
     """30 jobs over 3 instances, one killed with -9 mid-run: every job ends, none is lost, re-runs are
@@ -179,7 +179,7 @@ def test_kill9_instance_mid_run_jobs_are_taken_over(
 
 def test_watch_resumes_through_another_instance(
     server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path,
-    netproxy: Callable[[int], NetProxy], watches: Any,  # noqa: F811
+    netproxy: Callable[[int], NetProxy], watches: Any,  # noqa: F811 - the fixture imported above
 ) -> None:
     """watch through B (behind a balancer) follows a job; B dies; it resumes through C: no gap, no duplicate."""
     a, b, c = start_instances(server_factory, redis_server.url, tmp_path / "shared", 3)
@@ -196,7 +196,7 @@ def test_watch_resumes_through_another_instance(
 
 
 def test_redis_restart_keeps_everything(
-    server_factory: Callable[..., ServerProcess], redis_server_persistent: Any, tmp_path: Path, watches: Any  # noqa: F811
+    server_factory: Callable[..., ServerProcess], redis_server_persistent: Any, tmp_path: Path, watches: Any  # noqa: F811 - the fixture imported above
 ) -> None:
     """Redis killed mid-job: REST answers 503 with a JSON error, watchers reconnect, and once Redis is
     back (with its data) the job ends and every event reached the watcher once."""

@@ -29,7 +29,7 @@ def app_env(**extra: str) -> dict[str, str]:
 def test_checked_in_completions_are_current() -> None:
     """completions/ equals what scripts/gen-completions produces from the Typer app now."""
     r = subprocess.run([str(ROOT / "scripts" / "gen-completions"), "--check"], env=app_env(PYTHON=sys.executable),
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     for name in ("mangwale.bash", "_mangwale", "mangwale.fish"):
         assert "_MANGWALE_COMPLETE" in (ROOT / "completions" / name).read_text()
@@ -44,9 +44,9 @@ def test_gen_completions_detects_stale_files(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "completions", copy / "completions")
     (copy / "completions" / "mangwale.fish").write_text("# old\n")
     cmd = [str(copy / "scripts" / "gen-completions")]
-    r = subprocess.run([*cmd, "--check"], env=app_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*cmd, "--check"], env=app_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 1 and "completions/mangwale.fish" in r.stderr
-    r = subprocess.run(cmd, env=app_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, env=app_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0 and "wrote completions/mangwale.fish" in r.stdout
     assert (copy / "completions" / "mangwale.fish").read_text() == (ROOT / "completions" / "mangwale.fish").read_text()
 
@@ -61,7 +61,7 @@ def bash_complete(*words: str) -> list[str]:
         "_mangwale_completion mangwale\n"
         'printf "%s\\n" "${COMPREPLY[@]}"\n'
     )
-    r = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], env=app_env(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], env=app_env(), capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 0, r.stderr
     return [line for line in r.stdout.splitlines() if line]
 
@@ -82,18 +82,18 @@ def test_bash_completes_commands_and_options() -> None:
 def test_zsh_and_fish_protocols_answer() -> None:
     """The app answers the zsh and fish completion requests the checked-in scripts make."""
     zsh = subprocess.run([str(BIN / "mangwale")], env=app_env(_MANGWALE_COMPLETE="complete_zsh", _TYPER_COMPLETE_ARGS="mangwale wat"),
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, check=False)
     assert "watch" in zsh.stdout
     fish = subprocess.run([str(BIN / "mangwale")], env=app_env(_MANGWALE_COMPLETE="complete_fish", _TYPER_COMPLETE_FISH_ACTION="get-args",
                                                               _TYPER_COMPLETE_ARGS="mangwale watch --la"),
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert "--latest" in fish.stdout
 
 
 def imported(args: list[str], **env: str) -> set[str]:
     """Top-level packages a ``mangwale`` run imports, from ``python -X importtime``."""
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "mangwale_cli", *args], env=app_env(**env),
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=30, check=False)
     names = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", r.stderr, re.MULTILINE)
     return {n.split(".")[0] for n in names}
 
@@ -111,14 +111,14 @@ def test_completion_and_help_do_not_import_the_server_stack() -> None:
     # A None entry marks a module as never to be imported (cli.main does that to httpx's own CLI).
     code = ("import sys, mangwale_cli.cli.main; print(sorted(m for m, mod in sys.modules.items() "
             f"if mod is not None and m.split('.')[0] in {HEAVY!r}))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False)
     assert r.stdout.strip() == "[]", r.stdout
 
 
 def test_watch_help_documents_exit_codes() -> None:
     """`watch --help` lists every exit code of the contract and the backoff settings."""
     r = subprocess.run([sys.executable, "-m", "mangwale_cli", "watch", "--help"], env=app_env(COLUMNS="120"),
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 0
     for code in ("0", "1", "2", "3", "4", "5", "6", "7", "130"):
         assert re.search(rf"^\s+{code}\s+\S", r.stdout, re.MULTILINE), code

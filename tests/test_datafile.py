@@ -108,7 +108,7 @@ def test_jsonl_non_string_values() -> None:
 @pytest.mark.parametrize("const", ["NaN", "Infinity", "-Infinity"])
 def test_jsonl_rejects_nan_and_infinity(const: str) -> None:
     """Non-standard JSON constants are rejected as invalid JSON."""
-    err = _raises('{"text": "a", "intent": "b", "score": %s}' % const, fmt="jsonl")
+    err = _raises(f'{{"text": "a", "intent": "b", "score": {const}}}', fmt="jsonl")
     assert err.line == 1 and "invalid JSON" in err.message and const in err.message
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import ServerProcess, free_port, wait_for
-from netproxy import NetProxy, netproxy  # noqa: F401  (fixture)
+from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
 
 SOAK = os.environ.get("MANGWALE_SOAK") == "1"
 KILL_ROUNDS = 20 if SOAK else 3
@@ -47,7 +47,7 @@ def client_env(**extra: str) -> dict[str, str]:
 def mangwale(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mangwale_cli", *args],
-        env=env or client_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        env=env or client_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
     )
 
 
@@ -183,7 +183,7 @@ def test_watch_survives_kill9_restarts(server_factory: Callable[..., ServerProce
 
 
 @pytest.mark.parametrize("fault", ["cut", "reset", "blackhole"])
-def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811
+def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811 - the fixture imported above
     """A cut, reset or blackholed connection between watch and server: watch reconnects and loses nothing."""
     proxy = netproxy(server.port)
     # A blackhole is only noticed by the client's keepalive (~1 s here): it needs a longer job.
@@ -206,7 +206,7 @@ def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable
     assert w.stderr().count("connection: live") >= 2
 
 
-def test_watch_resyncs_when_further_behind_than_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811
+def test_watch_resyncs_when_further_behind_than_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
     """A watcher away longer than the log keeps gets a resync, re-reads the job, and ends with its final state and exit code."""
     server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"})
     proxy = netproxy(server.port)
@@ -430,11 +430,11 @@ class Tmux:
         )
 
     def screen(self) -> str:
-        r = subprocess.run(["tmux", "-L", self.sock, "capture-pane", "-p"], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["tmux", "-L", self.sock, "capture-pane", "-p"], capture_output=True, text=True, timeout=10, check=False)
         return r.stdout
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10)
+        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True, timeout=10, check=False)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")

@@ -10,15 +10,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 # httpx's package __init__ imports its own command line (click, rich, pygments: ~20 ms of every
 # mangwale command) when those are installed; without it, ``httpx.main`` is a stub. mangwale never
 # runs the httpx CLI, so its module is marked absent before httpx is first imported.
 if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[assignment]
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]  # None there makes the import fail, as documented
 
-import typer  # noqa: E402
+import typer
 
 from .. import __version__
 from ..errors import ExitCode, InvalidInput, MangwaleError
@@ -47,7 +47,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 
 UrlOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--url", envvar="MANGWALE_URL", help="server URL [default: http://localhost:8080]"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -72,7 +72,7 @@ def main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
     token: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--token", metavar="TOKEN", help="API token for a server with auth [default: $MANGWALE_TOKEN]", show_default=False),
     ] = None,
 ) -> None:
@@ -87,24 +87,24 @@ def main(
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="address to bind [default: 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port for REST and WebSocket [default: 8080]")] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port for REST and WebSocket [default: 8080]")] = None,
     data_dir: Annotated[
-        Optional[Path], typer.Option("--data-dir", help="where the store lives [default: $MANGWALE_HOME or ~/.local/share/mangwale]")
+        Path | None, typer.Option("--data-dir", help="where the store lives [default: $MANGWALE_HOME or ~/.local/share/mangwale]")
     ] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="jobs run at once [default: 2]")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="jobs run at once [default: 2]")] = None,
     store: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--store", help="tinydb (embedded) or redis://host:6379/0, shared by several instances [default: tinydb]"),
     ] = None,
     processes: Annotated[
         int, typer.Option("--processes", min=1, help="run N instances on this port (needs --store redis://...)")
     ] = 1,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config file [default: DATA_DIR/mangwale.toml]")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="critical, error, warning, info, debug")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config file [default: DATA_DIR/mangwale.toml]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="critical, error, warning, info, debug")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="allow a non-loopback --host with no tokens configured")] = False,
-    ssl_certfile: Annotated[Optional[Path], typer.Option("--ssl-certfile", help="TLS certificate (PEM): serve https and wss")] = None,
-    ssl_keyfile: Annotated[Optional[Path], typer.Option("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option("--ssl-certfile", help="TLS certificate (PEM): serve https and wss")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")] = None,
 ) -> None:
     """Run the server: REST API, WebSocket at /ws/training and the job runner, on one port.
 
@@ -149,8 +149,8 @@ def datasets_list(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
 def datasets_create(
     name: Annotated[str, typer.Argument(help="dataset name")],
     file: Annotated[Path, typer.Option("--file", "-f", help="examples: JSONL, CSV (text,intent or text,category) or a JSON array")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="jsonl, csv or json [default: from the file name]")] = None,
-    description: Annotated[Optional[str], typer.Option(help="free text")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="jsonl, csv or json [default: from the file name]")] = None,
+    description: Annotated[str | None, typer.Option(help="free text")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the new dataset's id")] = False,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
@@ -233,12 +233,12 @@ def _resolve_dataset(client: Client, ref: str | None) -> str | None:
 @jobs_app.command("create")
 def jobs_create(
     kind: Annotated[str, typer.Argument(help="job kind: nlu-train, fine-tune, simulate, ...")],
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="dataset id or name")] = None,
-    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses); repeatable")] = [],  # noqa: B006
-    params: Annotated[Optional[str], typer.Option("--params", help="params as a JSON object")] = None,
-    agent: Annotated[Optional[str], typer.Option("--agent", help="agent id")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="dataset id or name")] = None,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE (VALUE as JSON if it parses); repeatable")] = [],  # noqa: B006 - typer reads it, nothing mutates it
+    params: Annotated[str | None, typer.Option("--params", help="params as a JSON object")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="agent id")] = None,
     idempotency_key: Annotated[
-        Optional[str], typer.Option("--idempotency-key", envvar="MANGWALE_IDEMPOTENCY_KEY", help="retries with the same key return the first job")
+        str | None, typer.Option("--idempotency-key", envvar="MANGWALE_IDEMPOTENCY_KEY", help="retries with the same key return the first job")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the job id")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="then follow it as `mangwale watch` does and exit with its outcome")] = False,
@@ -271,9 +271,9 @@ def jobs_create(
 
 @jobs_app.command("list")
 def jobs_list(
-    status: Annotated[list[str], typer.Option("--status", "-s", help="only this status; repeatable")] = [],  # noqa: B006
+    status: Annotated[list[str], typer.Option("--status", "-s", help="only this status; repeatable")] = [],  # noqa: B006 - typer reads it, nothing mutates it
     limit: Annotated[int, typer.Option(help="at most this many jobs", min=1, max=1000)] = 50,
-    cursor: Annotated[Optional[str], typer.Option(help="continue after this job id (the next-page cursor)")] = None,
+    cursor: Annotated[str | None, typer.Option(help="continue after this job id (the next-page cursor)")] = None,
     url: UrlOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

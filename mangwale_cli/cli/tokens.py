@@ -31,7 +31,7 @@ def tokens_create(
             "-s",
             help="read (list, show, watch), write (create, cancel, delete) or admin (all); repeatable",
         ),
-    ] = [],  # noqa: B006
+    ] = [],  # noqa: B006 - typer reads it, nothing mutates it
     as_json: Annotated[
         bool, typer.Option("--json", help="print {name, token, sha256, scopes, toml} as JSON")
     ] = False,

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, Optional, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
@@ -59,28 +59,28 @@ class Output(str, Enum):
 
 
 def watch(
-    job_ids: Annotated[Optional[list[str]], typer.Argument(metavar="JOB_ID", help="ids of the jobs to follow", show_default=False)] = None,
+    job_ids: Annotated[list[str] | None, typer.Argument(metavar="JOB_ID", help="ids of the jobs to follow", show_default=False)] = None,
     all_jobs: Annotated[bool, typer.Option("--all", help="follow every job, live from now, until interrupted")] = False,
     latest: Annotated[bool, typer.Option("--latest", help="follow the newest job")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="same as --output json")] = False,
     output: Annotated[
-        Optional[Output], typer.Option("--output", "-o", help="tty, plain or json [default: tty on a terminal, else plain]")
+        Output | None, typer.Option("--output", "-o", help="tty, plain or json [default: tty on a terminal, else plain]")
     ] = None,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", min=0, metavar="S", help="stop waiting after S seconds (exit 6)")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0, metavar="S", help="stop waiting after S seconds (exit 6)")] = None,
     max_retries: Annotated[
-        Optional[int], typer.Option("--max-retries", min=0, metavar="N", help="give up after N failed reconnects in a row (exit 7) [default: never]")
+        int | None, typer.Option("--max-retries", min=0, metavar="N", help="give up after N failed reconnects in a row (exit 7) [default: never]")
     ] = None,
     give_up_after: Annotated[
-        Optional[float], typer.Option("--give-up-after", min=0, metavar="S", help="give up after S seconds without a connection (exit 7) [default: never]")
+        float | None, typer.Option("--give-up-after", min=0, metavar="S", help="give up after S seconds without a connection (exit 7) [default: never]")
     ] = None,
     cancel_on_interrupt: Annotated[
         bool, typer.Option("--cancel-on-interrupt", help="Ctrl-C cancels the followed jobs instead of detaching")
     ] = False,
     since: Annotated[
-        Optional[int], typer.Option("--since", min=0, metavar="SEQ", help="replay the events after this seq [default: a job's whole history; with --all, now]")
+        int | None, typer.Option("--since", min=0, metavar="SEQ", help="replay the events after this seq [default: a job's whole history; with --all, now]")
     ] = None,
     url: Annotated[
-        Optional[str], typer.Option("--url", envvar="MANGWALE_URL", metavar="URL", help="server URL [default: http://localhost:8080]")
+        str | None, typer.Option("--url", envvar="MANGWALE_URL", metavar="URL", help="server URL [default: http://localhost:8080]")
     ] = None,
 ) -> None:
     """Follow jobs live until they end, and exit with their outcome.
@@ -427,11 +427,12 @@ class TtyRenderer(Renderer):
         self.console.print(summary_line(follower, code, reason), style=style, markup=False)
 
     def _render(self, final: bool = False) -> Any:
-        from .render import STATUS_STYLE
         from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
         from rich.text import Text
+
+        from .render import STATUS_STYLE
 
         f = self.follower
         now = time.monotonic()

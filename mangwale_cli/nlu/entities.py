@@ -24,7 +24,8 @@ def shape_pattern(value: str) -> str | None:
     for run in re.finditer(r"\d+|[A-Za-z]+|\s+|.", value):
         tok = run.group()
         if tok.isdigit():
-            out.append(r"\d{%d,%d}" % (max(1, len(tok) - 1), len(tok) + 1))
+            lo, hi = max(1, len(tok) - 1), len(tok) + 1
+            out.append(rf"\d{{{lo},{hi}}}")
         elif tok.isalpha():
             cls = "[A-Z]" if tok.isupper() else "[a-z]" if tok.islower() else "[A-Za-z]"
             out.append(f"{cls}{{{len(tok)}}}")
@@ -70,7 +71,7 @@ class EntityExtractor:
                 for p in pats:
                     compiled.append((re.compile(rf"(?<![\w-])(?:{p})(?![\w-])"), entity))
             self._compiled = compiled
-        return self._compiled  # type: ignore[no-any-return]
+        return self._compiled
 
     def extract(self, text: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []

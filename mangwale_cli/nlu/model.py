@@ -76,7 +76,7 @@ class IntentModel:
 
         model = joblib.load(directory / MODEL_FILE)
         if not isinstance(model, IntentModel):
-            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model")
+            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model")  # noqa: TRY004 - bad file content, not a caller's type error
         return model
 
 
@@ -114,7 +114,7 @@ def split(
     val: list[int] = []
     for idx in by_label.values():
         idx = list(rng.permutation(idx))
-        n_val = int(round(len(idx) * fraction)) if fraction > 0 else 0
+        n_val = round(len(idx) * fraction) if fraction > 0 else 0
         n_val = min(n_val, len(idx) - 1)
         val.extend(idx[:n_val])
         train.extend(idx[n_val:])

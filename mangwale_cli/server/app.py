@@ -1,7 +1,8 @@
 """The FastAPI application: translates HTTP to calls on ``Service`` and errors to JSON bodies.
 
-Every error leaves as ``{"error": {"code", "message", "field"}}`` with a 4xx status (or 503/507);
-an unexpected exception is logged and answered with a 500 in the same shape, never a traceback.
+Every error leaves as ``{"error": {"code", "message", "field"}}`` (``responses.py``) with a 4xx
+status (or 503/507); an unexpected exception is logged and answered with a 500 in the same
+shape, never a traceback.
 
 Middleware, outermost first: the request timer (``telemetry.py``, for ``GET /metrics``), CORS,
 authentication (``auth.py``), the body size limit and the
@@ -20,28 +21,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from .. import __version__, wire
+from .. import __version__
 from ..errors import MangwaleError
 from ..metrics import Metrics
 from ..service import Service
 from ..settings import Settings
-from ..tokens import TokenSet, load_tokens
+from ..tokens import Scope, TokenSet, load_tokens
+from . import dashboard, routes, stream, telemetry
+from .auth import AuthMiddleware, document, required_scope
+from .limits import BodyLimit, ExposeTransport
+from .responses import JSONOut, error_response
+from .telemetry import RequestTimer
 
 log = logging.getLogger("mangwale.server")
-
-
-class JSONOut(JSONResponse):
-    """JSON rendered by the wire module (compact, strict, UTF-8). A ``JSONResponse`` subclass, so
-    that FastAPI documents each route's ``response_model`` instead of a bare string."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        if isinstance(content, (bytes, str)):
-            return content.encode() if isinstance(content, str) else content
-        return wire.dumps(content).encode()
 
 
 class App(FastAPI):
@@ -64,10 +58,6 @@ class App(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def error_response(err: MangwaleError, headers: dict[str, str] | None = None) -> JSONOut:
-    return JSONOut(err.to_body(), status_code=err.status, headers=headers)
-
-
 def _field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     if not parts:
@@ -80,7 +70,7 @@ def _field_from_loc(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 def _validation_error(exc: RequestValidationError) -> MangwaleError:
     errors = exc.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    first: dict[str, Any] = errors[0] if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return MangwaleError(
@@ -155,10 +145,6 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     tokens = load_tokens(settings)
     app.state.tokens = tokens
 
-    from .auth import AuthMiddleware
-    from .limits import BodyLimit, ExposeTransport
-    from .telemetry import RequestTimer
-
     # add_middleware puts each one outside the previous: CORS ends up outermost, so preflights
     # and the CORS headers of a 401 never depend on a token.
     app.add_middleware(ExposeTransport)
@@ -200,8 +186,6 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         err = MangwaleError("internal error; see the server log", code="internal", status=500)
         return error_response(err)
 
-    from . import dashboard, routes, stream, telemetry
-
     app.include_router(routes.hot)
     app.include_router(routes.router)
     app.include_router(stream.router)
@@ -215,9 +199,6 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 def _document_gate(app: FastAPI, tokens: TokenSet) -> None:
     """Make the OpenAPI document list what the middleware and the store answer too: 401/403
     (``auth.document``), 413 for every request body, 503/507 for every write."""
-    from ..tokens import Scope
-    from .auth import document, required_scope
-
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -236,4 +217,4 @@ def _document_gate(app: FastAPI, tokens: TokenSet) -> None:
         document(schema, tokens)
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema

@@ -33,6 +33,7 @@ from ..tokens import (
 )
 from .limits import ASGIApp, Receive, Send
 from .limits import Scope as ASGIScope
+from .responses import error_response
 
 log = logging.getLogger("mangwale.auth")
 
@@ -83,13 +84,11 @@ class AuthMiddleware:
             err.code,
         )
         headers = {"WWW-Authenticate": _challenge(err, need)}
-        from .app import error_response
-
         response = error_response(err, headers=headers)
         if kind == "http":
             await response(scope, receive, send)
             return
-        ws = WebSocket(scope, receive, send)  # type: ignore[arg-type]
+        ws = WebSocket(scope, receive, send)
         if "websocket.http.response" in scope.get("extensions", {}):
             await ws.send_denial_response(response)
         else:  # a server without the denial extension: a bare 403 is the best it can say

@@ -21,6 +21,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from ..errors import PayloadTooLarge
+from .responses import error_response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,8 +55,6 @@ class BodyLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    from .app import error_response
-
                     err = PayloadTooLarge(_too_large(self.max_bytes), field="body")
                     await error_response(err, headers={"Connection": "close"})(scope, receive, send)
                     return

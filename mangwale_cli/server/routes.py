@@ -15,11 +15,11 @@ from ..errors import InvalidInput
 from ..service import Service
 from ..store.base import Cursor
 from ..wire import DatasetCreate, DatasetPatch, JobCreate, JobStatus
-from .app import JSONOut
+from .responses import JSONOut
 
 router = APIRouter()
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": wire.ErrorOut, "description": "Malformed request"},
     404: {"model": wire.ErrorOut, "description": "Not found"},
     409: {"model": wire.ErrorOut, "description": "Conflict"},
@@ -38,7 +38,7 @@ class DirectRoute(APIRoute):
         endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
-            return await endpoint(request)  # type: ignore[no-any-return]
+            return await endpoint(request)
 
         return handler
 
@@ -48,7 +48,7 @@ _INT = re.compile(r"[+-]?[0-9]+")
 
 
 def svc(request: Request) -> Service:
-    return request.app.state.service  # type: ignore[no-any-return]
+    return request.app.state.service
 
 
 @router.get("/healthz", response_model=wire.HealthOut, tags=["meta"])

@@ -41,8 +41,8 @@ from ..eventlog import Record
 from ..events import FutureSince, Subscription
 from ..metrics import Metrics
 from ..service import Service
-from .app import JSONOut
 from .limits import PROTOCOL_KEY, TRANSPORT_KEY, RateLimit
+from .responses import JSONOut
 
 log = logging.getLogger("mangwale.stream")
 router = APIRouter()
@@ -65,7 +65,7 @@ def parse_replay_params(
     since_n: int | None = None
     if since not in (None, ""):
         try:
-            since_n = int(since)  # type: ignore[arg-type]
+            since_n = int(since)
         except ValueError:
             raise InvalidInput(f"since must be a non-negative integer, got {since!r}", field="since") from None
         if since_n < 0:

@@ -142,7 +142,8 @@ def _migrate(root: Path, tmp: Path) -> None:
     for ev in events:
         if isinstance(ev.get("jobSeq"), int) and ev.get("jobId"):
             job_seqs[ev["jobId"]] = max(job_seqs.get(ev["jobId"], 0), ev["jobSeq"])
-    finished, active = [], []
+    finished: list[dict[str, Any]] = []
+    active: list[dict[str, Any]] = []
     for job_id, doc in (data.get("jobs") or {}).items():
         doc = {**doc, "id": job_id, "jobSeq": job_seqs.get(job_id, 0), "lease": None}
         (finished if doc.get("status") in _TERMINAL else active).append(doc)
@@ -175,10 +176,11 @@ def _migrate(root: Path, tmp: Path) -> None:
     fsync_dir(tmp / "log")
     expires = wire.now_ms() + 24 * 3600 * 1000
     idem = {k: {**v, "expiresAt": expires} for k, v in (data.get("idempotency") or {}).items()}
+    head = max(base, events[-1]["seq"]) if events else base
     snap = {
         SNAPSHOT_KEY: 2,
         "record": record,
-        "seq": max(base, events[-1]["seq"]) if events else base,
+        "seq": head,
         "epoch": epoch,
         "createdAt": wire.now_ms(),
         "meta": {k: v for k, v in meta.items() if k not in ("schema", "seqCeiling")},
@@ -190,7 +192,7 @@ def _migrate(root: Path, tmp: Path) -> None:
         "migratedFrom": 1,
     }
     _write_json(tmp / "snapshot.json", snap)
-    atomic_write(tmp / "run.json", wire.dumps({"bootId": "", "clean": True, "seqCeiling": max(ceiling, snap["seq"])}).encode())
+    atomic_write(tmp / "run.json", wire.dumps({"bootId": "", "clean": True, "seqCeiling": max(ceiling, head)}).encode())
     fsync_dir(tmp)
     faults.point("migrate-copied")
     for name in (*NEW_DIRS, "run.json"):
@@ -202,7 +204,7 @@ def _migrate(root: Path, tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "migrated the store in %s from schema 1 to 2: %d jobs, %d datasets, %d events kept (epoch %s, seq %d) in %.1f s",
-        root, len(finished) + len(active), len(files), len(events), epoch, snap["seq"], time.monotonic() - started,
+        root, len(finished) + len(active), len(files), len(events), epoch, head, time.monotonic() - started,
     )  # fmt: skip
 
 

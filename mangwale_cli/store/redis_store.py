@@ -341,7 +341,7 @@ class RedisStore(Store):
     async def list_datasets(self) -> list[Dataset]:
         """Oldest first (createdAt, then id)."""
         async with self._redis() as r:
-            ids: list[bytes] = await r.zrange(self.keys.datasets, 0, -1)  # type: ignore[assignment]
+            ids: list[bytes] = await r.zrange(self.keys.datasets, 0, -1)  # type: ignore[assignment]  # redis-py: sync and async in one hint
             if not ids:
                 return []
             docs = await r.mget([self.keys.dataset(_text(i)) for i in ids])
@@ -396,7 +396,7 @@ class RedisStore(Store):
                 return root  # nothing published: whatever is local is all there is
             if await asyncio.to_thread(self._cached_digest, root) == digest:
                 return root
-            stored: dict[bytes, bytes] = await r.hgetall(key)  # type: ignore[assignment]
+            stored: dict[bytes, bytes] = await r.hgetall(key)  # type: ignore[assignment]  # redis-py: sync and async in one hint
         digest = stored.pop(ARTIFACT_DIGEST_FIELD.encode(), None)
         if digest is None:  # deleted between the two reads
             return root

@@ -44,7 +44,16 @@ from ..errors import Conflict, InsufficientStorage, MangwaleError, StoreError, U
 from ..eventlog import EventRing, Record, new_epoch
 from ..wire import Dataset, Job, JobStatus, now_ms
 from . import archive
-from .base import IDEMPOTENCY_TTL, SCHEMA_VERSION, Cursor, Expect, Store, can_begin, refusal, stale_write
+from .base import (
+    IDEMPOTENCY_TTL,
+    SCHEMA_VERSION,
+    Cursor,
+    Expect,
+    Store,
+    can_begin,
+    refusal,
+    stale_write,
+)
 from .datadir import TMP_MARK, DataDir, atomic_write, fsync_dir
 from .jobtable import JobTable
 from .wal import RecordLog, encode
@@ -89,13 +98,18 @@ class RecordTable(Table):
     """A TinyDB table that changes one document in place: the stock ``Table`` copies the whole
     table on every write, which is what made writes cost more as history grew."""
 
-    document_id_class = str
+    document_id_class = str  # type: ignore[assignment]  # TinyDB's hints say int; ids here are job/dataset ids
+
+    def _live(self) -> MutableMapping[str, Any]:
+        tables = self._storage.read()
+        assert tables is not None  # LiveStorage always holds the tables
+        return tables[self.name]
 
     def _read_table(self) -> Any:
-        return self._storage.read()[self.name]
+        return self._live()
 
     def _update_table(self, updater: Callable[[Any], None]) -> None:
-        updater(self._storage.read()[self.name])
+        updater(self._live())
         self.clear_cache()
 
     def put(self, doc_id: str, doc: dict[str, Any]) -> None:
@@ -115,7 +129,8 @@ class RecordTable(Table):
         """The stored document itself (not a copy): callers must not change it."""
         table = self._read_table()
         try:
-            return table[doc_id]  # type: ignore[no-any-return]
+            doc: dict[str, Any] = table[doc_id]
+            return doc
         except KeyError:
             return None
 
@@ -251,7 +266,7 @@ class TinyDBStore(Store):
 
         self._reset()
         await asyncio.to_thread(migrate_if_needed, self.root)
-        self._db = _DB(storage=LiveStorage, tables=self._raw)  # type: ignore[arg-type]
+        self._db = _DB(storage=LiveStorage, tables=self._raw)
         self._tables = {name: self._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]
         await asyncio.to_thread(self._load)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
@@ -275,7 +290,7 @@ class TinyDBStore(Store):
         if self._snapshot_task is not None:
             try:
                 await self._snapshot_task
-            except Exception:  # noqa: BLE001 - logged by the task; closing goes on
+            except Exception:  # noqa: BLE001, S110 - logged by the task; closing goes on
                 pass
         self.log.close()
         self.reader.close()
@@ -575,8 +590,8 @@ class TinyDBStore(Store):
             ops.insert(0, ["put", JOBS, job.id, doc])
             return Staged(ops, wire.job_created(job), job.id, 1, (job, True))
 
-        result = await self._submit(stage, durable=True)
-        return result  # type: ignore[no-any-return]
+        result: tuple[Job, bool] = await self._submit(stage, durable=True)
+        return result
 
     def _job_stage(
         self, job: Job, event: dict[str, Any] | None, expect: Expect | None, extra: list[list[Any]], begin: int | None = None
@@ -654,7 +669,8 @@ class TinyDBStore(Store):
             ops: list[list[Any]] = [["del", JOBS, j] for j in gone]
             return Staged(ops, wire.job_deleted(gone, reason), None, None, gone)
 
-        return await self._submit(stage, durable=True, noop=[])  # type: ignore[no-any-return]
+        gone: list[str] = await self._submit(stage, durable=True, noop=[])
+        return gone
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = self._tables[JOBS].raw(job_id)
@@ -734,7 +750,8 @@ class TinyDBStore(Store):
                 return None
             return Staged([["put", META, key, {"value": value}]], result=True)
 
-        return await self._submit(stage, durable=True, noop=False)  # type: ignore[no-any-return]
+        claimed: bool = await self._submit(stage, durable=True, noop=False)
+        return claimed
 
     # --- the event log ------------------------------------------------------------------------
 
@@ -1013,7 +1030,7 @@ def inspect(root: Path) -> Inspection:
     running (or dead): this takes no lock and writes nothing."""
     store = TinyDBStore(DataDir(root))
     store._read_only = True
-    store._db = _DB(storage=LiveStorage, tables=store._raw)  # type: ignore[arg-type]
+    store._db = _DB(storage=LiveStorage, tables=store._raw)
     store._tables = {name: store._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]
     store._load(read_only=True)
     try:

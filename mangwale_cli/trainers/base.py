@@ -58,7 +58,6 @@ class Trainer(ABC):
 
     async def check(self, params: dict[str, Any], store: Store) -> None:
         """Checks that need the store (e.g. a base job); raise ``InvalidInput``."""
-        return None
 
     @abstractmethod
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ artifact directory and served by ``POST /training/jobs/{id}/predict``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import InvalidInput
 from ..store.base import Store
@@ -38,7 +38,7 @@ class NluTrainer(Trainer):
     description = "Intent classifier (TF-IDF + linear model, by epochs) and entity extractor"
     requires_dataset = True
     requires_examples = True
-    params = COMMON
+    params: ClassVar[list[Param]] = COMMON
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         return validate_declared(params, self.params)
@@ -57,7 +57,7 @@ class NluTrainer(Trainer):
 class FineTuneTrainer(NluTrainer):
     kind = "fine-tune"
     description = "Continue training a finished nlu-train job's model (params.baseJobId) on another dataset"
-    params = [*COMMON[:1], Param("baseJobId", str, None), *COMMON[1:]]
+    params: ClassVar[list[Param]] = [*COMMON[:1], Param("baseJobId", str, None), *COMMON[1:]]
 
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         out = validate_declared({"epochs": 4, **params}, self.params)

@@ -77,7 +77,7 @@ def _child(work: Work, payload: dict[str, Any], progress: Connection, lifeline: 
     emit = Emitter()
     try:
         result = work(payload, emit)
-    except BaseException as exc:  # report every failure, including SystemExit
+    except BaseException as exc:  # noqa: BLE001 - report every failure, including SystemExit
         progress.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
     else:
         progress.send(("result", result))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Param, Trainer, TrainingContext, validate_declared
 
@@ -21,7 +21,7 @@ class SimulateTrainer(Trainer):
     kind = "simulate"
     description = "No training: steps through progress on a timer (params: steps, stepMs, failAt)"
     requires_dataset = False
-    params = [
+    params: ClassVar[list[Param]] = [
         Param("steps", int, 4, 1, 10_000),
         Param("stepMs", float, 500.0, 0, 3_600_000),
         Param("failAt", int, None, 1, 10_000),
