@@ -184,6 +184,19 @@ class Client:
     def delete_job(self, job_id: str) -> None:
         self._json("DELETE", f"/training/jobs/{job_id}")
 
+    def prune_jobs(
+        self, *, older_than: str | None = None, keep: int | None = None, statuses: list[str] | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"dryRun": dry_run}
+        if older_than is not None:
+            body["olderThan"] = older_than
+        if keep is not None:
+            body["keep"] = keep
+        if statuses:
+            body["status"] = statuses
+        return self._json("POST", "/training/jobs/prune", json=body)
+
     def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
         return self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, wire
-from .errors import Conflict, InvalidInput, NotFound, StoreError
+from .errors import Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .eventlog import Record
 from .events import EventBus
 from .runner import Runner
@@ -74,12 +74,16 @@ class Service:
                 log_retention=settings.events_log_retention,
                 fsync_interval=settings.events_fsync_interval,
                 lease=settings.runner_lease,
+                idempotency_ttl=settings.store_idempotency_ttl,
+                snapshot_records=settings.store_snapshot_records,
+                segment_bytes=settings.store_segment_bytes,
             )
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
         self._models: dict[str, IntentModel] = {}  # job id -> loaded model, oldest first
         self._started = False
+        self._retention: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -104,6 +108,8 @@ class Service:
             holder=self.instance,
         )
         await self.runner.start()
+        if self.settings.retention_max_age_days or self.settings.retention_max_finished:
+            self._retention = asyncio.create_task(self.retention_loop(), name="retention")
         self._started = True
 
     async def _start_shared(self) -> None:
@@ -174,6 +180,8 @@ class Service:
             return
         self._started = False
         assert self.runner is not None and self.bus is not None
+        if self._retention is not None:
+            self._retention.cancel()
         await self.runner.stop()
         await self.bus.stop()
         await self.store.close()
@@ -337,6 +345,78 @@ class Service:
         await self.store.delete_jobs([job_id])
         self._models.pop(job_id, None)
         await self.store.delete_artifacts(job_id)
+
+    async def prune(
+        self,
+        *,
+        older_than: float | None = None,
+        keep: int | None = None,
+        statuses: list[JobStatus] | None = None,
+        dry_run: bool = False,
+        reason: str = "pruned",
+    ) -> dict[str, Any]:
+        """Delete finished jobs, with their logs and files: those that finished more than
+        ``older_than`` seconds ago, and/or all but the newest ``keep``. Never a queued or running
+        job, nor the base model of a queued or running fine-tune; Idempotency-Keys keep their own
+        TTL. One ``job_deleted`` event per batch of deleted jobs."""
+        if older_than is None and keep is None:
+            raise InvalidInput("say which jobs to prune: olderThan and/or keep", field="olderThan")
+        wanted = [s for s in (statuses or list(wire.TERMINAL)) if s.terminal]
+        if statuses and len(wanted) != len(statuses):
+            active = ", ".join(s.value for s in statuses if not s.terminal)
+            raise InvalidInput(f"only finished jobs are pruned; not {active}", field="status")
+        candidates: set[str] = set()
+        if older_than is not None:
+            before = now_ms() - int(older_than * 1000)
+            candidates |= {j.id for j in await self.store.finished_before(before, wanted, 10**9)}
+        if keep is not None:
+            beyond = await self._oldest_finished(keep, wanted)
+            candidates = candidates & beyond if older_than is not None else beyond
+        protected = {
+            str(j.params["baseJobId"])
+            for j in await self.store.list_jobs(statuses=ACTIVE)
+            if isinstance(j.params.get("baseJobId"), str)
+        }
+        chosen = sorted(candidates - protected)
+        deleted: list[str] = []
+        if not dry_run:
+            for i in range(0, len(chosen), PRUNE_BATCH):
+                gone = await self.store.delete_jobs(chosen[i : i + PRUNE_BATCH], reason)
+                deleted += gone
+                for job_id in gone:
+                    self._models.pop(job_id, None)
+                    await self.store.delete_artifacts(job_id)
+        if deleted:
+            log.info("pruned %d finished jobs (%s)", len(deleted), reason)
+        return {
+            "deleted": deleted if not dry_run else chosen,
+            "count": len(deleted) if not dry_run else len(chosen),
+            "dryRun": dry_run,
+            "kept": sorted(candidates & protected),
+        }
+
+    async def _oldest_finished(self, keep: int, statuses: list[JobStatus]) -> set[str]:
+        """Finished jobs of ``statuses`` beyond the newest ``keep`` (by finish time)."""
+        oldest = getattr(self.store, "oldest_finished", None)
+        if oldest is not None:  # the embedded store answers from its index
+            return set(oldest(keep, statuses, 10**9))
+        jobs = await self.store.list_jobs(statuses=statuses)
+        jobs.sort(key=lambda j: (j.finished_at or j.updated_at, j.id), reverse=True)
+        return {j.id for j in jobs[keep:]}
+
+    async def retention_loop(self) -> None:
+        """``[retention]``: prune by age and/or count every ``retention.interval`` seconds."""
+        s = self.settings
+        while True:
+            try:
+                await self.prune(
+                    older_than=s.retention_max_age_days * 86400 if s.retention_max_age_days else None,
+                    keep=s.retention_max_finished or None,
+                    reason="pruned",
+                )
+            except MangwaleError as exc:
+                log.warning("retention pass failed: %s", exc)
+            await asyncio.sleep(s.retention_interval)
 
     # --- models ---------------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir):
                   ssl_certfile, ssl_keyfile
     [websocket]   ping_interval, ping_timeout, max_message_size, client_queue, max_connections,
                   message_rate, message_burst
-    [store]       backend, flush_interval, timeout, prefix
+    [store]       backend, timeout, prefix, idempotency_ttl, snapshot_records, segment_bytes,
+                  flush_interval (deprecated)
     [events]      retention, log_retention, fsync_interval
     [runner]      concurrency, max_attempts, kill_grace, sample_dataset, stall_after, log_lines, lease
+    [retention]   max_age_days, max_finished, interval
 
 Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it. Their
 scalar keys that have a spec here (``auth.tokens_file``) are settings like any other; the rest of
@@ -60,6 +62,9 @@ class Spec:
     kind: type  # int, float, str, bool or list
     help: str
     minimum: float | None = None
+    #: why the setting no longer does what it did: it is still accepted (an old config starts),
+    #: and the server says this once at start-up instead of ignoring it silently
+    deprecated: str | None = None
 
     @property
     def env(self) -> str:
@@ -96,6 +101,12 @@ class Settings:
     ws_message_burst: int = 50
     store_backend: str = "tinydb"
     store_flush_interval: float = 0.5
+    store_idempotency_ttl: float = 24 * 3600.0
+    store_snapshot_records: int = 20_000
+    store_segment_bytes: int = 8 * 1024 * 1024
+    retention_max_age_days: float = 0.0
+    retention_max_finished: int = 0
+    retention_interval: float = 3600.0
     store_timeout: float = 5.0
     store_prefix: str = "mangwale:"
     events_retention: int = 100_000
@@ -112,6 +123,8 @@ class Settings:
     config_file: Path | None = None
     # Sections later issues add (trainers, auth) are kept raw here until they are read.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: one line per deprecated setting that was given (logged as a warning at start-up)
+    deprecations: list[str] = field(default_factory=list)
 
     @property
     def shared_store(self) -> bool:
@@ -148,11 +161,16 @@ SPECS: list[Spec] = [
     Spec("ws_message_rate", "websocket", float, "client messages per second a connection may sustain (0 = no limit; close 4429 above)", 0),
     Spec("ws_message_burst", "websocket", int, "client messages a connection may send at once before the rate applies", 1),
     Spec("store_backend", "store", str, "'tinydb' (embedded, in the data dir) or a Redis URL (redis://host:6379/0) shared by several instances (serve --store)"),
-    Spec("store_flush_interval", "store", float, "seconds progress writes may wait", 0),
+    Spec("store_flush_interval", "store", float, "deprecated: every write reaches the log at once (see events.fsync_interval)", 0,
+         deprecated="store.flush_interval is deprecated and has no effect: every write reaches the store's log at once; "
+         "events.fsync_interval bounds how much progress a power loss can cost"),
+    Spec("store_idempotency_ttl", "store", float, "seconds an Idempotency-Key is remembered", 1),
+    Spec("store_snapshot_records", "store", int, "embedded store: log records between snapshots (fewer: faster start, more writing)", 10),
+    Spec("store_segment_bytes", "store", int, "embedded store: size of a log segment (old segments are deleted whole)", 4096),
     Spec("store_timeout", "store", float, "seconds a Redis command may take before the request fails with 503", 0.05),
     Spec("store_prefix", "store", str, "prefix of every Redis key (several deployments can share one Redis)"),
     Spec("events_retention", "events", int, "events the log keeps for replay", 10),
-    Spec("events_fsync_interval", "events", float, "seconds between event-log fsyncs", 0),
+    Spec("events_fsync_interval", "events", float, "embedded store: seconds between fsyncs of progress (creates, cancels and final states are fsynced before they are answered); what a power loss can cost at most", 0),
     Spec("runner_concurrency", "runner", int, "jobs run at once", 1),
     Spec("runner_max_attempts", "runner", int, "attempts before an interrupted job fails", 1),
     Spec("runner_kill_grace", "runner", float, "seconds a cancelled trainer gets before SIGKILL", 0),
@@ -160,7 +178,10 @@ SPECS: list[Spec] = [
     Spec("runner_stall_after", "runner", float, "seconds without a report before a job is flagged stalled (0 = off)", 0),
     Spec("runner_log_lines", "runner", int, "log lines kept per job", 1),
     Spec("events_log_retention", "events", int, "job_log lines the event log keeps for replay (apart from retention)", 0),
-    Spec("runner_lease", "runner", float, "Redis store: seconds an instance holds a job without renewing before another takes it over", 0.3),
+    Spec("runner_lease", "runner", float, "seconds a runner holds a job's lease without renewing it before its writes are refused and another may take the job over", 0.3),
+    Spec("retention_max_age_days", "retention", float, "delete finished jobs (with their events, logs and files) this many days after they finished (0 = keep)", 0),
+    Spec("retention_max_finished", "retention", int, "keep at most this many finished jobs, deleting the oldest (0 = no limit)", 0),
+    Spec("retention_interval", "retention", float, "seconds between retention passes", 1),
 ]
 _BY_NAME = {s.name: s for s in SPECS}
 _BY_TOML = {s.toml_key: s for s in SPECS}
@@ -288,10 +309,12 @@ def load(
         if name in _BY_NAME:
             merged[name] = _coerce(_BY_NAME[name], value, f"--{name.replace('_', '-')}")
     known = {f.name for f in fields(Settings)}
+    deprecations = [_BY_NAME[k].deprecated for k in merged if k in _BY_NAME and _BY_NAME[k].deprecated]
     return Settings(
         data_dir=data_dir,
         config_file=config_path,
         extra=extra,
+        deprecations=[d for d in deprecations if d],
         **{k: v for k, v in merged.items() if k in known},
     )
 

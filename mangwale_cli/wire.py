@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -216,6 +217,44 @@ class JobCreate(BaseModel):
     def fingerprint(self) -> str:
         """Stable text of the request, to tell a retried POST from a different one."""
         return dumps(self.model_dump(by_alias=True))
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or plain seconds -> seconds; ValueError otherwise."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text[:40]!r} is not a duration (say 30d, 12h, 90m or 45s)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+class PruneRequest(BaseModel):
+    """``POST /training/jobs/prune``: which finished jobs to delete (admin scope)."""
+
+    model_config = _STRICT
+    older_than: str | None = Field(
+        default=None, alias="olderThan", max_length=40, description="finished longer ago than this: 30d, 12h, 90m, 45s"
+    )
+    keep: int | None = Field(default=None, ge=0, description="keep the newest N finished jobs, prune the rest")
+    status: list[JobStatus] | None = Field(default=None, max_length=3, description="only these final statuses")
+    dry_run: bool = Field(default=False, alias="dryRun", description="say what would be deleted; delete nothing")
+
+    @field_validator("older_than")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
+class PruneOut(BaseModel):
+    deleted: list[str] = Field(description="the jobs deleted (with dryRun: that would be)")
+    count: int
+    dryRun: bool
+    kept: list[str] = Field(description="matching jobs kept: the base model of a queued or running fine-tune")
 
 
 class PredictRequest(BaseModel):

@@ -918,6 +918,19 @@ def test_sse_uses_seq_as_id_and_honours_last_event_id(api: TestClient) -> None:
     assert [int(f["id"]) for f in frames[1:]] == [e["seq"] for e in events[2:]]
 
 
+def test_sse_last_event_id_wins_over_since(api: TestClient) -> None:
+    """An EventSource opened with ?since=0 reconnects with Last-Event-ID: it resumes after that id,
+    not from 0 again (the URL keeps since=0 on every reconnect)."""
+    job = create_job(api)
+    events = wait_logged_end(api, job["id"])
+    n = events[-2]["seq"]
+    with api.stream(
+        "GET", "/training/events", params={"jobs": job["id"], "since": 0}, headers={"Last-Event-ID": str(n)}
+    ) as r:
+        frames = _sse_frames(r.iter_lines(), 2)
+    assert [int(f["id"]) for f in frames[1:]] == [events[-1]["seq"]]
+
+
 def test_sse_streams_live_events(api: TestClient) -> None:
     """Without since, SSE sends connected then live events only."""
     with api.stream("GET", "/training/events") as r:

@@ -209,7 +209,7 @@ def test_missing_or_invalid_config_file(tmp_path: Path) -> None:
 def test_every_setting_is_documented() -> None:
     """Each Settings field but the resolved ones (and serve --processes' own index) has a spec, listed in the README table."""
     names = {s.name for s in SPECS}
-    fields = set(Settings.__dataclass_fields__) - {"data_dir", "config_file", "extra", "process_index"}
+    fields = set(Settings.__dataclass_fields__) - {"data_dir", "config_file", "extra", "process_index", "deprecations"}
     assert names == fields
     table = settings_table()
     for spec in SPECS:
@@ -225,3 +225,15 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [s.toml_key for s in SPECS if f"`{s.toml_key}`" not in readme or f"`{s.env}`" not in readme]
     assert not missing, f"README settings table lacks {missing}"
+
+
+def test_a_deprecated_setting_still_starts_and_says_so(tmp_path: Path) -> None:
+    """An old config with store.flush_interval loads (and keeps its value), and the settings
+    carry one line saying it no longer does anything and what bounds power-loss cost now."""
+    cfg = write_config(tmp_path / "old.toml", "[store]\nflush_interval = 0.05\n[events]\nfsync_interval = 0.3\n")
+    s = load({"config_file": cfg}, env={"MANGWALE_DATA_DIR": str(tmp_path)})
+    assert s.store_flush_interval == 0.05 and s.events_fsync_interval == 0.3
+    assert len(s.deprecations) == 1
+    assert "store.flush_interval is deprecated" in s.deprecations[0] and "events.fsync_interval" in s.deprecations[0]
+    assert load({}, env={"MANGWALE_DATA_DIR": str(tmp_path)}).deprecations == []
+    assert load({}, env={"MANGWALE_STORE_FLUSH_INTERVAL": "1"}).deprecations == s.deprecations

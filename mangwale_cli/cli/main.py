@@ -314,6 +314,42 @@ def jobs_delete(job_id: Annotated[str, typer.Argument(help="job id")], url: UrlO
     typer.echo(f"deleted job {job_id}", err=True)
 
 
+@jobs_app.command("prune")
+def jobs_prune(
+    older_than: Annotated[str | None, typer.Option("--older-than", metavar="AGE", help="finished longer ago than AGE: 30d, 12h, 90m, 45s")] = None,
+    keep: Annotated[int | None, typer.Option("--keep", min=0, metavar="N", help="keep the newest N finished jobs")] = None,
+    status: Annotated[list[str] | None, typer.Option("--status", metavar="STATUS", help="only succeeded, failed or cancelled jobs (repeatable)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted; delete nothing")] = False,
+    url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete finished jobs by age and/or count, with their events, logs and files (admin token).
+
+    Queued and running jobs, and the base model of a queued or running fine-tune, are never
+    pruned. Watchers and the dashboard are told (job_deleted).
+    """
+    from . import render
+
+    if older_than is None and keep is None:
+        raise InvalidInput("say which jobs to prune: --older-than AGE and/or --keep N", field="older-than")
+    if older_than is not None:
+        from ..wire import parse_duration
+
+        try:
+            parse_duration(older_than)
+        except ValueError as exc:
+            raise InvalidInput(f"--older-than: {exc}", field="older-than") from None
+    result = _client(url).prune_jobs(older_than=older_than, keep=keep, statuses=status, dry_run=dry_run)
+    if as_json:
+        render.print_json(result)
+        return
+    for job_id in result["deleted"]:
+        typer.echo(job_id)
+    verb = "would delete" if result["dryRun"] else "deleted"
+    kept = f"; kept {len(result['kept'])} base model(s) of active fine-tunes" if result["kept"] else ""
+    typer.echo(f"{verb} {result['count']} finished job(s){kept}", err=True)
+
+
 @jobs_app.command("kinds")
 def jobs_kinds(url: UrlOpt = None, as_json: JsonOpt = False) -> None:
     """List the job kinds the server can run."""

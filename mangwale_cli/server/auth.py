@@ -53,6 +53,8 @@ def required_scope(method: str, path: str) -> Scope | None:
         return Scope.READ
     if method == "POST" and path.endswith("/predict"):  # classifies a text, changes nothing
         return Scope.READ
+    if method == "POST" and path == "/training/jobs/prune":  # deletes history in bulk
+        return Scope.ADMIN
     return Scope.WRITE
 
 

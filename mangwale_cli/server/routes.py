@@ -202,6 +202,15 @@ async def create_job(
     return JSONOut(job.to_dict(), status_code=201, headers=headers)
 
 
+@router.post("/training/jobs/prune", response_model=wire.PruneOut, responses=ERRORS, tags=["jobs"])
+async def prune_jobs(request: Request, body: wire.PruneRequest) -> Response:
+    """Delete finished jobs by age and/or count, with their events, logs and files (admin scope).
+    Never a queued or running job or the base model of one; broadcasts ``job_deleted``."""
+    older = wire.parse_duration(body.older_than) if body.older_than is not None else None
+    result = await svc(request).prune(older_than=older, keep=body.keep, statuses=body.status, dry_run=body.dry_run)
+    return JSONOut(result)
+
+
 @router.get("/training/jobs/{job_id}", response_model=wire.JobOut, responses=ERRORS, tags=["jobs"])
 async def get_job(request: Request, job_id: str) -> Response:
     """One job."""

@@ -472,17 +472,22 @@ SSE_EVENT_SCHEMA = {
 )
 async def sse_events(
     request: Request,
-    since: Annotated[str | None, Query(description="resume after this seq (else Last-Event-ID, else live only)")] = None,
+    since: Annotated[
+        str | None, Query(description="start after this seq when there is no Last-Event-ID (else live only)")
+    ] = None,
     epoch: Annotated[str | None, Query(description="epoch the seq belongs to")] = None,
     jobs: Annotated[str | None, Query(description="comma-separated job ids")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events: ``id`` is the event's seq; ``Last-Event-ID`` resumes after it."""
+    """Server-Sent Events: ``id`` is the event's seq; ``Last-Event-ID`` resumes after it.
+
+    ``Last-Event-ID`` wins over ``since``: an ``EventSource`` opened with ``?since=0`` sends the
+    header on every reconnect, and must resume there, not replay everything again."""
     service: Service = request.app.state.service
     settings = request.app.state.settings
     bus = service.bus
     assert bus is not None
-    since_n, epoch_s, job_set = parse_replay_params(since if since is not None else last_event_id, epoch, jobs)
+    since_n, epoch_s, job_set = parse_replay_params(last_event_id if last_event_id is not None else since, epoch, jobs)
     await bus.catch_up(since_n)  # Unavailable (503) while a shared event stream is away
     try:
         sub = bus.subscribe(since=since_n, epoch=epoch_s, jobs=job_set)

@@ -211,10 +211,11 @@ class Store(ABC):
         if it is not (or no longer) theirs, or expired already."""
 
     @abstractmethod
-    async def delete_jobs(self, job_ids: list[str]) -> list[str]:
-        """Delete finished jobs (with their lines) and log one ``job_deleted`` event naming the
-        ones deleted, as one unit; jobs that are unknown or still queued/running are skipped.
-        Returns the ids deleted. Durable. Files are removed by ``delete_artifacts``."""
+    async def delete_jobs(self, job_ids: list[str], reason: str = "deleted") -> list[str]:
+        """Delete finished jobs (with their lines) and log one ``job_deleted`` event (``reason``:
+        deleted or pruned) naming the ones deleted, as one unit; jobs that are unknown or still
+        queued/running are skipped. Returns the ids deleted. Durable. Files are removed by
+        ``delete_artifacts``."""
 
     @abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import faults, wire
 from ..errors import StoreError
+from . import snapshot
 from .datadir import DB_NAME, EVENTS_NAME, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,7 @@ def migrate_if_needed(root: Path) -> None:
         return
     shutil.rmtree(tmp, ignore_errors=True)
     if not (root / "log").exists():  # a new store: stamp its schema at once
-        from .tinydb_store import SNAPSHOT_KEY
-
-        atomic_write(snap, wire.dumps({SNAPSHOT_KEY: 2, "record": 0, "seq": 0, "epoch": ""}).encode())
+        atomic_write(snap, wire.dumps({snapshot.KEY: 2, "record": 0, "seq": 0, "epoch": ""}).encode())
 
 
 def load_db_file(path: Path) -> dict[str, dict[str, Any]]:
@@ -125,7 +124,6 @@ def _read_old_log(path: Path) -> tuple[str | None, int, dict[str, int], list[dic
 
 def _migrate(root: Path, tmp: Path) -> None:
     from . import archive
-    from .tinydb_store import SNAPSHOT_KEY, _write_json
     from .wal import RecordLog, encode
 
     started = time.monotonic()
@@ -157,7 +155,7 @@ def _migrate(root: Path, tmp: Path) -> None:
     files = {}
     for ds_id, doc in (data.get("datasets") or {}).items():
         name = f"{ds_id}.0.json"
-        _write_json(tmp / "datasets" / name, {**doc, "id": ds_id})
+        snapshot.write_json(tmp / "datasets" / name, {**doc, "id": ds_id})
         files[ds_id] = name
     fsync_dir(tmp / "datasets")
     wal = RecordLog(tmp / "log")
@@ -178,7 +176,7 @@ def _migrate(root: Path, tmp: Path) -> None:
     idem = {k: {**v, "expiresAt": expires} for k, v in (data.get("idempotency") or {}).items()}
     head = max(base, events[-1]["seq"]) if events else base
     snap = {
-        SNAPSHOT_KEY: 2,
+        snapshot.KEY: 2,
         "record": record,
         "seq": head,
         "epoch": epoch,
@@ -191,7 +189,7 @@ def _migrate(root: Path, tmp: Path) -> None:
         "datasets": files,
         "migratedFrom": 1,
     }
-    _write_json(tmp / "snapshot.json", snap)
+    snapshot.write_json(tmp / "snapshot.json", snap)
     atomic_write(tmp / "run.json", wire.dumps({"bootId": "", "clean": True, "seqCeiling": max(ceiling, head)}).encode())
     fsync_dir(tmp)
     faults.point("migrate-copied")

@@ -43,10 +43,9 @@ from .. import faults, wire
 from ..errors import Conflict, InsufficientStorage, MangwaleError, StoreError, Unavailable
 from ..eventlog import EventRing, Record, new_epoch
 from ..wire import Dataset, Job, JobStatus, now_ms
-from . import archive
+from . import archive, snapshot
 from .base import (
     IDEMPOTENCY_TTL,
-    SCHEMA_VERSION,
     Cursor,
     Expect,
     Store,
@@ -54,16 +53,14 @@ from .base import (
     refusal,
     stale_write,
 )
-from .datadir import TMP_MARK, DataDir, atomic_write, fsync_dir
+from .datadir import DataDir, atomic_write
 from .jobtable import JobTable
 from .wal import RecordLog, encode
 
 log = logging.getLogger(__name__)
 
 JOBS, DATASETS, IDEM, META = "jobs", "datasets", "idem", "meta"
-SNAPSHOT_NAME = "snapshot.json"
 RUN_NAME = "run.json"
-SNAPSHOT_KEY = "mangwaleSnapshot"
 SNAPSHOT_RECORDS = 20_000  # a snapshot is due after this many records...
 SNAPSHOT_BYTES = 32 * 1024 * 1024  # ...or this many bytes of log since the last one
 SEQ_BLOCK = 10_000  # seqs reserved ahead in run.json (a power loss never reuses a seq)
@@ -301,13 +298,13 @@ class TinyDBStore(Store):
     def _load(self, *, read_only: bool = False) -> None:
         """Snapshot, archive index, then the log's records after the snapshot (thread). With
         ``read_only`` (``inspect``) nothing on disk is touched, torn tails included."""
-        snap = _read_snapshot(self.root / SNAPSHOT_NAME)
+        snap = snapshot.read(self.root)
         self._snap_record = snap.get("record", 0)
         meta = self._raw[META]
         meta.update(snap.get("meta") or {})
         self._raw[IDEM].update(snap.get("idem") or {})
         for ds_id, name in (snap.get("datasets") or {}).items():
-            self._raw[DATASETS][ds_id] = _read_json(self.datasets_dir / name, "dataset file")
+            self._raw[DATASETS][ds_id] = snapshot.read_json(self.datasets_dir / name, "dataset file")
             self._dataset_files[ds_id] = name
         dead = snap.get("dead") or {}
         self._segments = list(snap.get("jobSegments") or [])
@@ -370,7 +367,7 @@ class TinyDBStore(Store):
         """After a power loss (the machine booted since, and we did not stop cleanly), what
         was not fsynced may be gone, including events clients saw: start a new epoch with seq
         above every seq that may have been issued (clients resync)."""
-        run = _read_json(self.root / RUN_NAME, "run file", missing={})
+        run = snapshot.read_json(self.root / RUN_NAME, "run file", missing={})
         self._ceiling = max(int(run.get("seqCeiling") or 0), self._seq)
         unclean = run and not run.get("clean") and run.get("bootId") not in (None, boot_id())
         if not self.epoch or unclean:
@@ -808,87 +805,42 @@ class TinyDBStore(Store):
     async def _snapshot(self) -> None:
         # On the loop: what the snapshot covers. Documents are never changed in place (a write
         # puts a new dict), so holding references is a consistent picture of this record.
-        record, seq = self._record, self._seq
         now = now_ms()
-        to_archive = self.jobs.to_archive()
-        merge = self.jobs.sparse([n for n in self._segments], min_size=1024)
-        merge_rows = {n: self.jobs.archived_in(n) for n in merge}
-        active = [self.jobs.entries[j].doc for j in self.jobs.page(["queued", "running"], None, None)]
-        datasets = {d: self._raw[DATASETS].get(d) for d in self._dirty_datasets}
-        self._dirty_datasets = set()
-        lines = self._lines_touched
-        self._lines_touched = set()
-        n = max([*self._segments, *archive.existing(self.archive_dir), 0]) + 1
-        dead = {n_: sorted(ids) for n_, ids in self.jobs.dead.items() if n_ not in merge and ids}
-        snap: dict[str, Any] = {
-            SNAPSHOT_KEY: SCHEMA_VERSION,
-            "record": record,
-            "seq": seq,
-            "epoch": self.epoch,
-            "createdAt": now,
-            "meta": dict(self._raw[META]),
-            "idem": {k: v for k, v in self._raw[IDEM].items() if v.get("expiresAt", 0) > now},
-            "active": active,
-            "dead": {str(k): v for k, v in dead.items()},
-        }
-        files = dict(self._dataset_files)
-
-        def write() -> tuple[list[tuple[str, int, int]], list[dict[str, Any]]]:
-            docs = list(to_archive)
-            reader = archive.Reader(self.archive_dir)  # its own descriptors: the loop reads too
-            try:
-                for n_ in merge:
-                    for _job_id, off, size in merge_rows[n_]:
-                        docs.append(reader.read(n_, off, size))
-            finally:
-                reader.close()
-            written = archive.write_segment(self.archive_dir, n, docs) if docs else []
-            for ds_id, doc in datasets.items():
-                if doc is None:
-                    files.pop(ds_id, None)
-                else:
-                    name = f"{ds_id}.{record}.json"
-                    self.datasets_dir.mkdir(exist_ok=True)
-                    _write_json(self.datasets_dir / name, doc)
-                    files[ds_id] = name
-            if datasets:
-                fsync_dir(self.datasets_dir)
-            for job_id, name in lines:  # log lines are as durable as the snapshot that covers them
-                _fsync_file(self.artifact_dir(job_id) / f"{name}.jsonl")
-            segments = [s for s in self._segments if s not in merge] + ([n] if docs else [])
-            snap["jobSegments"] = segments
-            snap["datasets"] = files
-            path = self.root / SNAPSHOT_NAME
-            tmp = path.with_name(f"{path.name}{TMP_MARK}snap")
-            _write_json(tmp, snap)
-            faults.point("snapshot-written")
-            os.replace(tmp, path)
-            fsync_dir(self.root)
-            faults.point("snapshot-renamed")
-            return [(w.job_id, w.offset, w.size) for w in written], docs
-
-        written, docs = await asyncio.to_thread(write)
+        merge = self.jobs.sparse(self._segments, min_size=1024)
+        plan = snapshot.Plan(
+            record=self._record,
+            seq=self._seq,
+            epoch=self.epoch,
+            meta=dict(self._raw[META]),
+            idem={k: v for k, v in self._raw[IDEM].items() if v.get("expiresAt", 0) > now},
+            active=[self.jobs.entries[j].doc for j in self.jobs.page(["queued", "running"], None, None)],  # type: ignore[misc]  # active jobs live in memory
+            to_archive=self.jobs.to_archive(),
+            merge={n: self.jobs.archived_in(n) for n in merge},
+            dead={n: sorted(ids) for n, ids in self.jobs.dead.items() if n not in merge and ids},
+            segments=list(self._segments),
+            segment=max([*self._segments, *archive.existing(self.archive_dir), 0]) + 1,
+            datasets={d: self._raw[DATASETS].get(d) for d in self._dirty_datasets},
+            dataset_files=dict(self._dataset_files),
+            lines=self._lines_touched,
+        )
+        self._dirty_datasets, self._lines_touched = set(), set()
+        try:
+            done = await asyncio.to_thread(snapshot.write, plan, self.root, self.artifacts_dir)
+        except BaseException:
+            self._dirty_datasets |= set(plan.datasets)  # the next snapshot writes them
+            self._lines_touched |= plan.lines
+            raise
         # On the loop again: the new segment holds these documents; forget what it replaced.
-        if docs:
-            self.jobs.archived(n, written, docs)
-            self._segments = [s for s in self._segments if s not in merge] + [n]
-        else:
-            self._segments = [s for s in self._segments if s not in merge]
-        old_files = set(self._dataset_files.values()) - set(files.values())
-        self._dataset_files = files
-        for n_ in merge:
-            self.jobs.forget_segment(n_)
-        self._snap_record, self._snap_size = record, self._written
+        if done.docs:
+            self.jobs.archived(plan.segment, done.written, done.docs)
+        for n in merge:
+            self.jobs.forget_segment(n)
+        self._segments = done.segments
+        old_files = set(self._dataset_files.values()) - set(done.dataset_files.values())
+        self._dataset_files = done.dataset_files
+        self._snap_record, self._snap_size = plan.record, self._written
         self.snapshots += 1
-
-        def cleanup() -> None:
-            for n_ in merge:
-                faults.point("segments-merged")
-                archive.remove_segment(self.archive_dir, n_)
-            for name in old_files:
-                (self.datasets_dir / name).unlink(missing_ok=True)
-
-        await asyncio.to_thread(cleanup)
+        await asyncio.to_thread(snapshot.cleanup, self.root, merge, old_files)
         self._drop_log()
 
     def _drop_log(self) -> None:
@@ -927,90 +879,6 @@ def _ring_record(line: Any) -> Record:
     if line.kind == "d":
         job_ids = frozenset(wire.loads(line.event).get("jobIds") or ())
     return Record(line.seq, line.job_id, line.job_seq, line.event, line.kind == "l", job_ids)
-
-
-def _read_json(path: Path, what: str, missing: Any = None) -> Any:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if missing is not None:
-            return missing
-        raise StoreError(f"the store's {what} {path} is missing; restore the data dir from a backup", code="corrupt") from None
-    except OSError as exc:
-        raise StoreError(f"cannot read the store's {what} {path}: {exc.strerror}", code="corrupt") from None
-    try:
-        return wire.loads(raw)
-    except ValueError as exc:
-        raise StoreError(f"the store's {what} {path} is corrupt ({exc}); restore the data dir from a backup",
-                         code="corrupt") from None  # fmt: skip
-
-
-def _read_snapshot(path: Path) -> dict[str, Any]:
-    snap = _read_json(path, "snapshot", missing={})
-    if not isinstance(snap, dict):
-        raise StoreError(f"the store's snapshot {path} is not a mangwale snapshot", code="corrupt")
-    if snap:
-        version = snap.get(SNAPSHOT_KEY)
-        if not isinstance(version, int):
-            raise StoreError(f"the store's snapshot {path} has no schema version", code="corrupt")
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"store {path.parent} has schema version {version}, newer than this mangwale ({SCHEMA_VERSION}); "
-                "upgrade mangwale",
-                code="too_new",
-            )
-    return snap
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    """Write a JSON file durably (no rename: callers rename, or use names nobody reads yet).
-    Large lists are serialized in pieces so the event loop's thread gets the GIL back."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for chunk in _chunks(doc):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chunks(doc: Any, depth: int = 0) -> Iterable[bytes]:
-    """``doc`` as JSON in pieces: a big list or dict is not serialized in one call (one call
-    holds the GIL for all of it, and the event loop waits that long)."""
-    if depth < 3 and isinstance(doc, dict) and (len(doc) > 64 or any(_big(v) for v in doc.values())):
-        yield b"{"
-        for i, (k, v) in enumerate(doc.items()):
-            yield (("," if i else "") + wire.dumps(k) + ":").encode()
-            yield from _chunks(v, depth + 1)
-        yield b"}"
-    elif depth < 3 and isinstance(doc, list) and len(doc) > 64:
-        yield b"["
-        for i in range(0, len(doc), 64):
-            yield (("," if i else "") + wire.dumps(doc[i : i + 64])[1:-1]).encode()
-        yield b"]"
-    else:
-        yield wire.dumps(doc).encode()
-
-
-def _big(value: Any) -> bool:
-    return isinstance(value, (list, dict)) and len(value) > 64
-
-
-def _fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 
 
 @dataclass

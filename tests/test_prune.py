@@ -1,0 +1,152 @@
+"""Deleting and pruning finished jobs: the job_deleted event, what is never pruned, the admin
+scope, the CLI, and the [retention] pass that prunes on its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAST_ENV, ServerProcess, stored, wait_for
+from fastapi.testclient import TestClient
+from tokentools import auth_extra, new_token
+
+from mangwale_cli.server.app import create_app
+from mangwale_cli.settings import load
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def create(api: TestClient, **params: Any) -> str:
+    r = api.post("/training/jobs", json={"kind": "simulate", "params": {"steps": 1, "stepMs": 1, **params}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]  # type: ignore[no-any-return]
+
+
+def settled(api: TestClient, job_id: str) -> dict[str, Any]:
+    return wait_for(lambda: (j := api.get(f"/training/jobs/{job_id}").json())["status"] in TERMINAL and j,  # type: ignore[no-any-return]
+                    what=f"{job_id} to finish")  # fmt: skip
+
+
+def test_prune_by_age_deletes_finished_jobs_with_their_files_and_says_so(api: TestClient, settings: Any) -> None:
+    """Pruning finished jobs older than an age deletes them, their files and stored lines, with one
+    job_deleted event; a queued or running job is never pruned; a dry run deletes nothing."""
+    done = [create(api) for _ in range(3)]
+    failed = create(api, failAt=1)
+    for job in [*done, failed]:
+        settled(api, job)
+    running = create(api, steps=2, stepMs=60_000)
+    wait_for(lambda: api.get(f"/training/jobs/{running}").json()["status"] == "running", what="running")
+    files = settings.data_dir / "artifacts" / done[0]
+    files.mkdir(parents=True, exist_ok=True)
+    (files / "model.bin").write_bytes(b"x")
+    head = api.get("/healthz").json()["headSeq"]
+
+    dry = api.post("/training/jobs/prune", json={"olderThan": "0s", "dryRun": True}).json()
+    assert dry == {"deleted": sorted([*done, failed]), "count": 4, "dryRun": True, "kept": []}
+    assert api.get("/healthz").json()["headSeq"] == head and files.exists()
+
+    only_failed = api.post("/training/jobs/prune", json={"olderThan": "0s", "status": ["failed"]}).json()
+    assert only_failed["deleted"] == [failed] and api.get(f"/training/jobs/{failed}").status_code == 404
+    result = api.post("/training/jobs/prune", json={"olderThan": "0s"}).json()
+    assert result == {"deleted": sorted(done), "count": 3, "dryRun": False, "kept": []}
+    assert not files.exists()
+    assert api.get(f"/training/jobs/{running}").json()["status"] == "running"
+    assert [j["id"] for j in api.get("/training/jobs").json()] == [running]
+    events = stored(settings.data_dir).events
+    pruned = [e for e in events if e["type"] == "job_deleted"]
+    assert [(e["jobIds"], e["reason"]) for e in pruned] == [([failed], "pruned"), (sorted(done), "pruned")]
+    assert api.post("/training/jobs/prune", json={"olderThan": "30d"}).json()["count"] == 0
+
+
+def test_prune_keeps_the_newest_and_the_base_of_an_active_fine_tune(tmp_path: Path) -> None:
+    """--keep N keeps the newest N finished jobs; a finished job that a queued fine-tune starts from
+    is kept (and named), whatever its age."""
+    cfg = load({}, env={**FAST_ENV, "MANGWALE_DATA_DIR": str(tmp_path / "d"), "MANGWALE_RUNNER_CONCURRENCY": "1"})
+    with TestClient(create_app(cfg)) as api:
+        keeps_its_base(api)
+
+
+def keeps_its_base(api: TestClient) -> None:
+    ds = api.get("/training/datasets").json()[0]["id"]
+    base = api.post("/training/jobs", json={"kind": "nlu-train", "datasetId": ds, "params": {"epochs": 2}}).json()["id"]
+    assert settled(api, base)["status"] == "succeeded"
+    blocker = create(api, steps=2, stepMs=60_000)  # concurrency 1: what follows stays queued
+    wait_for(lambda: api.get(f"/training/jobs/{blocker}").json()["status"] == "running", what="the blocker")
+    jobs = [create(api) for _ in range(4)]
+    tune = api.post("/training/jobs", json={"kind": "fine-tune", "datasetId": ds, "params": {"baseJobId": base}})
+    assert tune.status_code == 201, tune.text
+    jobs.append(blocker)
+    api.post(f"/training/jobs/{blocker}/cancel")  # the queue moves: 4 simulate jobs, then the fine-tune
+    for job in jobs[:4]:
+        settled(api, job)
+    assert api.get(f"/training/jobs/{tune.json()['id']}").json()["status"] in ("queued", "running")
+    # Keep the newest 2 finished; of the older ones, the fine-tune's base is kept and said so.
+    result = api.post("/training/jobs/prune", json={"keep": 2}).json()
+    by_finish = sorted(api.get("/training/jobs", params={"status": "succeeded,failed,cancelled"}).json(),
+                       key=lambda j: (j["finishedAt"], j["id"]))  # fmt: skip
+    assert result["kept"] == [base] and base not in result["deleted"]
+    assert {j["id"] for j in by_finish} == {base, *[j for j in jobs if j not in result["deleted"]]}
+    assert len(result["deleted"]) == len(jobs) - 2
+    assert api.get(f"/training/jobs/{base}").status_code == 200
+
+
+def test_prune_needs_an_admin_token_and_good_input(tmp_path: Path) -> None:
+    """With tokens configured, pruning needs the admin scope (write is 403); bad input is a 422
+    naming the field."""
+    admin, writer = new_token(), new_token()
+    cfg = load({}, env={**FAST_ENV, "MANGWALE_DATA_DIR": str(tmp_path / "d")})
+    cfg.extra = {"auth": auth_extra({"admin": (admin, ["admin"]), "writer": (writer, ["read", "write"])})}
+    with TestClient(create_app(cfg)) as api:
+        body = {"olderThan": "1d"}
+        assert api.post("/training/jobs/prune", json=body).status_code == 401
+        denied = api.post("/training/jobs/prune", json=body, headers={"Authorization": f"Bearer {writer}"})
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_scope"
+        ok = api.post("/training/jobs/prune", json=body, headers={"Authorization": f"Bearer {admin}"})
+        assert ok.status_code == 200 and ok.json()["count"] == 0
+        auth = {"Authorization": f"Bearer {admin}"}
+        for bad, field in ((  {}, "olderThan"), ({"olderThan": "3 fortnights"}, "olderThan"),
+                           ({"keep": -1}, "keep"), ({"olderThan": "1d", "status": ["running"]}, "status")):  # fmt: skip
+            r = api.post("/training/jobs/prune", json=bad, headers=auth)
+            assert r.status_code == 422 and r.json()["error"]["field"].startswith(field), (bad, r.text)
+
+
+def run_cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mangwale_cli", *args, "--url", url],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+
+
+def test_cli_prune(server: ServerProcess) -> None:
+    """`mangwale jobs prune` lists what it deletes (stdout: ids, stderr: the count), `--dry-run`
+    deletes nothing, `--json` is the REST body, and a bad age is one line and exit 2."""
+    with server.client() as http:
+        ids = [http.post("/training/jobs", json={"kind": "simulate", "params": {"steps": 1, "stepMs": 1}}).json()["id"]
+               for _ in range(2)]  # fmt: skip
+        for job in ids:
+            wait_for(lambda j=job: http.get(f"/training/jobs/{j}").json()["status"] in TERMINAL, what="finished")
+    dry = run_cli("jobs", "prune", "--older-than", "0s", "--dry-run", url=server.url)
+    assert dry.returncode == 0 and dry.stdout.split() == sorted(ids)
+    assert dry.stderr.strip() == "would delete 2 finished job(s)"
+    real = run_cli("jobs", "prune", "--older-than", "0s", "--json", url=server.url)
+    assert real.returncode == 0 and json.loads(real.stdout)["deleted"] == sorted(ids)
+    bad = run_cli("jobs", "prune", "--older-than", "soon", url=server.url)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "duration" in bad.stderr
+    nothing = run_cli("jobs", "prune", url=server.url)
+    assert nothing.returncode == 2 and "--older-than" in nothing.stderr
+
+
+@pytest.mark.parametrize("env", [{"MANGWALE_RETENTION_MAX_FINISHED": "2", "MANGWALE_RETENTION_INTERVAL": "1"}])
+def test_retention_prunes_by_itself(server_factory: Any, env: dict[str, str]) -> None:
+    """[retention] max_finished keeps the newest finished jobs and prunes the rest on its own."""
+    server = server_factory(env={**env, "MANGWALE_RUNNER_SAMPLE_DATASET": "false"})
+    with server.client() as http:
+        ids = []
+        for _ in range(5):
+            job = http.post("/training/jobs", json={"kind": "simulate", "params": {"steps": 1, "stepMs": 1}}).json()["id"]
+            wait_for(lambda j=job: http.get(f"/training/jobs/{j}").json()["status"] in TERMINAL, what="finished")
+            ids.append(job)
+        wait_for(lambda: len(http.get("/training/jobs").json()) == 2, what="retention to prune", timeout=15)
+        assert [j["id"] for j in http.get("/training/jobs").json()] == ids[:-3:-1]
