@@ -38,10 +38,11 @@ _TERMINAL = {"succeeded", "failed", "cancelled"}
 
 def migrate_if_needed(root: Path) -> None:
     snap = root / "snapshot.json"
+    tmp = root / TMP_DIR
     if snap.exists():
         _backup_old(root)  # a crash after the switch left the old files behind
+        shutil.rmtree(tmp, ignore_errors=True)
         return
-    tmp = root / TMP_DIR
     if (root / DB_NAME).exists():
         for name in (TMP_DIR, *NEW_DIRS):  # a migration cut short: start it again
             shutil.rmtree(root / name, ignore_errors=True)
