@@ -18,6 +18,7 @@ here, and what is read from them is stated by the ``Observed`` and ``ObservedRun
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,6 +103,7 @@ class Metrics:
         )
         self._http_children: dict[tuple[str, str, int], Any] = {}
         self.registry.register(_LiveCollector(self))
+        self.lag = LoopLag()
 
     def attach(self, service: Observed) -> None:
         """Read gauges from ``service`` and count its events and finished jobs (idempotent)."""
@@ -166,6 +168,14 @@ class _LiveCollector(Collector):
             dropped.add_metric([t], m.dropped[t])
         yield from (conns, delivered, dropped)
         yield CounterMetricFamily("mangwale_events_logged", "Events appended to the event log", value=m.logged)
+        yield GaugeMetricFamily(
+            "mangwale_event_loop_lag_seconds",
+            f"Worst lateness of the event loop since the previous scrape (a {LAG_TICK * 1000:.0f} ms timer, measured)",
+            value=m.lag.take_recent(),
+        )
+        yield GaugeMetricFamily(
+            "mangwale_event_loop_lag_max_seconds", "Worst lateness of the event loop since start", value=m.lag.worst
+        )
         svc = m.service
         if svc is None or svc.bus is None or svc.runner is None:
             return
@@ -196,3 +206,40 @@ class _LiveCollector(Collector):
         for status, n in sorted(m._job_counts.items()):
             per_status.add_metric([status], n)
         yield per_status
+
+
+LAG_TICK = 0.02  # seconds between the lag probe's wake-ups
+
+
+class LoopLag:
+    """How late the event loop runs: a task that asks to wake every ``LAG_TICK`` seconds and
+    notes by how much it was late (a blocking call on the loop shows here at once)."""
+
+    def __init__(self) -> None:
+        self.recent = 0.0  # worst since the last scrape
+        self.worst = 0.0  # worst since start
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._probe(), name="loop-lag-probe")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def take_recent(self) -> float:
+        value, self.recent = self.recent, 0.0
+        return value
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_TICK
+            await asyncio.sleep(LAG_TICK)
+            late = max(0.0, loop.time() - due)
+            if late > self.recent:
+                self.recent = late
+                if late > self.worst:
+                    self.worst = late

@@ -125,9 +125,11 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             await svc.start()
         if svc.runner is not None:
             metrics.attach(svc)
+        metrics.lag.start()
         try:
             yield
         finally:
+            metrics.lag.stop()
             if owned:
                 await svc.stop()
 

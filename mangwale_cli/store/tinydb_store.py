@@ -179,13 +179,12 @@ class _View:
 
     def stage(self, ops: list[list[Any]]) -> None:
         for op in ops:
-            if op[0] == "put":
-                if op[1] == JOBS:
-                    old = self.get(JOBS, op[2])
-                    lease = op[3].get("lease")
-                    if lease != (old or {}).get("lease"):
-                        self.granted[op[2]] = lease is not None
-                self.over[(op[1], op[2])] = op[3]
+            if op[0] in ("put", "set"):
+                old = self.get(op[1], op[2])
+                doc = op[3] if op[0] == "put" else {**(old or {}), **op[3]}
+                if op[1] == JOBS and doc.get("lease") != (old or {}).get("lease"):
+                    self.granted[op[2]] = doc.get("lease") is not None
+                self.over[(op[1], op[2])] = doc
             elif op[0] == "del":
                 self.over[(op[1], op[2])] = None
 
@@ -402,15 +401,17 @@ class TinyDBStore(Store):
         """Fold one record's ops into the live state (after it is in the log)."""
         for op in ops:
             kind = op[0]
-            if kind == "put":
+            if kind in ("put", "set"):
+                old = self._tables[op[1]].raw(op[2])
+                # "set": the fields a job write changed (most are progress: a few fields of ~20)
+                doc = op[3] if kind == "put" else {**(old or {}), **op[3]}
                 if op[1] == JOBS and not replay:
-                    old = self._tables[JOBS].raw(op[2])
-                    lease = op[3].get("lease")
+                    lease = doc.get("lease")
                     if lease is None:
                         self._leases.pop(op[2], None)
                     elif lease != (old or {}).get("lease"):  # granted: it runs from now
                         self._leases[op[2]] = time.monotonic() + self.lease
-                self._tables[op[1]].put(op[2], op[3])
+                self._tables[op[1]].put(op[2], doc)
                 if op[1] == DATASETS:
                     self._dirty_datasets.add(op[2])
             elif kind == "del":
@@ -429,9 +430,20 @@ class TinyDBStore(Store):
             items = [i for i in items if int(i.get(_NUMBER[name], 0)) > last]
             if not items:
                 return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(wire.dumps(i) + "\n" for i in items))
+        data = "".join(wire.dumps(i) + "\n" for i in items).encode()
+        try:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # the lines are in the log: the next start writes them here
+            log.error("cannot write %s (%s); it is completed from the log at the next start", path, exc.strerror)
+            return
         self._lines_touched.add((job_id, name))
 
     # --- the writer -------------------------------------------------------------------------
@@ -606,7 +618,8 @@ class TinyDBStore(Store):
             assert stored is not None
             job.job_seq = int(stored.get("jobSeq") or 0) + (1 if event is not None else 0)
             doc = job.to_dict()
-            return Staged([["put", JOBS, job.id, doc], *extra], event, job.id if event is not None else None,
+            changed = {k: v for k, v in doc.items() if k not in stored or stored[k] != v}
+            return Staged([["set", JOBS, job.id, changed], *extra], event, job.id if event is not None else None,
                           job.job_seq if event is not None else None, Job.from_dict(doc))  # fmt: skip
 
         return stage
