@@ -166,7 +166,7 @@ def measure(args: argparse.Namespace, base: Path, n: int) -> dict[str, Any]:
             worst = server.metrics().get("mangwale_event_loop_lag_max_seconds", float("nan"))
     finally:
         server.stop()
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    ms = lambda v: None if v is None else round(v * 1000, 2)
     return {
         "jobs": n,
         "start_s": round(start_s, 2),

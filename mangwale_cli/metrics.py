@@ -241,5 +241,4 @@ class LoopLag:
             late = max(0.0, loop.time() - due)
             if late > self.recent:
                 self.recent = late
-                if late > self.worst:
-                    self.worst = late
+                self.worst = max(self.worst, late)
