@@ -142,7 +142,7 @@ def test_loop_lag_shows_a_blocked_loop() -> None:
         lag.start()
         await asyncio.sleep(3 * LAG_TICK)
         calm = lag.take_recent()
-        time.sleep(0.15)  # what a json.dumps of a whole database on the loop looked like
+        time.sleep(0.15)  # noqa: ASYNC251 - blocking the loop on purpose: what a whole-database json.dumps did
         await asyncio.sleep(3 * LAG_TICK)
         blocked = lag.take_recent()
         lag.stop()
