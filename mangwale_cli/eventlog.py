@@ -17,37 +17,83 @@ import itertools
 import secrets
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 
 def new_epoch() -> str:
     return secrets.token_hex(6)
 
 
-@dataclass(slots=True)
-class Record:
-    """One logged event: its seq, the job it concerns, and its JSON text (serialized once)."""
+class Source(Protocol):
+    """Where a spilled record's text is: ``read(offset, size)`` gives it back."""
 
-    seq: int
-    job_id: str | None
-    job_seq: int | None
-    text: str
-    is_log: bool = False
-    job_ids: frozenset[str] | None = None  # an event about several jobs (job_deleted)
+    def read(self, offset: int, size: int) -> str: ...
+
+
+class Record:
+    """One logged event: its seq, the job it concerns, and its JSON text (serialized once).
+
+    The text is held in memory while the event is recent; older events in the ring keep only
+    where their text is in the log (``spill``), and read it back when replayed."""
+
+    __slots__ = ("_text", "is_log", "job_id", "job_ids", "job_seq", "off", "seq", "size", "src")
+
+    def __init__(
+        self,
+        seq: int,
+        job_id: str | None,
+        job_seq: int | None,
+        text: str | None,
+        is_log: bool = False,
+        job_ids: frozenset[str] | None = None,  # an event about several jobs (job_deleted)
+    ) -> None:
+        self.seq = seq
+        self.job_id = job_id
+        self.job_seq = job_seq
+        self._text = text
+        self.is_log = is_log
+        self.job_ids = job_ids
+        self.src: Source | None = None
+        self.off = 0
+        self.size = 0
+
+    @property
+    def text(self) -> str:
+        text = self._text
+        if text is None:
+            assert self.src is not None, "a record with neither text nor a place in the log"
+            text = self.src.read(self.off, self.size)
+        return text
+
+    def place(self, src: Source, off: int, size: int) -> None:
+        """Where the text is in the log (it stays in memory until ``spill``)."""
+        self.src, self.off, self.size = src, off, size
+
+    def spill(self) -> None:
+        if self.src is not None:
+            self._text = None
 
     def concerns(self, jobs: set[str]) -> bool:
         if self.job_id is not None:
             return self.job_id in jobs
         return self.job_ids is not None and not self.job_ids.isdisjoint(jobs)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and (other.seq, other.job_id, other.text) == (self.seq, self.job_id, self.text)
+
+    def __repr__(self) -> str:
+        return f"Record(seq={self.seq}, job_id={self.job_id!r}, job_seq={self.job_seq})"
+
 
 class EventRing:
     """The kept events, in seq order, with the two retention bounds."""
 
-    def __init__(self, *, retention: int, log_retention: int = 10_000) -> None:
+    def __init__(self, *, retention: int, log_retention: int = 10_000, hot: int | None = None) -> None:
         self.retention = retention
         self.log_retention = log_retention
+        # Records beyond the newest ``hot`` drop their text (read back from the log when
+        # replayed), so memory holds offsets, not 100k event texts. None: keep every text.
+        self.hot = hot
         self.logs: deque[Record] = deque()  # job_log lines, bounded by log_retention
         self.logs_lost_through = 0
         self.epoch = ""
@@ -73,16 +119,26 @@ class EventRing:
     def keep(self, records: list[Record]) -> None:
         """Add records (seq order, above the head) to the rings and trim them."""
         kept = self.kept
+        hot = self.hot
         for r in records:
             if r.is_log:
                 self.logs.append(r)
+                if hot is not None and len(self.logs) > hot:
+                    self.logs[-hot - 1].spill()
             else:
                 self.ring.append(r)
+                if hot is not None and len(self.ring) > hot:
+                    self.ring[-hot - 1].spill()
                 if r.job_id is not None:
                     kept[r.job_id] = kept.get(r.job_id, 0) + 1
         if records:
             self.head = records[-1].seq
         self._trim()
+
+    def drop_logs_through(self, seq: int) -> None:
+        """Forget job_log records up to ``seq`` (their part of the log is being deleted)."""
+        while self.logs and self.logs[0].seq <= seq:
+            self.logs_lost_through = self.logs.popleft().seq
 
     def _trim(self) -> None:
         kept = self.kept

@@ -540,3 +540,28 @@ def test_idempotency_keys_expire(tmp_path: Path) -> None:
             assert created and third.id == "job-00003"
 
     run(main)
+
+
+def test_old_events_leave_memory_and_replay_from_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond the newest few, ring records keep only where their text is in the log; replay reads
+    them back byte for byte, before and after a restart, also once their segment is rolled."""
+    from mangwale_cli.store import tinydb_store
+
+    monkeypatch.setattr(tinydb_store, "HOT_EVENTS", 3)
+
+    async def main() -> None:
+        async with opened(tmp_path, segment_bytes=2000) as store:
+            live: list[str] = []
+            store.on_events = lambda batch: live.extend(r.text for r in batch)
+            for n in range(1, 8):
+                await finish(store, await start(store, (await store.create_job(make_job(n)))[0]))
+            ring = list(store.ring.ring)
+            assert [r._text is None for r in ring] == [True] * (len(ring) - 3) + [False] * 3
+            assert len(store.log.segments) > 2
+            assert [r.text for r in ring] == live
+        async with opened(tmp_path) as store:
+            assert all(r._text is None for r in store.ring.ring)
+            assert [r.text for r in store.ring.ring] == live
+            assert [json.dumps(e, separators=(",", ":"), ensure_ascii=False) for e in await store.events_after(0)] == live
+
+    run(main)

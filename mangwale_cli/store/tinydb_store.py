@@ -64,6 +64,7 @@ RUN_NAME = "run.json"
 SNAPSHOT_RECORDS = 20_000  # a snapshot is due after this many records...
 SNAPSHOT_BYTES = 32 * 1024 * 1024  # ...or this many bytes of log since the last one
 SEQ_BLOCK = 10_000  # seqs reserved ahead in run.json (a power loss never reuses a seq)
+HOT_EVENTS = 4096  # newest events whose text stays in memory; older ones are read from the log
 _TERMINAL = frozenset(s.value for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED))
 
 
@@ -224,7 +225,7 @@ class TinyDBStore(Store):
 
     def _reset(self) -> None:
         """Fresh in-memory state: ``open`` rebuilds it from disk (the store may be reopened)."""
-        self.ring = EventRing(retention=self.retention, log_retention=self.log_retention)
+        self.ring = EventRing(retention=self.retention, log_retention=self.log_retention, hot=HOT_EVENTS)
         self.log = RecordLog(self.root / "log", **({"segment_bytes": self.segment_bytes} if self.segment_bytes else {}))
         self.reader = archive.Reader(self.archive_dir)
         self.jobs = JobTable(self.reader)
@@ -344,12 +345,15 @@ class TinyDBStore(Store):
                     epoch = self.log.epoch
                     ring.reset(epoch, line.seq - 1)
                 elif line.seq != ring.head + 1:
-                    seg = self.log.segments[-1].path
                     raise StoreError(
-                        f"the store's log {seg} is corrupt: seq {line.seq} where {ring.head + 1} was expected",
+                        f"the store's log {line.segment.path} is corrupt: seq {line.seq} where {ring.head + 1} "
+                        "was expected; restore the data dir from a backup",
                         code="corrupt",
                     )
-                ring.keep([_ring_record(line)])
+                rec = _ring_record(line)
+                rec.place(line.segment, line.event_offset, line.event_size)
+                rec.spill()
+                ring.keep([rec])
                 self._seq = max(self._seq, line.seq)
             if line.record > self._record:
                 if line.ops:
@@ -474,6 +478,8 @@ class TinyDBStore(Store):
         view = _View(self)
         staged: list[tuple[_Pending, Staged, Record | None]] = []
         chunks: list[bytes] = []
+        events: list[tuple[Record, int, int]] = []  # record, its line's end in the batch, its size
+        total = 0
         record, seq = self._record, self._seq
         max_seq = max_log_seq = 0
         durable = False
@@ -508,8 +514,12 @@ class TinyDBStore(Store):
                     kind, max_seq = "e", seq
                 text = wire.dumps(ev)
                 rec = Record(seq, st.job_id, st.job_seq, text, is_log, job_ids)
-            chunks.append(encode(record, rec.seq if rec else None, st.job_seq, kind, st.job_id,
-                                 wire.dumps(st.ops) if st.ops else "", text))  # fmt: skip
+            line = encode(record, rec.seq if rec else None, st.job_seq, kind, st.job_id,
+                          wire.dumps(st.ops) if st.ops else "", text)  # fmt: skip
+            chunks.append(line)
+            total += len(line)
+            if rec is not None:
+                events.append((rec, total - 1, len(line) - 1 - line.rindex(b"\t") - 1))
             view.stage(st.ops)
             staged.append((p, st, rec))
             durable = durable or p.durable
@@ -518,7 +528,7 @@ class TinyDBStore(Store):
         if seq >= self._ceiling:  # reserve more seqs first (a power loss must not reuse one)
             await asyncio.to_thread(self._write_run, clean=False, upto=seq)
         try:
-            self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
+            segment, start = self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
             self._written += sum(len(c) for c in chunks)
             self._unsynced = True
             if durable:
@@ -535,6 +545,8 @@ class TinyDBStore(Store):
             log.info("store log %s can be written again", self.log.dir)
             self._failing = None
         faults.point("wal-synced")
+        for rec, end, size in events:  # where each event's text is, once it leaves memory
+            rec.place(segment, start + end - size, size)
         self._record, self._seq = record, seq
         records: list[Record] = []
         for p, st, rec in staged:
@@ -857,11 +869,15 @@ class TinyDBStore(Store):
         self._drop_log()
 
     def _drop_log(self) -> None:
-        """Delete log segments the snapshot covers whose events the ring no longer keeps."""
+        """Delete log segments the snapshot covers whose state events the ring no longer keeps
+        (their job_log lines leave the ring with them)."""
         try:
-            self.log.drop_through(self._snap_record, self.ring.lost_through, self.ring.logs_lost_through)
+            dropped = self.log.drop_through(self._snap_record, self.ring.lost_through)
         except OSError as exc:
             log.warning("could not delete old log segments: %s", exc.strerror)
+            return
+        if dropped:
+            self.ring.drop_logs_through(max(seg.max_log_seq for seg in dropped))
 
 
 _NUMBER = {"logs": "lineNo", "metrics": "pointNo"}
@@ -888,10 +904,11 @@ def _last_number(path: Path) -> int:
 
 
 def _ring_record(line: Any) -> Record:
+    """A ring record of a line read back: its text stays in the log until replayed."""
     job_ids = None
     if line.kind == "d":
         job_ids = frozenset(wire.loads(line.event).get("jobIds") or ())
-    return Record(line.seq, line.job_id, line.job_seq, line.event, line.kind == "l", job_ids)
+    return Record(line.seq, line.job_id, line.job_seq, None, line.kind == "l", job_ids)
 
 
 @dataclass

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +43,39 @@ HEADER_KEY = "mangwaleLog"
 
 @dataclass(slots=True)
 class Line:
-    """One record as read back: the parsed prefix and the two JSON texts."""
+    """One record as read back: the parsed prefix; the JSON texts are decoded when asked for
+    (start-up reads most lines only for their prefix and where their event is)."""
 
     record: int
     seq: int | None
     job_seq: int | None
     kind: str
     job_id: str | None
-    ops: str
-    event: str
+    body: bytes
+    ops_at: int  # offsets in ``body``
+    event_at: int
+    segment: Segment
+    offset: int  # of the line in its segment file
+
+    @property
+    def ops(self) -> str:
+        return self.body[self.ops_at : self.event_at - 1].decode()
+
+    @property
+    def event(self) -> str:
+        return self.body[self.event_at :].decode()
+
+    @property
+    def event_offset(self) -> int:
+        """Where the event's text starts in the segment file (9: the checksum and its space)."""
+        return self.offset + 9 + self.event_at
+
+    @property
+    def event_size(self) -> int:
+        return len(self.body) - self.event_at
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Segment:
     path: Path
     first: int  # first record number
@@ -61,9 +83,26 @@ class Segment:
     max_seq: int = 0  # highest seq of a state event in it
     max_log_seq: int = 0  # highest seq of a job_log line in it
     epoch: str = ""
+    fd: int | None = None  # for reading events back (replay of spilled ring records)
+
+    def read(self, offset: int, size: int) -> str:
+        """An event's text (a ring record that holds only its place). The descriptor stays
+        open while records point here, even after the file is deleted."""
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        return os.pread(self.fd, size, offset).decode()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def encode(record: int, seq: int | None, job_seq: int | None, kind: str, job_id: str | None, ops: str, event: str) -> bytes:
+    """One line. Its event text is its last ``len(event.encode()) + 1`` bytes (with the newline)."""
     body = (
         f"{record} {'-' if seq is None else seq} {'-' if job_seq is None else job_seq} {kind} "
         f"{job_id or '-'}\t{ops}\t{event}"
@@ -93,19 +132,22 @@ def _check(raw: bytes) -> bytes:
     return body
 
 
-def _parse(body: bytes) -> Line:
+def _parse(body: bytes, segment: Segment, offset: int) -> Line:
     try:
-        text = body.decode()
-        prefix, ops, event = text.split("\t", 2)
-        r, seq, js, kind, job = prefix.split(" ")
+        tab1 = body.index(b"\t")
+        tab2 = body.index(b"\t", tab1 + 1)
+        r, seq, js, kind, job = body[:tab1].decode().split(" ")
         return Line(
             int(r),
             None if seq == "-" else int(seq),
             None if js == "-" else int(js),
             kind,
-            None if job == "-" else job,
-            ops,
-            event,
+            None if job == "-" else sys.intern(job),
+            body,
+            tab1 + 1,
+            tab2 + 1,
+            segment,
+            offset,
         )
     except ValueError as exc:
         raise Corrupt(f"unreadable record ({exc})") from None
@@ -141,57 +183,59 @@ class RecordLog:
     def read(self, *, repair: bool = True) -> Iterator[Line]:
         """Every record line of every segment, in order, checked. Cuts a torn tail off the last
         segment (only skips it without ``repair``); raises ``StoreError`` for anything else that
-        does not check out."""
+        does not check out. Reads each file as a stream: memory holds a line at a time."""
         expected: int | None = None
         for i, seg in enumerate(self.segments):
             last_segment = i == len(self.segments) - 1
+            seg.last = seg.first - 1
             try:
-                raw = seg.path.read_bytes()
+                f = open(seg.path, "rb")  # noqa: SIM115 - closed below, after the loop
             except OSError as exc:
                 raise StoreError(f"cannot read the store's log {seg.path}: {exc.strerror}", code="corrupt") from None
-            lines = raw.split(b"\n")
-            offset = 0
-            seg.last = seg.first - 1
-            for n, chunk in enumerate(lines):
-                complete = n < len(lines) - 1
-                if not complete and not chunk:
-                    break  # the file ends with a newline
-                try:
-                    if not complete:
-                        raise Corrupt("incomplete line")
-                    body = _check(chunk)
-                    if n == 0:
-                        self._read_header(seg, body)
-                        offset += len(chunk) + 1
-                        continue
-                    line = _parse(body)
-                    if expected is not None and line.record != expected:
+            with f:
+                offset = 0
+                n = 0
+                for chunk in f:
+                    n += 1
+                    complete = chunk.endswith(b"\n")
+                    raw = chunk[:-1] if complete else chunk
+                    try:
+                        if not complete:
+                            raise Corrupt("incomplete line")
+                        body = _check(raw)
+                        if n == 1:
+                            self._read_header(seg, body)
+                            offset += len(chunk)
+                            continue
+                        line = _parse(body, seg, offset)
+                        if expected is not None and line.record != expected:
+                            raise StoreError(
+                                f"the store's log {seg.path} is corrupt at line {n}: record {line.record} where "
+                                f"{expected} was expected; restore the data dir from a backup",
+                                code="corrupt",
+                            )
+                    except Corrupt as exc:
+                        if last_segment and self._only_torn(f):
+                            if repair:
+                                size = seg.path.stat().st_size
+                                log.warning("store log %s: cutting off a torn tail of %d bytes at line %d (%s)",
+                                            seg.path, size - offset, n, exc)  # fmt: skip
+                                self._cut(seg.path, offset)
+                            break
                         raise StoreError(
-                            f"the store's log {seg.path} is corrupt at line {n + 1}: record {line.record} where "
-                            f"{expected} was expected; restore the data dir from a backup",
+                            f"the store's log {seg.path} is corrupt at line {n} ({exc}); "
+                            "restore the data dir from a backup",
                             code="corrupt",
-                        )
-                except Corrupt as exc:
-                    if last_segment and self._only_torn(lines[n:]):
-                        if repair:
-                            log.warning("store log %s: cutting off a torn tail of %d bytes at line %d (%s)",
-                                        seg.path, len(raw) - offset, n + 1, exc)  # fmt: skip
-                            self._cut(seg.path, offset)
-                        break
-                    raise StoreError(
-                        f"the store's log {seg.path} is corrupt at line {n + 1} ({exc}); "
-                        "restore the data dir from a backup",
-                        code="corrupt",
-                    ) from None
-                expected = line.record + 1
-                seg.last = line.record
-                if line.seq is not None:
-                    if line.kind == "l":
-                        seg.max_log_seq = line.seq
-                    else:
-                        seg.max_seq = line.seq
-                offset += len(chunk) + 1
-                yield line
+                        ) from None
+                    expected = line.record + 1
+                    seg.last = line.record
+                    if line.seq is not None:
+                        if line.kind == "l":
+                            seg.max_log_seq = line.seq
+                        else:
+                            seg.max_seq = line.seq
+                    offset += len(chunk)
+                    yield line
         if expected is not None:
             self.next_record = expected
         elif self.segments:
@@ -210,11 +254,13 @@ class RecordLog:
         self.epoch = seg.epoch
 
     @staticmethod
-    def _only_torn(rest: list[bytes]) -> bool:
+    def _only_torn(rest: Iterable[bytes]) -> bool:
         """True when no complete, valid line follows: what a crash mid-append leaves."""
-        for chunk in rest[1:-1]:
+        for chunk in rest:
+            if not chunk.endswith(b"\n"):
+                continue
             try:
-                _check(chunk)
+                _check(chunk[:-1])
             except Corrupt:
                 continue
             return False
@@ -252,10 +298,10 @@ class RecordLog:
         self.segments.append(Segment(path, first, first - 1, epoch=epoch))
         self._write(_header(epoch, first))
 
-    def write(self, data: bytes, last_record: int, max_seq: int, max_log_seq: int) -> int:
+    def write(self, data: bytes, last_record: int, max_seq: int, max_log_seq: int) -> tuple[Segment, int]:
         """Append encoded lines (records up to ``last_record``) with one ``write``; returns the
-        file size before, for ``undo``. Raises OSError, after cutting off what a full disk let
-        through, so the log never holds half a batch."""
+        segment and where in it the batch starts. Raises OSError, after cutting off what a full
+        disk let through, so the log never holds half a batch."""
         if self._size >= self.segment_bytes:
             self._new_segment(self.epoch)
         before = self._size
@@ -270,7 +316,7 @@ class RecordLog:
         seg.max_seq = max(seg.max_seq, max_seq)
         seg.max_log_seq = max(seg.max_log_seq, max_log_seq)
         self.next_record = last_record + 1
-        return before
+        return seg, before
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None
@@ -298,19 +344,21 @@ class RecordLog:
             self._dir_dirty = False
             fsync_dir(self.dir)
 
-    def drop_through(self, record: int, seq: int, log_seq: int) -> int:
+    def drop_through(self, record: int, seq: int) -> list[Segment]:
         """Delete whole segments (never the current one) whose records are all at or below
-        ``record`` and whose events are all at or below ``seq`` / ``log_seq`` (no longer kept
-        for replay). Returns how many were deleted."""
-        dropped = 0
+        ``record`` (the snapshot has them) and whose state events are all at or below ``seq``
+        (no longer kept for replay). Their job_log lines go with them (the caller trims them
+        from the ring): log lines are never worth keeping a segment of old progress for.
+        Returns the segments deleted."""
+        dropped = []
         while len(self.segments) > 1:
             seg = self.segments[0]
-            if seg.last > record or seg.max_seq > seq or seg.max_log_seq > log_seq:
+            if seg.last > record or seg.max_seq > seq:
                 break
             faults.point("wal-drop")
-            seg.path.unlink(missing_ok=True)
+            seg.path.unlink(missing_ok=True)  # records still replaying read through seg.fd
             self.segments.pop(0)
-            dropped += 1
+            dropped.append(seg)
         if dropped:
             self._dir_dirty = True
         return dropped
@@ -326,3 +374,5 @@ class RecordLog:
             finally:
                 os.close(self._fd)
                 self._fd = None
+        for seg in self.segments:
+            seg.close()
