@@ -68,7 +68,6 @@ class _Outbox:
         self._task: asyncio.Task[None] | None = None
         self._empty = asyncio.Event()
         self._empty.set()
-        self.held_since: float | None = None  # the store has been away since (monotonic)
 
     def put(self, write: Callable[[], Awaitable[Any]], *, droppable: bool = True) -> None:
         if self.lost is not None:
@@ -88,7 +87,7 @@ class _Outbox:
             while self.items:
                 write, _ = self.items[0]
                 try:
-                    await self.runner.persist(self.job_id, write, self)
+                    await self.runner.persist(self.job_id, write)
                 except (StaleWrite, LeaseLost) as exc:
                     self._lose(str(exc))
                     return
@@ -358,7 +357,7 @@ class Runner:
         store = self.store
         outbox.put(lambda: store.write_job(snapshot, event, expect=expect, lines=lines))
 
-    async def persist(self, job_id: str, write: Callable[[], Awaitable[Any]], outbox: _Outbox | None) -> Any:
+    async def persist(self, job_id: str, write: Callable[[], Awaitable[Any]]) -> Any:
         """Run one write of a running job; while the store is away, retry until it is back or
         this runner's lease has run out (``LeaseLost``)."""
         warned = False
@@ -620,7 +619,7 @@ class Runner:
             job.progress = 100
             job.metrics = metrics
             # The model is complete (and published) before anyone is told the job succeeded.
-            await self.persist(job.id, lambda: self.store.save_artifacts(job.id), None)
+            await self.persist(job.id, lambda: self.store.save_artifacts(job.id))
             await self._finish(job, JobStatus.SUCCEEDED, "Training completed", outbox=outbox)
             log.info("job %s succeeded", job.id)
         finally:
@@ -681,7 +680,7 @@ class Runner:
         write = lambda: self.store.write_job(job, event, expect=expect, durable=True)
         # A running attempt holds its end until the store takes it; anything else (a queued
         # job cancelled, a job that cannot start) answers the store's error to its caller.
-        stored: Job = await (self.persist(job.id, write, outbox) if outbox is not None else write())
+        stored: Job = await (self.persist(job.id, write) if outbox is not None else write())
         if self.metrics is not None:  # instrumentation
             self.metrics.job_finished(stored)
         return stored
