@@ -94,6 +94,7 @@ class EventRing:
         # Records beyond the newest ``hot`` drop their text (read back from the log when
         # replayed), so memory holds offsets, not 100k event texts. None: keep every text.
         self.hot = hot
+        self._warm = self._warm_logs = 0  # newest records that may still hold their text
         self.logs: deque[Record] = deque()  # job_log lines, bounded by log_retention
         self.logs_lost_through = 0
         self.epoch = ""
@@ -112,6 +113,7 @@ class EventRing:
         self.lost_through = head
         self.ring.clear()
         self.logs.clear()
+        self._warm = self._warm_logs = 0
         self.logs_lost_through = head
         self.kept.clear()
         self.job_lost.clear()
@@ -123,12 +125,18 @@ class EventRing:
         for r in records:
             if r.is_log:
                 self.logs.append(r)
-                if hot is not None and len(self.logs) > hot:
-                    self.logs[-hot - 1].spill()
+                if hot is not None and r._text is not None:
+                    self._warm_logs += 1
+                    if self._warm_logs > hot:  # the oldest record still holding its text
+                        self.logs[-hot - 1].spill()
+                        self._warm_logs -= 1
             else:
                 self.ring.append(r)
-                if hot is not None and len(self.ring) > hot:
-                    self.ring[-hot - 1].spill()
+                if hot is not None and r._text is not None:
+                    self._warm += 1
+                    if self._warm > hot:
+                        self.ring[-hot - 1].spill()
+                        self._warm -= 1
                 if r.job_id is not None:
                     kept[r.job_id] = kept.get(r.job_id, 0) + 1
         if records:

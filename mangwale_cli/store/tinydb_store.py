@@ -339,26 +339,37 @@ class TinyDBStore(Store):
             )
         ring = self.ring
         epoch: str | None = None  # of the events in the ring
+        batch: list[Record] = []  # handed to the ring a thousand at a time
+        last = 0
         for line in self.log.read(repair=repair):
-            if line.seq is not None:
+            seq = line.seq
+            if seq is not None:
                 if epoch != self.log.epoch:  # the first event, or the first of a new epoch
+                    ring.keep(batch)
+                    batch = []
                     epoch = self.log.epoch
-                    ring.reset(epoch, line.seq - 1)
-                elif line.seq != ring.head + 1:
+                    ring.reset(epoch, seq - 1)
+                    last = seq - 1
+                if seq != last + 1:
                     raise StoreError(
-                        f"the store's log {line.segment.path} is corrupt: seq {line.seq} where {ring.head + 1} "
+                        f"the store's log {line.segment.path} is corrupt: seq {seq} where {last + 1} "
                         "was expected; restore the data dir from a backup",
                         code="corrupt",
                     )
+                last = seq
                 rec = _ring_record(line)
                 rec.place(line.segment, line.event_offset, line.event_size)
                 rec.spill()
-                ring.keep([rec])
-                self._seq = max(self._seq, line.seq)
+                batch.append(rec)
+                if len(batch) >= 1024:
+                    ring.keep(batch)
+                    batch = []
             if line.record > self._record:
                 if line.ops:
                     self._apply(wire.loads(line.ops), replay=True)
                 self._record = line.record
+        ring.keep(batch)
+        self._seq = max(self._seq, last)
         if self.log.epoch:
             self.epoch = self.log.epoch
         if epoch != self.epoch:  # no event of the current epoch in the log

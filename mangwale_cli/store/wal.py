@@ -132,24 +132,34 @@ def _check(raw: bytes) -> bytes:
     return body
 
 
+_IDS: dict[bytes, str] = {}  # job ids as read: one str per job however many lines name it
+
+
 def _parse(body: bytes, segment: Segment, offset: int) -> Line:
     try:
         tab1 = body.index(b"\t")
         tab2 = body.index(b"\t", tab1 + 1)
-        r, seq, js, kind, job = body[:tab1].decode().split(" ")
+        r, seq, js, kind, job = body[:tab1].split(b" ")
+        job_id = None
+        if job != b"-":
+            job_id = _IDS.get(job)
+            if job_id is None:
+                if len(_IDS) > 65536:
+                    _IDS.clear()
+                job_id = _IDS[job] = sys.intern(job.decode())
         return Line(
             int(r),
-            None if seq == "-" else int(seq),
-            None if js == "-" else int(js),
-            kind,
-            None if job == "-" else sys.intern(job),
+            None if seq == b"-" else int(seq),
+            None if js == b"-" else int(js),
+            "e" if kind == b"e" else kind.decode(),
+            job_id,
             body,
             tab1 + 1,
             tab2 + 1,
             segment,
             offset,
         )
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise Corrupt(f"unreadable record ({exc})") from None
 
 
