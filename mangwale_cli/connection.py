@@ -25,10 +25,13 @@ def default_url() -> str:
 def check_url(url: str, setting: str = URL_SETTING) -> str:
     """``url`` without its trailing slash, or a ``ConfigError`` (exit 2) naming ``setting`` and
     showing the form it needs. httpx would take ``localhost:8080`` for scheme ``localhost``."""
-    parts = urlsplit(url)
     if "://" not in url:
         hint = f" (did you mean http://{url}?)" if url and " " not in url else ""
         raise ConfigError(f"{setting} {url!r} has no scheme: give http://HOST:PORT{hint}", field="url")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        raise ConfigError(f"{setting} {url!r} is not a URL: give http://HOST:PORT", field="url") from None
     if parts.scheme not in ("http", "https"):
         raise ConfigError(
             f"{setting} {url!r} is not an http:// or https:// URL: give http://HOST:PORT", field="url"

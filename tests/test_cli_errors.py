@@ -124,6 +124,12 @@ def test_a_missing_dataset_or_base_job_in_a_create_exits_4(live: ServerProcess) 
     assert "baseJobId" in line and "job-0-nope" in line
 
 
+def test_a_kind_that_needs_a_dataset_names_the_flag(live: ServerProcess) -> None:
+    """`jobs create nlu-train` without -d exits 2 with one line pointing at -d."""
+    line = error_line(cli("jobs", "create", "nlu-train", url=live.url), 2)
+    assert "-d DATASET" in line
+
+
 @pytest.mark.parametrize(
     ("bad", "how"),
     [
@@ -134,6 +140,7 @@ def test_a_missing_dataset_or_base_job_in_a_create_exits_4(live: ServerProcess) 
         ("ftp://example.org", "flag before"),
         ("ws://localhost:8080", "env"),
         ("http://", "flag after"),
+        ("http://[::1", "flag before"),
     ],
 )
 def test_a_url_without_an_http_scheme_is_a_usage_error(bad: str, how: str) -> None:

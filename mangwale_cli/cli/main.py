@@ -291,13 +291,18 @@ def jobs_create(
     """Queue a training job."""
     parsed = _parse_params(param, params)
     client = _client(url, token)
-    job = client.create_job(
-        kind,
-        client.find_dataset(dataset)["id"] if dataset is not None else None,
-        params=parsed,
-        agent_id=agent,
-        idempotency_key=idempotency_key,
-    )
+    try:
+        job = client.create_job(
+            kind,
+            client.find_dataset(dataset)["id"] if dataset is not None else None,
+            params=parsed,
+            agent_id=agent,
+            idempotency_key=idempotency_key,
+        )
+    except InvalidInput as exc:
+        if exc.field == "datasetId" and dataset is None:  # the server names its field; say the flag
+            raise InvalidInput(f"{exc.message} (give one with -d DATASET)", field="dataset") from None
+        raise
     if watch:
         from .watch import Output, run_watch
 
@@ -422,8 +427,9 @@ def jobs_logs(
     if code is not ExitCode.OK:
         from . import render
 
-        why = getattr(view, "error", None) or getattr(view, "message", None)
-        render.error_line(f"job {job_id} {view.status}" + (f": {why}" if why else ""))
+        why = view.error or view.message
+        said = why and why.strip().lower() != str(view.status).lower()
+        render.error_line(f"job {job_id} {view.status}" + (f": {why}" if said else ""))
     raise typer.Exit(int(code))
 
 
