@@ -7,21 +7,65 @@ makes between WebSocket messages; both map transport failures and error bodies t
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 
 from . import __version__
-from .errors import InvalidInput, MangwaleError, Unreachable, from_response
+from .connection import DEFAULT_URL, check_token, check_url, default_url
+from .errors import (
+    InvalidInput,
+    MangwaleError,
+    NotFound,
+    NotMangwale,
+    Unreachable,
+    from_response,
+    is_error_body,
+)
 
-DEFAULT_URL = "http://localhost:8080"
+__all__ = ["DEFAULT_URL", "AsyncClient", "Client", "default_url", "non_finite", "seg"]
+
+def seg(value: str) -> str:
+    """``value`` as one URL path segment: ``/``, ``?``, ``#`` and spaces encoded, and a ``.`` or
+    ``..`` (which a URL would resolve away) as ``%2E``."""
+    if value and set(value) <= {"."}:
+        return "%2E" * len(value)
+    return quote(value, safe="")
 
 
-def default_url() -> str:
-    return os.environ.get("MANGWALE_URL") or DEFAULT_URL
+def _job(job_id: str) -> str:
+    """The path of a job. The server decodes ``%2F`` before routing, so no id it gives holds a
+    ``/``, and one that does names no job (not a route the server would answer about)."""
+    if "/" in job_id:
+        raise NotFound(f"job {job_id} not found", field="jobId")
+    return f"/training/jobs/{seg(job_id)}"
+
+
+def _dataset(dataset_id: str) -> str:
+    """The path of a dataset (see ``_job``)."""
+    if "/" in dataset_id:
+        raise NotFound(f"dataset {dataset_id} not found", field="datasetId")
+    return f"/training/datasets/{seg(dataset_id)}"
+
+
+def non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite float inside ``value`` (JSON has neither), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "."
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if hit := non_finite(v, f"{path}.{k}" if path else str(k)):
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if hit := non_finite(v, f"{path}[{i}]"):
+                return hit
+    return None
 
 
 def ws_url_for(url: str) -> str:
@@ -34,9 +78,10 @@ def ws_url_for(url: str) -> str:
 
 def _headers(token: str | None) -> dict[str, str]:
     headers = {"User-Agent": f"mangwale/{__version__}"}
-    token = token or os.environ.get("MANGWALE_TOKEN")
     if token:
-        headers["Authorization"] = f"Bearer {token}"
+        headers["Authorization"] = f"Bearer {check_token(token)}"
+    elif os.environ.get("MANGWALE_TOKEN"):
+        headers["Authorization"] = f"Bearer {check_token(os.environ['MANGWALE_TOKEN'], 'MANGWALE_TOKEN')}"
     return headers
 
 
@@ -60,14 +105,52 @@ def _transport_error(url: str, method: str, path: str, exc: httpx.HTTPError) -> 
     return Unreachable(f"{method} {url}{path} failed: {exc}")
 
 
+class _Foreign(Exception):
+    """An answer no mangwale server gives: an error without mangwale's error body, or a body
+    that is not JSON. The client then asks ``/healthz`` who is there (only on this path)."""
+
+    def __init__(self, resp: httpx.Response, error: MangwaleError) -> None:
+        super().__init__(error.message)
+        self.resp = resp
+        self.error = error
+
+
 def _checked(resp: httpx.Response) -> httpx.Response:
     if resp.status_code >= 400:
         try:
             body = resp.json()
         except ValueError:
             body = None
-        raise from_response(resp.status_code, body)
+        error = from_response(resp.status_code, body)
+        if not is_error_body(body):
+            raise _Foreign(resp, error)
+        raise error
     return resp
+
+
+def _is_health(resp: httpx.Response) -> bool:
+    """Whether a ``/healthz`` answer is mangwale's."""
+    try:
+        doc = resp.json()
+    except ValueError:
+        return False
+    return resp.status_code == 200 and isinstance(doc, dict) and {"version", "headSeq"} <= doc.keys()
+
+
+def _not_mangwale(url: str, foreign: _Foreign) -> NotMangwale:
+    resp = foreign.resp
+    req = resp.request
+    server = resp.headers.get("server")
+    said = f"HTTP {resp.status_code}" if resp.status_code >= 400 else "something that is not JSON"
+    return NotMangwale(
+        f"{url} does not look like a mangwale server ({req.method} {req.url.path} answered {said}"
+        + (f"; server: {server[:40]}" if server else "")
+        + "): check --url / MANGWALE_URL"
+    )
+
+
+def _not_json(resp: httpx.Response, method: str, path: str) -> _Foreign:
+    return _Foreign(resp, MangwaleError(f"{method} {path}: the server sent something that is not JSON"))
 
 
 class Client:
@@ -79,7 +162,7 @@ class Client:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url = (url or default_url()).rstrip("/")
+        self.url = check_url(url or default_url())
         self._http = httpx.Client(
             base_url=self.url, headers=_headers(token), timeout=timeout, transport=transport, verify=_verify(self.url)
         )
@@ -101,19 +184,37 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
+            return self._request(method, path, **kwargs)
+        except _Foreign as foreign:
+            raise self._foreign(foreign) from None
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise _transport_error(self.url, method, path, exc) from None
         return _checked(resp)
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = self.request(method, path, **kwargs)
-        if resp.status_code == 204 or not resp.content:
-            return None
+    def _foreign(self, foreign: _Foreign) -> MangwaleError:
+        """The error for an answer no mangwale server gives: ``NotMangwale`` unless ``/healthz``
+        says mangwale is there after all (a proxy between answered), then the plain error."""
         try:
-            return resp.json()
-        except ValueError:
-            raise MangwaleError(f"{method} {path}: the server sent something that is not JSON") from None
+            mangwale = _is_health(self._http.get("/healthz", timeout=5))
+        except httpx.HTTPError:
+            mangwale = False
+        return foreign.error if mangwale else _not_mangwale(self.url, foreign)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._request(method, path, **kwargs)
+            if resp.status_code == 204 or not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                raise _not_json(resp, method, path) from None
+        except _Foreign as foreign:
+            raise self._foreign(foreign) from None
 
     # --- datasets ---------------------------------------------------------------------------
 
@@ -121,7 +222,7 @@ class Client:
         return self._json("GET", "/training/datasets")
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/training/datasets/{dataset_id}")
+        return self._json("GET", _dataset(dataset_id))
 
     def create_dataset(
         self, name: str, examples: list[dict[str, Any]], description: str | None = None
@@ -131,11 +232,26 @@ class Client:
             body["description"] = description
         return self._json("POST", "/training/datasets", json=body)
 
+    def find_dataset(self, ref: str) -> dict[str, Any]:
+        """The dataset (summary) whose id, else whose name, is ``ref``. ``NotFound`` when none
+        matches; ``InvalidInput`` when several datasets share that name."""
+        rows = self.list_datasets()
+        for d in rows:
+            if d.get("id") == ref:
+                return d
+        named = [d for d in rows if d.get("name") == ref]
+        if len(named) > 1:
+            ids = ", ".join(d["id"] for d in named[:5])
+            raise InvalidInput(f"{len(named)} datasets are named {ref!r} ({ids}); give the id", field="datasetId")
+        if not named:
+            raise NotFound(f"dataset {ref} not found (no dataset has that id or name)", field="datasetId")
+        return named[0]
+
     def update_dataset(self, dataset_id: str, **changes: Any) -> dict[str, Any]:
-        return self._json("PUT", f"/training/datasets/{dataset_id}", json=changes)
+        return self._json("PUT", _dataset(dataset_id), json=changes)
 
     def delete_dataset(self, dataset_id: str) -> None:
-        self._json("DELETE", f"/training/datasets/{dataset_id}")
+        self._json("DELETE", _dataset(dataset_id))
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -151,6 +267,11 @@ class Client:
         agent_id: str | None = None,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        bad = non_finite(params)
+        if bad:
+            raise InvalidInput(
+                f"params.{bad} is not a finite number: JSON has no NaN or Infinity", field=f"params.{bad}"
+            )
         body: dict[str, Any] = {"kind": kind}
         if dataset_id is not None:
             body["datasetId"] = dataset_id
@@ -173,16 +294,31 @@ class Client:
         if cursor:
             params["cursor"] = cursor
         resp = self.request("GET", "/training/jobs", params=params)
-        return resp.json(), resp.headers.get("X-Next-Cursor")
+        return self._decode(resp, "GET", "/training/jobs"), resp.headers.get("X-Next-Cursor")
+
+    def all_jobs(self, *, statuses: list[str] | None = None, page: int = 1000, cursor: str | None = None) -> list[dict[str, Any]]:
+        """Every job (after ``cursor``, if given), newest first, fetched page by page."""
+        rows: list[dict[str, Any]] = []
+        while True:
+            batch, cursor = self.list_jobs(statuses=statuses, limit=page, cursor=cursor)
+            rows.extend(batch)
+            if not cursor:
+                return rows
+
+    def _decode(self, resp: httpx.Response, method: str, path: str) -> Any:
+        try:
+            return resp.json()
+        except ValueError:
+            raise self._foreign(_not_json(resp, method, path)) from None
 
     def get_job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/training/jobs/{job_id}")
+        return self._json("GET", _job(job_id))
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/training/jobs/{job_id}/cancel")
+        return self._json("POST", f"{_job(job_id)}/cancel")
 
     def delete_job(self, job_id: str) -> None:
-        self._json("DELETE", f"/training/jobs/{job_id}")
+        self._json("DELETE", _job(job_id))
 
     def prune_jobs(
         self, *, older_than: str | None = None, keep: int | None = None, statuses: list[str] | None = None,
@@ -198,7 +334,7 @@ class Client:
         return self._json("POST", "/training/jobs/prune", json=body)
 
     def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        return self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})
+        return self._json("GET", f"{_job(job_id)}/events", params={"since": since})
 
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/healthz")
@@ -207,21 +343,25 @@ class Client:
 
     def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
         """The job's stored log lines with ``lineNo > since``, oldest first."""
-        return self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})
+        return self._json("GET", f"{_job(job_id)}/logs", params={"since": since})
 
     def job_metrics(self, job_id: str) -> list[dict[str, Any]]:
         """Every metrics report of the job (its training curve), oldest first."""
-        return self._json("GET", f"/training/jobs/{job_id}/metrics")
+        return self._json("GET", f"{_job(job_id)}/metrics")
 
     def predict(self, job_id: str, text: str) -> dict[str, Any]:
         """Classify ``text`` with the model of a succeeded nlu-train / fine-tune job."""
-        return self._json("POST", f"/training/jobs/{job_id}/predict", json={"text": text})
+        return self._json("POST", f"{_job(job_id)}/predict", json={"text": text})
 
-    def download_artifact(self, job_id: str, dest: Path) -> int:
+    def download_artifact(self, job_id: str, dest: Path, *, overwrite: bool = False) -> int:
         """Stream the job's model into ``dest`` and return its size. The bytes go to a temp file
-        beside ``dest``, renamed over it only once complete: ``dest`` is never half written."""
-        path = f"/training/jobs/{job_id}/artifact"
+        beside ``dest``, moved there only once complete: ``dest`` is never half written. An
+        existing ``dest`` is an ``InvalidInput`` unless ``overwrite`` (checked before the
+        download, and again, atomically, when the file is put in place)."""
+        path = f"{_job(job_id)}/artifact"
         dest = Path(dest)
+        if not overwrite and (dest.exists() or dest.is_symlink()):
+            raise _exists(dest)
         tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
         size = 0
         try:
@@ -235,14 +375,25 @@ class Client:
                         size += len(chunk)
                     f.flush()
                     os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            if overwrite:
+                os.replace(tmp, dest)
+            else:
+                os.link(tmp, dest)  # fails if dest appeared meanwhile, where a rename would replace it
+        except _Foreign as foreign:
+            raise self._foreign(foreign) from None
         except httpx.HTTPError as exc:
             raise _transport_error(self.url, "GET", path, exc) from None
+        except FileExistsError:
+            raise _exists(dest) from None
         except OSError as exc:
             raise InvalidInput(f"cannot write {dest}: {exc.strerror or exc}", field="output") from None
         finally:
             tmp.unlink(missing_ok=True)
         return size
+
+
+def _exists(dest: Path) -> InvalidInput:
+    return InvalidInput(f"{dest} already exists; pass --force to replace it", field="output")
 
 
 class AsyncClient:
@@ -256,7 +407,7 @@ class AsyncClient:
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = (url or default_url()).rstrip("/")
+        self.url = check_url(url or default_url())
         self.headers = _headers(token)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
 
@@ -275,20 +426,37 @@ class AsyncClient:
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
+            return await self._request(method, path, **kwargs)
+        except _Foreign as foreign:
+            raise await self._foreign(foreign) from None
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
             resp = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise _transport_error(self.url, method, path, exc) from None
         return _checked(resp)
 
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = await self.request(method, path, **kwargs)
+    async def _foreign(self, foreign: _Foreign) -> MangwaleError:
+        """As ``Client._foreign``."""
         try:
-            return resp.json()
-        except ValueError:
-            raise MangwaleError(f"{method} {path}: the server sent something that is not JSON") from None
+            mangwale = _is_health(await self._http.get("/healthz", timeout=5))
+        except httpx.HTTPError:
+            mangwale = False
+        return foreign.error if mangwale else _not_mangwale(self.url, foreign)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self._request(method, path, **kwargs)
+            try:
+                return resp.json()
+            except ValueError:
+                raise _not_json(resp, method, path) from None
+        except _Foreign as foreign:
+            raise await self._foreign(foreign) from None
 
     async def get_job(self, job_id: str) -> dict[str, Any]:
-        return await self._json("GET", f"/training/jobs/{job_id}")
+        return await self._json("GET", _job(job_id))
 
     async def list_jobs(self, *, statuses: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """The newest jobs first (one page)."""
@@ -300,13 +468,13 @@ class AsyncClient:
         return await self._json("GET", "/training/jobs", params=params)
 
     async def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        return await self._json("GET", f"/training/jobs/{job_id}/events", params={"since": since})
+        return await self._json("GET", f"{_job(job_id)}/events", params={"since": since})
 
     async def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
-        return await self._json("GET", f"/training/jobs/{job_id}/logs", params={"since": since})
+        return await self._json("GET", f"{_job(job_id)}/logs", params={"since": since})
 
     async def health(self) -> dict[str, Any]:
         return await self._json("GET", "/healthz")
 
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
-        return await self._json("POST", f"/training/jobs/{job_id}/cancel")
+        return await self._json("POST", f"{_job(job_id)}/cancel")

@@ -14,10 +14,11 @@ The tree::
     │   └── InsufficientStorage      (exit 1)  HTTP 507: the disk is full; nothing was saved
     ├── ServerError                  (exit 1)  HTTP 5xx the server did not explain
     ├── Unreachable                  (exit 8)  client side: no TCP connection to the server
+    │   └── NotMangwale              (exit 8)  client side: what answers at the URL is not mangwale
     ├── TimedOut                     (exit 6)  client side: a follower's --timeout was reached
     ├── GaveUp                       (exit 7)  client side: a follower stopped reconnecting
     ├── StoreError                   (exit 1)  start-up: the store is corrupt, locked or too new
-    └── ConfigError                  (exit 2)  start-up: a setting has a bad value
+    └── ConfigError                  (exit 2)  start-up: a setting has a bad value (--url without http://)
 
 The server turns a ``MangwaleError`` into ``{"error": {"code", "message", "field"}}`` with its
 ``status``; the client turns that body back into the same class (``from_response``); the CLI
@@ -31,17 +32,35 @@ from typing import Any
 
 
 class ExitCode(IntEnum):
-    """Exit codes of every client command. Documented in the README and ``--help``."""
+    """Exit codes of every client command: ``EXIT_CODES`` says what each means, and is what the
+    README's table and ``mangwale --help`` show (a test holds the three together)."""
 
-    OK = 0  # the command did what was asked; a followed job succeeded
-    FAILED = 1  # a followed job failed, or the server refused the request (conflict, 5xx)
-    USAGE = 2  # bad flags or arguments, or the server rejected the input as invalid
-    CANCELLED = 3  # a followed job was cancelled
-    NOT_FOUND = 4  # the job or dataset does not exist
-    UNAUTHORIZED = 5  # 401 or 403
-    TIMEOUT = 6  # --timeout reached
-    GAVE_UP = 7  # gave up reconnecting (--max-retries / --give-up-after)
-    UNREACHABLE = 8  # the server could not be reached by a one-shot command
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    CANCELLED = 3
+    NOT_FOUND = 4
+    UNAUTHORIZED = 5
+    TIMEOUT = 6
+    GAVE_UP = 7
+    UNREACHABLE = 8
+    INTERNAL = 70  # sysexits' EX_SOFTWARE: distinct from 1, which scripts read as "the job failed"
+    INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+EXIT_CODES: dict[ExitCode, str] = {  # each fits one line of an 80-column `--help`
+    ExitCode.OK: "success; the followed job(s) succeeded",
+    ExitCode.FAILED: "a followed job failed, or the server refused (conflict, 5xx)",
+    ExitCode.USAGE: "usage error: a bad flag, argument, setting (--url) or input",
+    ExitCode.CANCELLED: "a followed job was cancelled",
+    ExitCode.NOT_FOUND: "not found: a job or dataset, also one named in a create",
+    ExitCode.UNAUTHORIZED: "not authorised (401/403)",
+    ExitCode.TIMEOUT: "--timeout reached",
+    ExitCode.GAVE_UP: "gave up reconnecting (--max-retries, --give-up-after)",
+    ExitCode.UNREACHABLE: "no mangwale server at the URL (nothing answers, or something else)",
+    ExitCode.INTERNAL: "a bug in mangwale: please report it (MANGWALE_DEBUG=1 for details)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+}
 
 
 class MangwaleError(Exception):
@@ -146,6 +165,13 @@ class Unreachable(MangwaleError):
     exit_code = ExitCode.UNREACHABLE
 
 
+class NotMangwale(Unreachable):
+    """Something answers at the URL, but not as a mangwale server does (no mangwale error body,
+    and its ``/healthz`` is not mangwale's): a wrong port or path in the URL."""
+
+    code = "not_mangwale"
+
+
 class TimedOut(MangwaleError):
     """``--timeout`` ran out before the followed jobs ended."""
 
@@ -182,6 +208,11 @@ _BY_STATUS: dict[int, type[MangwaleError]] = {
     503: Unavailable,
     507: InsufficientStorage,
 }
+
+
+def is_error_body(body: Any) -> bool:
+    """Whether ``body`` is a mangwale error body (``{"error": {"code", "message", ...}}``)."""
+    return isinstance(body, dict) and isinstance(body.get("error"), dict) and "code" in body["error"]
 
 
 def from_response(status: int, body: Any) -> MangwaleError:

@@ -284,9 +284,8 @@ class Service:
         else:
             ds = await self.store.get_dataset(body.dataset_id)
             if ds is None:
-                raise InvalidInput(
-                    f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset"
-                )
+                # 404, like GET /training/datasets/{id}: scripts (and the CLI's exit 4) see one answer
+                raise NotFound(f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset")
             if trainer.requires_examples and ds.size == 0:
                 raise InvalidInput(f"dataset {body.dataset_id} has no examples", field="datasetId", code="empty_dataset")
         await trainer.check(trainer.validate_params(body.params), self.store)

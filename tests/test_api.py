@@ -544,7 +544,7 @@ BAD_JOBS = [
     ('{"kind": "nope"}', 422, "kind", "unknown_kind"),
     ('{"kind": "simulate", "params": []}', 422, "params", None),
     ('{"kind": "simulate", "datasetId": 7}', 422, "datasetId", None),
-    ('{"kind": "simulate", "datasetId": "ds-nope"}', 422, "datasetId", "unknown_dataset"),
+    ('{"kind": "simulate", "datasetId": "ds-nope"}', 404, "datasetId", "unknown_dataset"),
     ('{"kind": "nlu-train"}', 422, "datasetId", None),
     ('{"kind": "simulate", "color": "red"}', 422, "color", None),
     ('{"kind": "simulate", "params": {"color": "red"}}', 422, "params.color", None),

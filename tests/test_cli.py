@@ -8,18 +8,13 @@ id, and every error is exactly one ``mangwale: error: ...`` line on stderr with 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import ServerProcess, free_port, wait_for
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
+from clitools import cli, error_line, ok, ok_json, wait_done
+from conftest import ServerProcess, free_port
 
 
 @pytest.fixture(scope="module")
@@ -28,56 +23,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = ServerProcess.for_module(tmp_path_factory.mktemp("cli"))
     yield server
     server.kill()
-
-
-def cli(
-    *args: str, url: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``mangwale ARGS`` (with MANGWALE_URL=url when given) and capture its output."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MANGWALE_URL"}
-    full_env.update({"COLUMNS": "200", **(env or {})})
-    if url is not None:
-        full_env["MANGWALE_URL"] = url
-    return subprocess.run(
-        [sys.executable, "-m", "mangwale_cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def ok(*args: str, url: str | None = None) -> str:
-    proc = cli(*args, url=url)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc.stdout
-
-
-def ok_json(*args: str, url: str) -> Any:
-    return json.loads(ok(*args, "--json", url=url))
-
-
-def error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    """Assert the command failed with ``code`` and exactly one error line; return that line."""
-    assert proc.returncode == code, (
-        f"exit {proc.returncode} (wanted {code}): {proc.stdout}{proc.stderr}"
-    )
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("mangwale: error: "), lines[0]
-    assert proc.stdout == ""
-    return lines[0]
-
-
-def wait_done(url: str, job_id: str) -> dict[str, Any]:
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (j := ok_json("jobs", "show", job_id, url=url))["status"] in TERMINAL and j,
-        what=f"job {job_id} to finish",
-    )
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -258,7 +203,7 @@ def test_version_and_help() -> None:
         assert command in top
     for text in (top, ok("jobs", "--help"), ok("datasets", "--help")):
         flat = " ".join(text.split())
-        assert "Exit codes:" in flat and "4 not found" in flat and "8 server unreachable" in flat
+        assert "Exit codes:" in flat and "4 not found" in flat and "8 no mangwale server" in flat
 
 
 def test_unknown_command_is_a_usage_error() -> None:

@@ -62,7 +62,6 @@ BAD_PARAMS = [
     ("nlu-train", {"learningRate": 0.1}, "params.learningRate"),
     ("fine-tune", {}, "params.baseJobId"),
     ("fine-tune", {"baseJobId": 42}, "params.baseJobId"),
-    ("fine-tune", {"baseJobId": "job-0-nope"}, "params.baseJobId"),
     ("fine-tune", {"baseJobId": "job-0-nope", "epochs": 0}, "params.epochs"),
     ("simulate", {"steps": 0}, "params.steps"),
     ("simulate", {"stepMs": "fast"}, "params.stepMs"),
@@ -82,6 +81,16 @@ def test_bad_params_are_422_naming_the_field(
     if kind != "simulate":
         body["datasetId"] = sample
     assert_invalid(api.post("/training/jobs", json=body), field)
+    assert api.get("/training/jobs").json() == []
+
+
+def test_fine_tune_of_an_unknown_base_job_is_404(api: TestClient) -> None:
+    """A baseJobId naming no job is a 404 naming params.baseJobId, as an unknown datasetId is."""
+    sample = api.get("/training/datasets").json()[0]["id"]
+    body = {"kind": "fine-tune", "datasetId": sample, "params": {"baseJobId": "job-0-nope"}}
+    resp = api.post("/training/jobs", json=body)
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"]["field"] == "params.baseJobId"
     assert api.get("/training/jobs").json() == []
 
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from .render import console, print_json
 
@@ -67,13 +68,14 @@ def prediction(result: dict[str, Any], as_json: bool = False) -> None:
     t = Table(box=None, show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    t.add_row("intent", f"{result['intent']} ({result['confidence']:.2f})")
+    # Text, not str: an intent or entity value with "[...]" is not rich markup
+    t.add_row("intent", Text(f"{result['intent']} ({result['confidence']:.2f})"))
     entities = result.get("entities") or []
     t.add_row(
         "entities",
-        ", ".join(f"{e['entity']}={e['value']!r}" for e in entities) if entities else "-",
+        Text(", ".join(f"{e['entity']}={e['value']!r}" for e in entities) if entities else "-"),
     )
     others = [r for r in result.get("ranking", [])[1:] if r.get("confidence", 0) > 0]
     if others:
-        t.add_row("also", ", ".join(f"{r['intent']} ({r['confidence']:.2f})" for r in others))
+        t.add_row("also", Text(", ".join(f"{r['intent']} ({r['confidence']:.2f})" for r in others)))
     console().print(t)

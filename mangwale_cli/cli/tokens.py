@@ -11,17 +11,21 @@ from typing import Annotated
 
 import typer
 
+from .command import Command
+
 tokens_app = typer.Typer(
     help="Mint API tokens for a server's [auth.tokens] table.", no_args_is_help=True
 )
 
 
-@tokens_app.command("create")
+@tokens_app.command("create", cls=Command)
 def tokens_create(
     name: Annotated[
         str,
         typer.Argument(
-            help="a name for the token (letters, digits, '-', '_'): shown in the server's logs and errors"
+            metavar="NAME",
+            help="a name for the token (letters, digits, '-', '_'): shown in the server's logs and errors",
+            show_default=False,
         ),
     ],
     scope: Annotated[
@@ -29,6 +33,7 @@ def tokens_create(
         typer.Option(
             "--scope",
             "-s",
+            metavar="SCOPE",
             help="read (list, show, watch), write (create, cancel, delete) or admin (all); repeatable",
         ),
     ] = [],  # noqa: B006 - typer reads it, nothing mutates it

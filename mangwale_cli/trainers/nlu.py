@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from ..store.base import Store
 from ..wire import JobStatus
 from .base import Param, Trainer, TrainingContext, validate_declared
@@ -69,7 +69,8 @@ class FineTuneTrainer(NluTrainer):
         base_id = params["baseJobId"]
         base = await store.get_job(base_id)
         if base is None:
-            raise InvalidInput(f"params.baseJobId: job {base_id} does not exist", field="params.baseJobId")
+            # 404, as for an unknown datasetId: the job named does not exist (exit 4 in the CLI)
+            raise NotFound(f"params.baseJobId: job {base_id} does not exist", field="params.baseJobId", code="unknown_job")
         if base.kind not in MODEL_KINDS or base.status is not JobStatus.SUCCEEDED:
             raise InvalidInput(
                 f"params.baseJobId: job {base_id} is a {base.status.value} {base.kind} job; "
