@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, wire
-from .errors import Conflict, InvalidInput, NotFound, StoreError
+from .errors import Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .eventlog import Record
 from .events import EventBus
 from .runner import Runner
@@ -63,6 +63,9 @@ class Service:
                 prefix=settings.store_prefix,
                 socket_timeout=settings.store_timeout,
                 connect_timeout=settings.store_timeout,
+                lease=settings.runner_lease,
+                retention=settings.events_retention,
+                log_retention=settings.events_log_retention,
             )
         else:
             self.store = TinyDBStore(
@@ -122,24 +125,15 @@ class Service:
         reader = store.connect(extra_timeout=block)
         self._redis = [reader]
         shown = store.safe_url
-        bus = RedisEventBus(
-            client,
-            reader,
-            url=str(shown),
-            prefix=s.store_prefix,
-            instance=self.instance,
-            retention=s.events_retention,
-            log_retention=s.events_log_retention,
-            queue_size=s.ws_client_queue,
-            block=block,
-        )
+        bus = RedisEventBus(store, reader, queue_size=s.ws_client_queue, block=block)
         self._queue = RedisQueue(
             client, reader, url=str(shown), prefix=s.store_prefix, consumer=self.instance, lease=s.runner_lease, block=block
         )
         try:
             await bus.open()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, MangwaleError) as exc:
             await self._close_redis()
+            await store.close()
             raise StoreError(f"cannot read the event stream at {shown}: {exc}", field="store.backend") from None
         self.bus = bus
 
