@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -143,6 +144,60 @@ def _write_file(path: Path, data: bytes) -> None:
 IN_DOUBT = 1000  # writes whose reply was lost, remembered so their retry keeps its write id
 
 
+class _SendKeepsCancellation:
+    """redis-py sends a command under ``asyncio.wait_for(..., socket_timeout)``. Before Python
+    3.12, ``wait_for`` returns the result when its task is cancelled just as the inner send
+    completes (CPython gh-86296; 3.12 rebuilt it on ``asyncio.timeout``): the cancellation is
+    lost, and a task told to stop goes on. That is what kept a SIGTERM'd instance waiting in
+    ``RedisQueue.take()`` or in the stream reader's next ``XREAD``. This send uses
+    ``asyncio.timeout``, which hands the cancellation on."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        conn: Any = self
+        if not conn.socket_timeout:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        if not conn.is_connected:
+            connect = getattr(conn, "connect_check_health", None)  # redis-py 6+: no health check yet
+            await (connect(check_health=False) if connect is not None else conn.connect())
+        elif check_health:
+            await conn.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                conn._writer.writelines(command)
+                await conn._writer.drain()
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise rexc.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise rexc.ConnectionError(f"Error while writing to socket: {exc}") from exc
+        except BaseException:
+            await conn.disconnect(nowait=True)  # a half-sent command leaves the socket unusable
+            raise
+
+
+_SAFE_CLASSES: dict[type, type] = {}
+
+
+def _keep_cancellation(client: aioredis.Redis) -> aioredis.Redis:
+    """Give the client's pool connections whose send keeps a cancellation (Python < 3.12)."""
+    if sys.version_info >= (3, 12):
+        return client
+    pool = client.connection_pool
+    base = pool.connection_class
+    if not issubclass(base, _SendKeepsCancellation):
+        safe = _SAFE_CLASSES.get(base)
+        if safe is None:
+            safe = _SAFE_CLASSES[base] = type(f"CancelSafe{base.__name__}", (_SendKeepsCancellation, base), {})
+        pool.connection_class = safe
+    return client
+
+
 def _parse_version(raw: bytes | str) -> int | None:
     try:
         version = wire.loads(raw)
@@ -228,7 +283,7 @@ class RedisStore(Store):
         """A new client (its own pool) to this store's Redis, configured as the store's own.
         The event stream and the job queue use one with ``extra_timeout`` added to the socket
         timeout for their blocking reads (``XREAD BLOCK``)."""
-        return aioredis.Redis.from_url(
+        client = aioredis.Redis.from_url(
             self.url,
             decode_responses=False,  # artifacts are bytes
             socket_timeout=self.socket_timeout + extra_timeout,
@@ -241,6 +296,7 @@ class RedisStore(Store):
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (rexc.ConnectionError,)),
             client_name="mangwale",
         )
+        return _keep_cancellation(client)
 
     @property
     def client(self) -> aioredis.Redis:
