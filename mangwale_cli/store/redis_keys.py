@@ -11,8 +11,8 @@ The record (``RedisStore``; each change is one Lua script, ``redis_scripts``)::
     status:{status}      zset    job ids per status, scored by createdAt (counts, filtered pages)
     lease:{id}           string  ``holder|token`` of the job's current lease, PX = the lease: the
                                  authoritative expiry (Redis's clock, not the instances')
-    jobidem:{id}         string  the idempotency key that created the job (freed on delete; TTL)
-    idem:{key}           hash    jobId, fingerprint (TTL: ``store.idempotency_ttl``)
+    idem:{key}           hash    jobId, fingerprint; expires after the store's idempotency TTL (24 h),
+                                 whether or not its job is still there
     dataset:{id}         string  the dataset document (``Dataset.to_dict``)
     datasets             zset    dataset ids scored by createdAt
     meta                 hash    small metadata, JSON values; field ``schema`` holds the version
@@ -30,8 +30,9 @@ The job queue (``jobqueue.RedisQueue``)::
     cancel:{id}          string  a cancel request for a job, seen by whoever takes it next
     cancel               channel job ids to cancel, for the instance running them now
 
-Schema 1 also had ``jobseq`` (hash: job id -> last jobSeq) and ``batch:{id}``; the migration
-to 2 (``redis_scripts.MIGRATE_1_TO_2``) removes the first, the second expires by itself.
+Schema 1 also had ``jobseq`` (hash: job id -> last jobSeq), ``jobidem:{id}`` (the key that
+created a job) and ``batch:{id}``; the migration to 2 (``redis_scripts.MIGRATE_1_TO_2``) removes
+the first two, the last expires by itself.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class RedisKeys:
         return f"{self.prefix}status:{value}"
 
     def job_idem(self, job_id: str) -> str:
+        """schema 1 only: removed by the migration to 2"""
         return f"{self.prefix}jobidem:{job_id}"
 
     def idem(self, key: str) -> str:

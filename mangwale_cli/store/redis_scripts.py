@@ -118,19 +118,19 @@ local function can_begin(s, a, live, previous)
 end
 """
 
-# KEYS: 1-4 (PRELUDE), job, jobs, status index, meta, queue[, idem, jobidem]
+# An Idempotency-Key outlives its job (it keeps its TTL when the job is deleted): the same
+# request again creates the job anew, another request with the key is a conflict.
+# KEYS: 1-4 (PRELUDE), job, jobs, status index, meta, queue[, idem]
 # ARGV: 1-2 (PRELUDE), id, doc without jobSeq, createdAt, schema version, job_created text,
-#       queue it ('1'/''), [fingerprint, idem key name, job key prefix, idem TTL (ms)]
+#       queue it ('1'/''), [fingerprint, job key prefix, idem TTL (ms)]
 CREATE_JOB = PRELUDE + """
 local id, doc, created = ARGV[3], ARGV[4], ARGV[5]
 if KEYS[10] then
   local known = redis.call('HMGET', KEYS[10], 'jobId', 'fingerprint')
   if known[1] then
-    local existing = redis.call('GET', ARGV[11] .. known[1])
-    if existing then  -- a key whose job was deleted is free again
-      if known[2] ~= ARGV[9] then return {'conflict'} end
-      return {'existing', existing}
-    end
+    if known[2] ~= ARGV[9] then return {'conflict'} end
+    local existing = redis.call('GET', ARGV[10] .. known[1])
+    if existing then return {'existing', existing} end
   end
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'exists'} end
@@ -141,10 +141,8 @@ redis.call('ZADD', KEYS[6], created, id)
 redis.call('ZADD', KEYS[7], created, id)
 redis.call('HSETNX', KEYS[8], 'schema', ARGV[6])
 if KEYS[10] then
-  redis.call('DEL', KEYS[10])
   redis.call('HSET', KEYS[10], 'jobId', id, 'fingerprint', ARGV[9])
-  redis.call('PEXPIRE', KEYS[10], ARGV[12])
-  redis.call('SET', KEYS[11], ARGV[10], 'PX', ARGV[12])
+  redis.call('PEXPIRE', KEYS[10], ARGV[11])
 end
 if ARGV[8] == '1' then redis.call('XADD', KEYS[9], '*', 'job', id) end
 return finish({'created'})
@@ -210,7 +208,7 @@ redis.call('RPUSH', KEYS[7], ARGV[4])
 return finish({'ok'})
 """
 
-# Finished jobs and their lines, leases, artifacts and idempotency keys, with one job_deleted
+# Finished jobs and their lines, leases and artifacts, with one job_deleted
 # naming them. Reply: the ids deleted (none: nothing written, no event).
 # KEYS: 1-4 (PRELUDE), jobs, status indexes (STATUSES)
 # ARGV: 1-2 (PRELUDE), key prefix, event text before the ids, after the ids, then per job:
@@ -236,9 +234,7 @@ for _, id in ipairs(gone) do
     if name == where[id] then redis.call('ZREM', KEYS[5 + i], id) end
   end
   redis.call('ZREM', KEYS[5], id)
-  local idem = redis.call('GET', prefix .. 'jobidem:' .. id)
-  if idem and redis.call('HGET', idem, 'jobId') == id then redis.call('DEL', idem) end
-  redis.call('DEL', prefix .. 'job:' .. id, prefix .. 'jobidem:' .. id, prefix .. 'lease:' .. id,
+  redis.call('DEL', prefix .. 'job:' .. id, prefix .. 'lease:' .. id,
     prefix .. 'lines:' .. id .. ':logs', prefix .. 'lines:' .. id .. ':metrics', prefix .. 'artifact:' .. id)
 end
 return finish(gone)
@@ -351,8 +347,9 @@ return out
 # Schema 1 (mangwale before the record) to 2, in one script: every job document gains its
 # ``jobSeq`` (the counter schema 1 kept in ``jobseq``) and ``lease`` (null: a job running on an
 # old instance is taken over once its queue entry goes idle), the status sets become zsets,
-# idempotency keys get their TTL, ``jobseq`` goes. Returns the number of jobs, or -1 when the
-# store is not at schema 1 (another instance migrated it first).
+# idempotency keys get their TTL (found through ``jobidem:{id}``, which goes), ``jobseq`` goes.
+# Returns the number of jobs, or -1 when the store is not at schema 1 (another instance
+# migrated it first).
 # KEYS: meta, jobs, jobseq, status indexes (STATUSES)
 # ARGV: key prefix, idem TTL (ms), the new schema version
 MIGRATE_1_TO_2 = """
@@ -380,7 +377,7 @@ for i = 1, #rows, 2 do
     local idem = redis.call('GET', ARGV[1] .. 'jobidem:' .. id)
     if idem then
       redis.call('PEXPIRE', idem, ARGV[2])
-      redis.call('PEXPIRE', ARGV[1] .. 'jobidem:' .. id, ARGV[2])
+      redis.call('DEL', ARGV[1] .. 'jobidem:' .. id)
     end
     n = n + 1
   else

@@ -433,8 +433,8 @@ class RedisStore(Store):
         args: list[EncodableT] = [job.id, self._doc_text(job), job.created_at, wire.dumps(SCHEMA_VERSION),
                                   wire.dumps(wire.job_created(job)), "1" if job.status is JobStatus.QUEUED else ""]  # fmt: skip
         if idempotency is not None:
-            keys += [k.idem(idempotency[0]), k.job_idem(job.id)]
-            args += [idempotency[1], k.idem(idempotency[0]), k.job(""), max(1, int(self.idempotency_ttl * 1000))]
+            keys.append(k.idem(idempotency[0]))
+            args += [idempotency[1], k.job(""), max(1, int(self.idempotency_ttl * 1000))]
         reply = await self._write("create", keys, args, job)
         outcome = _text(reply[0])
         if outcome == "conflict":
