@@ -198,7 +198,8 @@ class RedisEventBus(EventBus):
             raise Unavailable(f"the event stream at {self.url} is unreachable; try again", code="store_unavailable")
         while since is not None and since > self.log.head and loop.time() < end:
             try:
-                await asyncio.wait_for(self._advanced.wait(), end - loop.time())
+                async with asyncio.timeout(end - loop.time()):  # not wait_for: see redis_store
+                    await self._advanced.wait()
             except TimeoutError:
                 break
 
