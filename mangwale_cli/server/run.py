@@ -137,7 +137,7 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
             lifespan="on",
             log_config=None,
             access_log=settings.log_level == "debug",
-            timeout_graceful_shutdown=settings.shutdown_grace,
+            timeout_graceful_shutdown=settings.shutdown_grace,  # type: ignore[arg-type]  # typed int, used as float seconds
             server_header=False,
             ssl_certfile=settings.ssl_certfile or None,
             ssl_keyfile=settings.ssl_keyfile or None,
