@@ -824,6 +824,34 @@ def test_redis_a_retried_write_changes_nothing_twice(
     run(main)
 
 
+def test_redis_deleting_a_job_leaves_no_key_of_it(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """Deleting a finished job in Redis deletes its document, index entries, lease, lines and
+    published files in the same script; another instance then finds nothing of it."""
+
+    async def main() -> None:
+        backend = Backend("redis", tmp_path, redis_server_module)
+        async with backend.open(0, lease=30) as store, backend.open(1) as other:
+            job, _ = await store.create_job(make_job(1))
+            job = running(job)
+            assert await store.begin_attempt(job, 0, update(job))
+            await store.append_log(job.id, {"lineNo": 1}, wire.job_log(job.id, "stdout", "x", 1, 1), Expect.lease_of(job))
+            await store.write_job(job, update(job), lines=("metrics", [{"loss": 1}]), expect=Expect.lease_of(job))
+            write_files(store.artifact_dir(job.id), MODEL)
+            await store.save_artifacts(job.id)
+            job.status = S  # finished, its lease still on record: the delete takes it too
+            await store.write_job(job, update(job), expect=Expect.lease_of(job))
+            assert await store.lease_live(job.id)
+            assert await store.delete_jobs([job.id]) == [job.id]
+            assert await other.read_job_lines(job.id, "logs") == []
+            assert await other.read_job_lines(job.id, "metrics") == []
+            assert not (await other.load_artifacts(job.id)).exists()
+            r = redis.Redis.from_url(redis_server_module.url)
+            left = sorted(k.decode().removeprefix(backend.prefix) for k in r.keys(backend.prefix + "*"))
+            assert [k for k in left if not k.startswith("write:")] == ["epoch", "events", "meta", "queue", "seq"]
+
+    run(main)
+
+
 async def warm_up(store: Store) -> None:
     """One write of each kind, on a job of its own."""
     job, _ = await store.create_job(make_job(99))
