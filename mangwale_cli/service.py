@@ -143,11 +143,13 @@ class Service:
         return f"tinydb in {self.settings.data_dir}"
 
     async def _close_redis(self) -> None:
+        from redis.exceptions import RedisError
+
         for r in self._redis:
             try:
                 await r.aclose()
-            except Exception:  # already broken
-                pass
+            except (RedisError, OSError) as exc:  # already broken: nothing left to close cleanly
+                log.debug("closing a redis client: %s", exc)
         self._redis = []
 
     async def _start_embedded(self) -> None:
@@ -349,7 +351,7 @@ class Service:
     async def predict(self, job_id: str, text: str) -> dict[str, Any]:
         """Classify ``text`` with a job's model (loaded once, then kept in a small cache)."""
         path = await self.model_path(job_id)
-        model = self._models.get(job_id)
+        model: Any = self._models.get(job_id)
         if model is None:
             from .nlu.model import IntentModel
 
