@@ -197,11 +197,6 @@ class _LiveCollector(Collector):
                 "Jobs this instance took over from an instance that stopped renewing its lease (re-runs)",
                 value=svc.runner.takeovers,
             )
-            yield GaugeMetricFamily(
-                "mangwale_events_unappended",
-                "Events published here and not yet appended to the shared stream (Redis away)",
-                value=getattr(svc.bus, "pending", 0),
-            )
         per_status = GaugeMetricFamily("mangwale_jobs", "Stored jobs by status", labels=["status"])
         for status, n in sorted(m._job_counts.items()):
             per_status.add_metric([status], n)

@@ -66,6 +66,9 @@ class Service:
                 prefix=settings.store_prefix,
                 socket_timeout=settings.store_timeout,
                 connect_timeout=settings.store_timeout,
+                lease=settings.runner_lease,
+                retention=settings.events_retention,
+                log_retention=settings.events_log_retention,
             )
         else:
             self.store = TinyDBStore(
@@ -131,24 +134,15 @@ class Service:
         reader = store.connect(extra_timeout=block)
         self._redis = [reader]
         shown = store.safe_url
-        bus = RedisEventBus(
-            client,
-            reader,
-            url=str(shown),
-            prefix=s.store_prefix,
-            instance=self.instance,
-            retention=s.events_retention,
-            log_retention=s.events_log_retention,
-            queue_size=s.ws_client_queue,
-            block=block,
-        )
+        bus = RedisEventBus(store, reader, queue_size=s.ws_client_queue, block=block)
         self._queue = RedisQueue(
             client, reader, url=str(shown), prefix=s.store_prefix, consumer=self.instance, lease=s.runner_lease, block=block
         )
         try:
             await bus.open()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, MangwaleError) as exc:
             await self._close_redis()
+            await store.close()
             raise StoreError(f"cannot read the event stream at {shown}: {exc}", field="store.backend") from None
         self.bus = bus
 
@@ -158,11 +152,13 @@ class Service:
         return f"tinydb in {self.settings.data_dir}"
 
     async def _close_redis(self) -> None:
+        from redis.exceptions import RedisError
+
         for r in self._redis:
             try:
                 await r.aclose()
-            except Exception:  # noqa: BLE001, S110 - closing a broken client: nothing to learn from its error
-                pass
+            except (RedisError, OSError) as exc:  # already broken: nothing left to close cleanly
+                log.debug("closing a redis client: %s", exc)
         self._redis = []
 
     async def _start_embedded(self) -> None:
@@ -437,7 +433,7 @@ class Service:
     async def predict(self, job_id: str, text: str) -> dict[str, Any]:
         """Classify ``text`` with a job's model (loaded once, then kept in a small cache)."""
         path = await self.model_path(job_id)
-        model = self._models.get(job_id)
+        model: Any = self._models.get(job_id)
         if model is None:
             from .nlu.model import IntentModel
 

@@ -8,7 +8,9 @@ subprocesses can call it:
 * ``reset()``: abort every open connection with an RST (``SO_LINGER`` 0);
 * ``blackhole()``: move no more bytes, on open and on new connections, until ``restore()``.
   Nothing is closed and nothing is dropped: like a dead link, the peers only notice through
-  their own timeouts (keepalive pings), and what was held flows again after ``restore()``.
+  their own timeouts (keepalive pings), and what was held flows again after ``restore()``;
+* ``lose_replies(n)``: the next ``n`` answers the server sends are dropped with their
+  connection (RST): the request was carried out, its reply never arrives.
 
 Use the ``netproxy`` fixture (import it into the test module): ``proxy = netproxy(server.port)``.
 """
@@ -55,6 +57,7 @@ class NetProxy:
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
         self._flowing: asyncio.Event | None = None
+        self._lose = 0  # server answers still to drop (with their connection)
 
     @property
     def url(self) -> str:
@@ -87,6 +90,9 @@ class NetProxy:
 
     def restore(self) -> None:
         self._call(self._set_flowing(True))
+
+    def lose_replies(self, n: int = 1) -> None:
+        self._call(self._set_lose(n))
 
     def open_connections(self) -> int:
         return len(self._conns)
@@ -127,6 +133,9 @@ class NetProxy:
         else:
             self._flowing.clear()
 
+    async def _set_lose(self, n: int) -> None:
+        self._lose = n
+
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None
         self.accepted += 1
@@ -141,17 +150,22 @@ class NetProxy:
             except OSError:
                 conn.reset()
                 return
-            await asyncio.gather(self._pipe(reader, conn.upstream, conn), self._pipe(up_reader, writer, conn))
+            await asyncio.gather(self._pipe(reader, conn.upstream, conn), self._pipe(up_reader, writer, conn, True))
         finally:
             self._conns.discard(conn)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn,
+                    replies: bool = False) -> None:  # fmt: skip
         assert self._flowing is not None
         try:
             while True:
                 data = await reader.read(65536)
                 await self._flowing.wait()  # hold bytes (and EOF) while blackholed
                 if not data:
+                    break
+                if replies and self._lose > 0:
+                    self._lose -= 1
+                    conn.reset()
                     break
                 writer.write(data)
                 await writer.drain()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,8 @@ import pytest
 from conftest import ServerProcess, free_port, wait_for
 from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
 from redisserver import RedisServer
-from test_watch import assert_complete_transcript, server_events, watches  # noqa: F401 - watches: a pytest fixture, used by name
+from test_watch import Watch, assert_complete_transcript, client_env, server_events, watches  # noqa: F401 - watches: a pytest fixture, used by name
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -184,7 +188,7 @@ def test_watch_resumes_through_another_instance(
     """watch through B (behind a balancer) follows a job; B dies; it resumes through C: no gap, no duplicate."""
     a, b, c = start_instances(server_factory, redis_server.url, tmp_path / "shared", 3)
     balancer = netproxy(b.port)
-    job = simulate(a, steps=30, stepMs=60)
+    job = simulate(a, steps=100, stepMs=40)  # long enough to outlast a slow watch start
     w = watches(job, "--json", "--url", balancer.url)
     wait_for(lambda: len(w.events()) >= 4, what="watch to be live")
     b.kill()
@@ -331,7 +335,8 @@ def test_hung_instance_loses_its_lease_and_its_late_writes(
     wait_for(lambda: status(other, job) in TERMINAL, 30, 0.1, "the job to end")
     final = get(other, f"/training/jobs/{job}")
     assert (final["status"], final["attempt"]) == ("succeeded", 2)
-    wait_for(lambda: "lost the lease" in frozen.output() or "was not saved" in frozen.output(), 10,
+    # Its renewal, its queue heartbeat or its next write finds the lease gone, whichever is first.
+    wait_for(lambda: any(s in frozen.output() for s in ("stopping this copy", "lost the lease", "was not saved")), 10,
              what="the woken instance to notice it lost the job")
     # After the takeover started attempt 2, no event of attempt 1 was logged.
     events = server_events(other, job)
@@ -377,3 +382,93 @@ def test_cancel_through_another_instance(
     assert time.monotonic() - t0 < 5
     assert status(runner, job) == "cancelled"
     assert get(runner, "/healthz")["running"] == 0
+
+
+def test_job_created_precedes_its_updates_across_instances(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """Jobs created on one instance and started by the other a moment later: in the stream every
+    job's first event is its job_created (jobSeq 1), jobSeq goes 1, 2, 3... without a gap, and a
+    finished job has exactly one terminal update, its last."""
+    import redis
+
+    a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2, MANGWALE_RUNNER_CONCURRENCY="4")
+    made: dict[str, ServerProcess] = {}
+    for i in range(60):
+        s = (a, b)[i % 2]
+        made[simulate(s, steps=3, stepMs=5)] = s
+    wait_for(lambda: all(j["status"] in TERMINAL for j in get(a, "/training/jobs", limit=100)), 60, 0.1,
+             "every job to end")  # fmt: skip
+    entries = redis.Redis.from_url(redis_server.url).xrange("mangwale:events")
+    events = [json.loads(fields[b"d"]) for _id, fields in entries]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    crossed = 0
+    for job, creator in made.items():
+        mine = [e for e in events if e.get("jobId") == job and e["type"] != "job_log"]
+        assert mine[0]["type"] == "job_created", (job, [e["type"] for e in mine])
+        assert [e["jobSeq"] for e in mine] == list(range(1, len(mine) + 1)), job
+        assert [e.get("status") for e in mine[1:]].count("running") >= 1
+        assert [e.get("status") in TERMINAL for e in mine] == [False] * (len(mine) - 1) + [True], job
+        other = b if creator is a else a
+        crossed += f"job {job} (simulate) started" in other.output()
+    # The case that went wrong before: created on one instance, started on the other.
+    assert crossed >= 10, crossed
+    print(f"\n[cluster] {len(made)} jobs over 2 instances, {crossed} started by the instance that did not "
+          f"create them: job_created first and jobSeq without a gap in all {len(made)}")
+
+
+SIGTERM_ROUNDS = 30
+
+
+def test_sigterm_stops_a_busy_instance_within_its_grace_every_time(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """30 rounds: an instance running jobs, with WebSocket watchers, gets SIGTERM while the next ones
+    start; every round it exits 0 within shutdown_grace + runner.kill_grace (no worker or stream
+    reader left waiting on Redis), and its watchers are told 1001 (going away)."""
+    grace, kill_grace = 1.0, 0.5  # the bound: 1.5 s (the defaults are 5 s and 3 s)
+    env = {**CLUSTER_ENV, "MANGWALE_SHUTDOWN_GRACE": str(grace), "MANGWALE_RUNNER_KILL_GRACE": str(kill_grace)}
+
+    def spawn() -> ServerProcess:
+        s = server_factory(data_dir=tmp_path / "shared", env=env, args=["--store", redis_server.url], start=False)
+        return s.start(wait=False)
+
+    ready = [spawn(), spawn(), spawn()]  # start-ups overlap the rounds before them
+    took: list[float] = []
+    for round_ in range(SIGTERM_ROUNDS):
+        current = ready.pop(0)
+        current.wait_ready()
+
+        def busy(s: ServerProcess = current) -> bool:  # the others take jobs too: add until this one runs some
+            if get(s, "/healthz")["running"] >= 1:
+                return True
+            simulate(s, steps=40, stepMs=50)
+            return False
+
+        wait_for(busy, 15, 0.05, f"round {round_}: the instance to run a job")
+        head = get(current, "/healthz")["headSeq"]
+        closes: list[int | None] = []
+        with ExitStack() as stack:
+            watchers = [stack.enter_context(connect(f"{current.ws_url}?since={head}", open_timeout=5)) for _ in range(3)]
+            assert current.proc is not None
+            t0 = time.monotonic()
+            current.proc.send_signal(signal.SIGTERM)
+            try:
+                code = current.proc.wait(grace + kill_grace + 10)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"round {round_}: still running 11.5 s after SIGTERM:\n{current.output()[-3000:]}") from None
+            took.append(time.monotonic() - t0)
+            for ws in watchers:
+                try:
+                    while True:
+                        ws.recv(5)
+                except ConnectionClosed as exc:
+                    closes.append(exc.rcvd.code if exc.rcvd else None)
+        assert code == 0, f"round {round_}: exit {code}\n{current.output()[-3000:]}"
+        assert took[-1] <= grace + kill_grace, f"round {round_}: {took[-1]:.2f} s after SIGTERM"
+        assert closes == [1001] * 3, closes
+        assert "Traceback" not in current.output()
+        if round_ + len(ready) + 1 < SIGTERM_ROUNDS:
+            ready.append(spawn())
+    print(f"\n[cluster] SIGTERM x{SIGTERM_ROUNDS} on a busy instance: exit in {min(took):.2f}..{max(took):.2f} s "
+          f"(median {sorted(took)[len(took) // 2]:.2f} s; bound {grace + kill_grace:g} s)")

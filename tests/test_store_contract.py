@@ -1,8 +1,10 @@
 """The Store contract: the same tests against every backend (TinyDB and Redis), then what only
-a networked store can get wrong (Redis down, hung, busy or wiped; instances racing).
+a networked store can get wrong (Redis down, hung, busy, wiped or of an older schema; replies
+lost; instances racing).
 
-Redis tests use a private redis-server (tests/redisserver.py): one per module, with a key
-prefix per test, or one per test when the test kills or pauses it.
+Every write is checked with the event it logs (``events_after``): a state change and its event
+are one unit on both stores. Redis tests use a private redis-server (tests/redisserver.py): one
+per module, with a key prefix per test, or one per test when the test kills or pauses it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+from netproxy import NetProxy, netproxy  # noqa: F401
 from redisserver import RedisServer
 
+from mangwale_cli import wire
 from mangwale_cli.errors import Conflict, StaleWrite, StoreError, Unavailable
 from mangwale_cli.store import Store
+from mangwale_cli.store.base import SCHEMA_VERSION, Cursor, Expect, can_begin, refusal, stale_write
 from mangwale_cli.store.datadir import DataDir
 from mangwale_cli.store.redis_store import RedisStore, redact
 from mangwale_cli.store.tinydb_store import TinyDBStore
@@ -29,6 +34,7 @@ from mangwale_cli.wire import Dataset, Job, JobStatus
 
 T = TypeVar("T")
 TIMEOUT = 0.5  # the socket timeout Redis stores get here; "fast" means well under a second
+LEASE = 0.3  # seconds, for the tests that wait for a lease to run out
 
 Q, R, S, F, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED,
                  JobStatus.CANCELLED)  # fmt: skip
@@ -49,6 +55,18 @@ def make_dataset(n: int) -> Dataset:
                    created_at=2_000 + n, updated_at=2_000 + n)  # fmt: skip
 
 
+def running(job: Job, holder: str = "A") -> Job:
+    """The job as a runner starting its next attempt writes it (with the lease it takes)."""
+    out = Job.from_dict(job.to_dict())
+    out.status, out.attempt = R, job.attempt + 1
+    out.lease = {"holder": holder, "token": out.attempt}
+    return out
+
+
+def update(job: Job) -> dict[str, Any]:
+    return wire.training_update(job)
+
+
 class Backend:
     """Opens stores of one kind on one shared place: a data dir, or a Redis and a key prefix."""
 
@@ -60,14 +78,15 @@ class Backend:
         self.shared = server is not None
 
     @asynccontextmanager
-    async def open(self, instance: int = 0) -> AsyncIterator[Store]:
-        """A store; each instance has its own cache dir (Redis). TinyDB: one open at a time."""
+    async def open(self, instance: int = 0, **options: Any) -> AsyncIterator[Store]:
+        """A store; each instance has its own cache dir (Redis). TinyDB: one open at a time.
+        ``options``: ``lease``, ``idempotency_ttl``."""
         if self.server is None:
             datadir = DataDir(self.tmp_path / "data")
             datadir.prepare()
-            store: Store = TinyDBStore(datadir, flush_interval=0.01)
+            store: Store = TinyDBStore(datadir, **options)
         else:
-            store = redis_store(self.server, self.tmp_path / f"cache{instance}", self.prefix)
+            store = redis_store(self.server, self.tmp_path / f"cache{instance}", self.prefix, **options)
         try:
             await store.open()
             yield store
@@ -77,9 +96,10 @@ class Backend:
                 datadir.unlock()
 
 
-def redis_store(server: RedisServer, cache: Path, prefix: str = "mangwale:") -> RedisStore:
-    return RedisStore(server.url, cache_dir=cache, prefix=prefix, socket_timeout=TIMEOUT,
-                      connect_timeout=TIMEOUT, health_check_interval=0.1)  # fmt: skip
+def redis_store(server: RedisServer, cache: Path, prefix: str = "mangwale:", url: str | None = None,
+                **options: Any) -> RedisStore:  # fmt: skip
+    settings: dict[str, Any] = {"socket_timeout": TIMEOUT, "connect_timeout": TIMEOUT, "health_check_interval": 0.1}
+    return RedisStore(url or server.url, cache_dir=cache, prefix=prefix, **{**settings, **options})
 
 
 @pytest.fixture(params=["tinydb", "redis"])
@@ -92,26 +112,45 @@ def ids(jobs: list[Job]) -> list[str]:
     return [j.id for j in jobs]
 
 
+async def head(store: Store) -> int:
+    events = await store.events_after(0)
+    return int(events[-1]["seq"]) if events else 0
+
+
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 # --- jobs -------------------------------------------------------------------------------------
 
 
-def test_job_create_get_save_delete(backend: Backend) -> None:
-    """A job round-trips through create, get, save and delete; deleting twice is harmless."""
+def test_job_create_get_write_delete(backend: Backend) -> None:
+    """A job round-trips through create, get, write and delete, its document exactly as written
+    (floats, empty lists and objects included); deleting twice is harmless."""
 
     async def main() -> None:
         async with backend.open() as store:
             job = make_job(1)
-            job.params, job.metrics = {"steps": 3, "nested": {"a": [1, 2.5]}}, {"loss": 0.25}
-            assert await store.create_job(job) == (job, True)
-            assert await store.get_job(job.id) == job
-            job.status, job.progress, job.message = R, 42.5, "half é"
-            await store.save_job(job)
-            assert await store.get_job(job.id) == job
+            job.params = {"steps": 3, "lr": 0.1, "tiny": 1e-07, "third": 1 / 3, "empty": [], "none": {},
+                          "nested": {"a": [1, 2.5, []]}}  # fmt: skip
+            created, fresh = await store.create_job(job)
+            assert fresh and created.job_seq == 1 and created == job
+            assert await store.get_job(job.id) == created
+            job.status, job.attempt, job.progress, job.message = R, 1, 42.5, "half é"
+            job.metrics = {"loss": 0.30000000000000004, "curve": []}
+            stored = await store.write_job(job, update(job))
+            assert stored.job_seq == 2 and stored == job
+            assert await store.get_job(job.id) == stored
             assert await store.count_jobs() == {"queued": 0, "running": 1, "succeeded": 0, "failed": 0,
                                                 "cancelled": 0}  # fmt: skip
-            await store.delete_job(job.id)
+            job.status = S
+            await store.write_job(job, update(job), durable=True)
+            assert await store.delete_jobs([job.id]) == [job.id]
             assert await store.get_job(job.id) is None
-            await store.delete_job(job.id)
+            assert await store.delete_jobs([job.id]) == []
             assert await store.list_jobs() == [] and sum((await store.count_jobs()).values()) == 0
             assert await store.get_job("job-nope") is None
 
@@ -119,7 +158,7 @@ def test_job_create_get_save_delete(backend: Backend) -> None:
 
 
 def test_list_jobs_order_filter_limit_and_cursor(backend: Backend) -> None:
-    """list_jobs is newest first, filters by status, honours limit and pages with ``before``."""
+    """list_jobs is newest first, filters by status, honours limit and pages after a cursor."""
 
     async def main() -> None:
         async with backend.open() as store:
@@ -130,17 +169,20 @@ def test_list_jobs_order_filter_limit_and_cursor(backend: Backend) -> None:
             assert ids(await store.list_jobs(statuses={Q, R})) == ["job-03", "job-02"]
             assert ids(await store.list_jobs(statuses=[C])) == []
             assert ids(await store.list_jobs(limit=2)) == ["job-05", "job-04"]
-            assert ids(await store.list_jobs(before="job-04")) == ["job-03", "job-02", "job-01"]
-            assert ids(await store.list_jobs(before="job-04", limit=1)) == ["job-03"]
-            assert ids(await store.list_jobs(before="job-05", statuses=[S])) == ["job-01"]
+            assert await store.list_jobs(limit=0) == []
+            at4 = Cursor(1004, "job-04")
+            assert ids(await store.list_jobs(after=at4)) == ["job-03", "job-02", "job-01"]
+            assert ids(await store.list_jobs(after=at4, limit=1)) == ["job-03"]
+            assert ids(await store.list_jobs(after=Cursor(1005, "job-05"), statuses=[S])) == ["job-01"]
             assert ids(await store.list_jobs(statuses=[S, F], limit=2)) == ["job-05", "job-04"]
-            assert await store.list_jobs(before="job-01") == []
-            assert await store.list_jobs(before="job-nope") == []
+            assert ids(await store.list_jobs(statuses=[S, F, Q], after=at4, limit=2)) == ["job-03", "job-01"]
+            assert await store.list_jobs(after=Cursor(1001, "job-01")) == []
+            assert ids(await store.list_jobs(after=Cursor(99_999, "z"))) == ids(await store.list_jobs())
             assert await store.count_jobs() == {"queued": 1, "running": 1, "succeeded": 2, "failed": 1,
                                                 "cancelled": 0}  # fmt: skip
             job = make_job(2, R)
             job.status = S  # a status change moves the job between filters and counts
-            await store.save_job(job)
+            await store.write_job(job, update(job))
             assert ids(await store.list_jobs(statuses=[S])) == ["job-05", "job-02", "job-01"]
             assert ids(await store.list_jobs(statuses=[R])) == []
             assert (await store.count_jobs())["succeeded"] == 3
@@ -149,30 +191,52 @@ def test_list_jobs_order_filter_limit_and_cursor(backend: Backend) -> None:
 
 
 def test_list_jobs_same_millisecond_pages_through_all(backend: Backend) -> None:
-    """Jobs created in the same ms order by id, and the cursor pages through every one of them."""
+    """Jobs created in the same ms order by id, and the cursor pages through every one of them,
+    with and without a status filter."""
 
     async def main() -> None:
         async with backend.open() as store:
             for n in range(1, 8):
-                await store.create_job(make_job(n, created=5_000))
-            seen: list[str] = []
-            before = None
-            while page := await store.list_jobs(limit=3, before=before):
-                seen += ids(page)
-                before = page[-1].id
-            assert seen == [f"job-{n:02d}" for n in range(7, 0, -1)]
+                await store.create_job(make_job(n, S if n % 2 else Q, created=5_000))
+            for statuses, want in ((None, range(7, 0, -1)), ([S], range(7, 0, -2)), ([S, Q], range(7, 0, -1))):
+                seen: list[str] = []
+                after = None
+                while page := await store.list_jobs(limit=3, after=after, statuses=statuses):
+                    seen += ids(page)
+                    after = Cursor(page[-1].created_at, page[-1].id)
+                assert seen == [f"job-{n:02d}" for n in want], statuses
+
+    run(main)
+
+
+def test_a_cursor_keeps_working_when_its_job_is_deleted(backend: Backend) -> None:
+    """A page's last job deleted (pruned) before the next page is asked for: paging goes on
+    from its position, skipping nothing and repeating nothing."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            for n in range(1, 9):
+                await store.create_job(make_job(n, S, created=1_000 + n // 2))  # pairs share a ms
+            first = await store.list_jobs(limit=3)
+            assert ids(first) == ["job-08", "job-07", "job-06"]
+            cursor = Cursor(first[-1].created_at, first[-1].id)
+            assert await store.delete_jobs(["job-06", "job-07"]) == ["job-06", "job-07"]
+            assert ids(await store.list_jobs(limit=3, after=cursor)) == ["job-05", "job-04", "job-03"]
+            assert ids(await store.list_jobs(after=cursor, statuses=[S])) == ["job-05", "job-04", "job-03",
+                                                                              "job-02", "job-01"]  # fmt: skip
 
     run(main)
 
 
 def test_idempotency_key(backend: Backend) -> None:
-    """A key seen before returns its job and False; another fingerprint is a Conflict; deleting
-    the job frees the key."""
+    """A key seen before returns its job and False; another fingerprint is a Conflict. The key
+    outlives its job: deleted, the same request creates it anew, another is still a Conflict."""
 
     async def main() -> None:
         async with backend.open() as store:
             first, created = await store.create_job(make_job(1), ("key-1", "fp-a"))
             assert created
+            seq = await head(store)
             again, created = await store.create_job(make_job(2), ("key-1", "fp-a"))
             assert not created and again == first
             assert await store.get_job("job-02") is None
@@ -180,15 +244,40 @@ def test_idempotency_key(backend: Backend) -> None:
                 await store.create_job(make_job(3), ("key-1", "fp-b"))
             assert info.value.field == "Idempotency-Key" and info.value.code == "idempotency_mismatch"
             assert await store.get_job("job-03") is None
-            await store.delete_job(first.id)
-            _, created = await store.create_job(make_job(4), ("key-1", "fp-b"))
+            assert await store.events_after(seq) == []  # a replay logs nothing
+            done = make_job(1, S)
+            await store.write_job(done, update(done))
+            await store.delete_jobs([first.id])
+            with pytest.raises(Conflict):
+                await store.create_job(make_job(4), ("key-1", "fp-b"))
+            _, created = await store.create_job(make_job(5), ("key-1", "fp-a"))
             assert created
-            assert ids(await store.list_jobs()) == ["job-04"]
+            again, created = await store.create_job(make_job(6), ("key-1", "fp-a"))
+            assert not created and again.id == "job-05"
+            assert ids(await store.list_jobs()) == ["job-05"]
 
     run(main)
 
 
-# --- guarded saves ------------------------------------------------------------------------------
+def test_idempotency_keys_expire(backend: Backend) -> None:
+    """An Idempotency-Key is remembered for the store's TTL, then the same key creates anew."""
+    ttl = 0.5
+
+    async def main() -> None:
+        async with backend.open(idempotency_ttl=ttl) as store:
+            t0 = time.monotonic()
+            await store.create_job(make_job(1), ("key-1", "fp"))
+            _, created = await store.create_job(make_job(2), ("key-1", "fp"))
+            assert not created
+            assert time.monotonic() - t0 < ttl, "too slow to tell"
+            await asyncio.sleep(ttl - (time.monotonic() - t0) + 0.05)  # the TTL itself must pass
+            again, created = await store.create_job(make_job(3), ("key-1", "other"))
+            assert created and again.id == "job-03"
+
+    run(main)
+
+
+# --- the guard --------------------------------------------------------------------------------
 
 GUARD_CASES = [
     # stored (status, attempt), new (status, attempt), refused
@@ -197,81 +286,294 @@ GUARD_CASES = [
     ((R, 1), (S, 1), False),
     ((R, 1), (Q, 1), False),  # re-queued by a stopping instance
     ((Q, 1), (R, 2), False),  # the retry
-    ((S, 1), (C, 1), False),  # terminal to terminal: not this rule's business
-    ((R, 2), (R, 1), True),   # (a) a stale instance still reporting attempt 1
-    ((R, 2), (F, 1), True),   # (a) ... or finishing it
-    ((C, 1), (R, 1), True),   # (b) a cancelled job brought back by a late progress write
-    ((S, 1), (Q, 1), True),   # (b)
-    ((F, 1), (R, 2), True),   # (b) and (c): a finished job cannot start again
-    ((C, 0), (C, 1), True),   # (c) a higher attempt over a finished job
+    ((Q, 0), (C, 0), False),  # cancelled before it started
+    ((S, 1), (C, 1), True),   # terminal to terminal: a job has one terminal update
+    ((S, 1), (S, 1), True),   # ... even the same one again
+    ((R, 2), (R, 1), True),   # a stale instance still reporting attempt 1
+    ((R, 2), (F, 1), True),   # ... or finishing it
+    ((C, 1), (R, 1), True),   # a cancelled job brought back by a late progress write
+    ((S, 1), (Q, 1), True),
+    ((F, 1), (R, 2), True),   # a finished job cannot start again
+    ((C, 0), (C, 1), True),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("stored", "new", "refused"), GUARD_CASES)
-def test_guarded_save(backend: Backend, stored: tuple[JobStatus, int], new: tuple[JobStatus, int],
-                      refused: bool) -> None:  # fmt: skip
-    """save_job refuses a lower attempt, reviving a terminal job, or a new attempt of a finished
-    one with StaleWrite carrying the stored state, and leaves the stored job as it was."""
+def test_refusal_rules(stored: tuple[JobStatus, int], new: tuple[JobStatus, int], refused: bool) -> None:
+    """The guard both stores apply (base.refusal), without a store."""
+    doc = {"status": stored[0].value, "attempt": stored[1], "lease": None}
+    assert (refusal(doc, new[0].value, new[1], None, False) is not None) is refused
+    assert refusal(None, new[0].value, new[1], None, False) == "the job does not exist"
+
+
+@pytest.mark.parametrize(("stored", "new", "refused"), GUARD_CASES)
+def test_guarded_write(backend: Backend, stored: tuple[JobStatus, int], new: tuple[JobStatus, int],
+                       refused: bool) -> None:  # fmt: skip
+    """write_job refuses what base.refusal refuses, with the same reason, StaleWrite carrying the
+    stored state; a refused write leaves the job as it was and logs nothing."""
 
     async def main() -> None:
         async with backend.open() as store:
             await store.create_job(make_job(1, stored[0], attempt=stored[1]))
+            seq = await head(store)
             job = make_job(1, new[0], attempt=new[1])
             job.message = "the new write"
             if not refused:
-                await store.save_job(job, durable=True)
-                assert await store.get_job(job.id) == job
+                assert await store.write_job(job, update(job), durable=True) == job
+                assert await store.get_job(job.id) == job and job.job_seq == 2
+                assert [e["status"] for e in await store.events_after(seq)] == [new[0].value]
                 return
             with pytest.raises(StaleWrite) as info:
-                await store.save_job(job, durable=True)
+                await store.write_job(job, update(job), durable=True)
             err = info.value
             assert isinstance(err, Conflict) and err.status == 409 and err.code == "stale"
             assert (err.stored_status, err.stored_attempt) == (stored[0].value, stored[1])
-            assert job.id in err.message
+            doc = {"status": stored[0].value, "attempt": stored[1]}
+            reason = refusal(doc, new[0].value, new[1], None, False)
+            assert reason is not None
+            assert err.message == stale_write(job.id, new[0].value, new[1], reason, doc).message
             kept = await store.get_job(job.id)
-            assert kept is not None and (kept.status, kept.attempt, kept.message) == (*stored, None)
+            assert kept is not None and (kept.status, kept.attempt, kept.message, kept.job_seq) == (*stored, None, 1)
             assert ids(await store.list_jobs(statuses=[stored[0]])) == [job.id]
+            assert await store.events_after(seq) == []
+
+    run(main)
+
+
+def test_write_of_a_missing_job_is_refused(backend: Backend) -> None:
+    """A write to a job that does not exist (deleted) is refused and creates nothing."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            job = make_job(1, R, attempt=1)
+            with pytest.raises(StaleWrite) as info:
+                await store.write_job(job, update(job))
+            assert info.value.stored_status == "deleted" and "the job does not exist" in info.value.message
+            assert await store.get_job(job.id) is None and await store.events_after(0) == []
+
+    run(main)
+
+
+def test_expect_attempt_and_statuses(backend: Backend) -> None:
+    """Expect(attempt=, statuses=) are checked against the stored job, atomically."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            await store.create_job(make_job(1, Q, attempt=1))
+            job = make_job(1, C, attempt=1)
+            for expect, reason in ((Expect(attempt=2), "it is at attempt 1, not 2"),
+                                   (Expect(statuses=frozenset({"running"})), "it is queued")):  # fmt: skip
+                with pytest.raises(StaleWrite) as info:
+                    await store.write_job(job, update(job), expect=expect)
+                assert info.value.message.endswith(": " + reason)
+            await store.write_job(job, update(job), expect=Expect(attempt=1, statuses=frozenset({"queued"})))
+            assert (await store.get_job(job.id)).status is C  # type: ignore[union-attr]
+
+    run(main)
+
+
+def test_lease_holder_token_and_expiry(backend: Backend) -> None:
+    """begin_attempt grants the runner's lease; writes naming another holder or token are refused,
+    renewals keep it, and once it runs out the holder's writes and renewals are refused too."""
+
+    async def main() -> None:
+        async with backend.open(lease=LEASE) as store:
+            await store.create_job(make_job(1))
+            assert not await store.lease_live("job-01")
+            job = running(make_job(1), "A")
+            assert await store.begin_attempt(job, 0, update(job))
+            assert await store.lease_live("job-01")
+            if isinstance(store, RedisStore):  # the expiry is Redis's own, not an instance's clock
+                ttl = redis.Redis.from_url(store.url).pttl(store.keys.lease("job-01"))
+                assert 0 < ttl <= LEASE * 1000
+            job.progress = 10
+            await store.write_job(job, update(job), expect=Expect(holder="A", token=1))
+            for expect, reason in (
+                (Expect(holder="B", token=1), "its lease is held by A (token 1), not B (token 1)"),
+                (Expect(holder="A", token=2), "its lease is held by A (token 1), not A (token 2)"),
+            ):
+                with pytest.raises(StaleWrite) as info:
+                    await store.write_job(job, update(job), expect=expect)
+                assert info.value.message.endswith(": " + reason)
+            assert not await store.renew_lease("job-01", "B", 1)
+            assert not await store.renew_lease("job-01", "A", 2)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5 * LEASE:  # renewed, it outlives its first term
+                assert await store.renew_lease("job-01", "A", 1)
+                await asyncio.sleep(LEASE / 4)
+            assert await store.lease_live("job-01")
+            await wait_until(lambda: _not(store.lease_live("job-01")))
+            assert not await store.renew_lease("job-01", "A", 1)
+            with pytest.raises(StaleWrite) as info:
+                await store.write_job(job, update(job), expect=Expect(holder="A", token=1))
+            assert info.value.message.endswith(": the lease of A (token 1) expired")
+
+    run(main)
+
+
+async def _not(value: Awaitable[bool]) -> bool:
+    return not await value
+
+
+def test_a_write_releasing_the_lease_ends_it(backend: Backend) -> None:
+    """A write with no lease (the job re-queued or finished) releases it at once."""
+
+    async def main() -> None:
+        async with backend.open(lease=30) as store:
+            await store.create_job(make_job(1))
+            job = running(make_job(1))
+            assert await store.begin_attempt(job, 0, update(job))
+            job.status, job.lease = Q, None
+            await store.write_job(job, update(job), expect=Expect(holder="A", token=1))
+            assert not await store.lease_live("job-01")
+            assert (await store.get_job("job-01")).lease is None  # type: ignore[union-attr]
 
     run(main)
 
 
 @pytest.mark.parametrize(("stored", "previous", "started"), [
     ((Q, 0), 0, True),    # the first attempt
-    ((R, 1), 1, True),    # taking over attempt 1 of a job whose instance died
-    ((R, 2), 1, False),   # another instance started attempt 2 first
+    ((R, 1), 1, True),    # taking over attempt 1 of a job whose runner died (no live lease)
+    ((R, 2), 1, False),   # another runner started attempt 2 first
     ((Q, 1), 0, False),   # re-queued after attempt 1: the caller read an older copy
     ((C, 0), 0, False),   # cancelled while the caller got ready
 ])  # fmt: skip
 def test_begin_attempt_is_a_compare_and_set(backend: Backend, stored: tuple[JobStatus, int], previous: int,
                                             started: bool) -> None:  # fmt: skip
-    """begin_attempt writes the running job only while the stored attempt is still the one read
-    and the job is queued or running; otherwise it writes nothing and says so."""
+    """begin_attempt writes the running job (and its event) only while the stored attempt is
+    still the one read and the job is queued, or running with no live lease; otherwise it
+    writes nothing and says so."""
 
     async def main() -> None:
         async with backend.open() as store:
             await store.create_job(make_job(1, stored[0], attempt=stored[1]))
-            job = make_job(1, R, attempt=previous + 1)
-            assert await store.begin_attempt(job, previous) is started
+            seq = await head(store)
+            job = running(make_job(1, attempt=previous))
+            assert await store.begin_attempt(job, previous, update(job)) is started
             kept = await store.get_job(job.id)
             assert kept is not None
             assert (kept.status, kept.attempt) == ((R, previous + 1) if started else stored)
-            assert await store.begin_attempt(make_job(2, R, attempt=1), 0) is False  # no such job
+            assert len(await store.events_after(seq)) == (1 if started else 0)
+            assert await store.begin_attempt(running(make_job(2)), 0, update(job)) is False  # no such job
+            doc = {"status": stored[0].value, "attempt": stored[1]}
+            assert can_begin(doc, previous, False) is started
 
     run(main)
 
 
-def test_redis_created_job_is_queued_in_the_same_step(redis_server_module: RedisServer, tmp_path: Path) -> None:
-    """In Redis, create_job also adds the job's queue entry (and a replayed key adds none)."""
+def test_begin_attempt_waits_for_the_live_lease_to_run_out(backend: Backend) -> None:
+    """A running job whose runner still holds its lease cannot be taken over; once the lease
+    has run out, one runner, and only one, starts the next attempt."""
 
     async def main() -> None:
-        backend = Backend("redis", tmp_path, redis_server_module)
+        async with backend.open(lease=LEASE) as store:
+            await store.create_job(make_job(1))
+            first = running(make_job(1), "A")
+            assert await store.begin_attempt(first, 0, update(first))
+            second = running(first, "B")
+            assert not await store.begin_attempt(second, 1, update(second))
+            await wait_until(lambda: _not(store.lease_live("job-01")))
+            third = running(first, "C")
+            assert await store.begin_attempt(second, 1, update(second))
+            assert not await store.begin_attempt(third, 1, update(third))
+            kept = await store.get_job("job-01")
+            assert kept is not None and (kept.attempt, kept.lease) == (2, {"holder": "B", "token": 2})
+            with pytest.raises(StaleWrite):  # A wakes up and reports: too late
+                await store.write_job(first, update(first), expect=Expect(holder="A", token=1))
+
+    run(main)
+
+
+def test_append_log_checks_the_writers_lease(backend: Backend) -> None:
+    """A log line is appended with its job_log event under a live lease, and refused (nothing
+    appended, nothing logged) from a runner whose lease was taken over or that is gone."""
+
+    async def main() -> None:
+        async with backend.open(lease=LEASE) as store:
+            await store.create_job(make_job(1))
+            a = running(make_job(1), "A")
+            assert await store.begin_attempt(a, 0, update(a))
+            line = {"lineNo": 1, "stream": "stdout", "line": "epoch 1", "attempt": 1}
+            await store.append_log("job-01", line, wire.job_log("job-01", "stdout", "epoch 1", 1, 1), Expect.lease_of(a))
+            await wait_until(lambda: _not(store.lease_live("job-01")))
+            b = running(a, "B")
+            assert await store.begin_attempt(b, 1, update(b))
+            seq = await head(store)
+            late = {"lineNo": 2, "stream": "stdout", "line": "late", "attempt": 1}
+            with pytest.raises(StaleWrite) as info:
+                await store.append_log("job-01", late, wire.job_log("job-01", "stdout", "late", 2, 1), Expect.lease_of(a))
+            assert "its lease is held by B (token 2), not A (token 1)" in info.value.message
+            assert await store.events_after(seq) == []
+            assert await store.read_job_lines("job-01", "logs") == [line]
+            with pytest.raises(StaleWrite):  # a deleted job takes no lines either
+                await store.append_log("job-02", late, wire.job_log("job-02", "stdout", "x", 1, 1), Expect.lease_of(b))
+
+    run(main)
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def test_each_write_logs_its_event(backend: Backend) -> None:
+    """Every write logs its event in the same unit: seq +1 each, one epoch, and the job's jobSeq
+    (its document's jobSeq, which job_log does not count); a write without an event logs none."""
+
+    async def main() -> None:
         async with backend.open() as store:
-            await store.create_job(make_job(1), ("key-1", "fp"))
-            await store.create_job(make_job(2), ("key-1", "fp"))
-            await store.create_job(make_job(3))
-            r = redis.Redis.from_url(redis_server_module.url)
-            entries = r.xrange(backend.prefix + "queue")
-            assert [f[b"job"] for _id, f in entries] == [b"job-01", b"job-03"]
+            start = await head(store)
+            job, _ = await store.create_job(make_job(1))
+            run_ = running(job)
+            assert await store.begin_attempt(run_, 0, update(run_))
+            run_.progress = 50
+            point = {"loss": 0.5, "pointNo": 1}
+            stored = await store.write_job(run_, update(run_), expect=Expect.lease_of(run_), lines=("metrics", [point]))
+            assert stored.job_seq == 3
+            await store.append_log(job.id, {"lineNo": 1, "line": "hi"}, wire.job_log(job.id, "stdout", "hi", 1, 1),
+                                   Expect.lease_of(run_))  # fmt: skip
+            run_.message = "quiet"
+            assert (await store.write_job(run_, None, expect=Expect.lease_of(run_))).job_seq == 3
+            run_.status, run_.lease = S, None
+            final = await store.write_job(run_, update(run_), expect=Expect(holder="A", token=1), durable=True)
+            assert final.job_seq == 4 and (await store.get_job(job.id)).job_seq == 4  # type: ignore[union-attr]
+            await store.create_dataset(make_dataset(1))
+            await store.delete_jobs([job.id])
+
+            events = await store.events_after(start)
+            assert [e["type"] for e in events] == ["job_created", "training_update", "training_update", "job_log",
+                                                   "training_update", "dataset_update", "job_deleted"]  # fmt: skip
+            assert [e["seq"] for e in events] == list(range(start + 1, start + 8))
+            assert len({e["epoch"] for e in events}) == 1 and events[0]["epoch"]
+            assert [e.get("jobSeq") for e in events] == [1, 2, 3, None, 4, None, None]
+            assert events[0]["job"]["jobSeq"] == 1 and events[0]["job"]["status"] == "queued"
+            assert [e.get("status") for e in events[1:5]] == ["running", "running", None, "succeeded"]
+            assert events[-1]["jobIds"] == [job.id]
+            assert await store.events_after(start + 5) == events[5:]
+
+    run(main)
+
+
+def test_delete_jobs_skips_active_jobs_with_one_event(backend: Backend) -> None:
+    """delete_jobs deletes the finished jobs named (and their lines), skips queued, running and
+    unknown ones, and logs one job_deleted naming exactly the deleted; none deleted, no event."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            for n, status in enumerate([Q, R, S, F, C], start=1):
+                await store.create_job(make_job(n, status, attempt=1))
+            done = make_job(3, S, attempt=1)
+            await store.create_job(make_job(6, R, attempt=1))
+            seq = await head(store)
+            assert await store.delete_jobs(["job-01", "job-02"]) == []
+            assert await store.events_after(seq) == []
+            gone = await store.delete_jobs(["job-05", "job-03", "job-01", "job-02", "job-04", "job-nope", "job-03"])
+            assert gone == ["job-05", "job-03", "job-04"]
+            events = await store.events_after(seq)
+            assert len(events) == 1 and events[0]["type"] == "job_deleted" and events[0]["jobIds"] == gone
+            assert events[0]["reason"] == "deleted" and "jobSeq" not in events[0]
+            assert ids(await store.list_jobs()) == ["job-06", "job-02", "job-01"]
+            assert await store.count_jobs() == {"queued": 1, "running": 2, "succeeded": 0, "failed": 0,
+                                                "cancelled": 0}  # fmt: skip
+            assert await store.get_job(done.id) is None
 
     run(main)
 
@@ -279,13 +581,17 @@ def test_redis_created_job_is_queued_in_the_same_step(redis_server_module: Redis
 # --- datasets and metadata -----------------------------------------------------------------------
 
 
-def test_dataset_create_get_save_delete_list(backend: Backend) -> None:
-    """Datasets round-trip and list oldest first."""
+def test_datasets_with_their_events(backend: Backend) -> None:
+    """Datasets round-trip and list oldest first; each change logs its dataset_update (created,
+    updated, deleted); creating an existing one is a Conflict; deleting a missing one logs nothing."""
 
     async def main() -> None:
         async with backend.open() as store:
+            seq = await head(store)
             for n in (3, 1, 2):
                 await store.create_dataset(make_dataset(n))
+            with pytest.raises(Conflict):
+                await store.create_dataset(make_dataset(1))
             assert [d.id for d in await store.list_datasets()] == ["ds-1", "ds-2", "ds-3"]
             ds = await store.get_dataset("ds-2")
             assert ds == make_dataset(2)
@@ -298,6 +604,12 @@ def test_dataset_create_get_save_delete_list(backend: Backend) -> None:
             assert await store.get_dataset("ds-2") is None
             assert [d.id for d in await store.list_datasets()] == ["ds-1", "ds-3"]
             assert await store.get_dataset("ds-nope") is None
+            events = await store.events_after(seq)
+            assert [(e["type"], e["datasetId"], e["action"]) for e in events] == [
+                ("dataset_update", "ds-3", "created"), ("dataset_update", "ds-1", "created"),
+                ("dataset_update", "ds-2", "created"), ("dataset_update", "ds-2", "updated"),
+                ("dataset_update", "ds-2", "deleted")]  # fmt: skip
+            assert [e["seq"] for e in events] == list(range(seq + 1, seq + 6))
 
     run(main)
 
@@ -325,37 +637,31 @@ def test_meta_get_set_and_claim(backend: Backend) -> None:
 
 
 def test_job_lines_append_and_read(backend: Backend) -> None:
-    """Lines come back in append order, per job and per name; nothing yet is an empty list."""
+    """Log lines (append_log) and metrics points (write_job lines) come back in order, per job and
+    per name; nothing yet is an empty list; delete_artifacts removes a job's lines."""
 
     async def main() -> None:
         async with backend.open() as store:
             assert await store.read_job_lines("job-01", "logs") == []
-            await store.append_job_lines("job-01", "logs", [{"lineNo": 1, "line": "a"}])
-            await store.append_job_lines("job-01", "logs", [])
-            await store.append_job_lines("job-01", "logs", [{"lineNo": 2, "line": "b"}, {"lineNo": 3}])
-            await store.append_job_lines("job-01", "metrics", [{"loss": 0.5}])
-            await store.append_job_lines("job-02", "logs", [{"lineNo": 1, "line": "other"}])
-            assert await store.read_job_lines("job-01", "logs") == [
-                {"lineNo": 1, "line": "a"}, {"lineNo": 2, "line": "b"}, {"lineNo": 3}]  # fmt: skip
-            assert await store.read_job_lines("job-01", "metrics") == [{"loss": 0.5}]
+            for n in (1, 2):
+                await store.create_job(make_job(n, R, attempt=1))
+            logs = [{"lineNo": 1, "line": "a"}, {"lineNo": 2, "line": "b é"}, {"lineNo": 3}]
+            for entry in logs:
+                await store.append_log("job-01", entry, wire.job_log("job-01", "stdout", "x", entry["lineNo"], 1), None)
+            await store.append_log("job-02", {"lineNo": 1, "line": "other"}, wire.job_log("job-02", "stdout", "o", 1, 1),
+                                   None)  # fmt: skip
+            job = make_job(1, R, attempt=1)
+            await store.write_job(job, update(job), lines=("metrics", [{"loss": 0.5, "pointNo": 1}]))
+            await store.write_job(job, update(job), lines=("metrics", []))
+            await store.write_job(job, update(job), lines=("metrics", [{"loss": 0.25, "pointNo": 2},
+                                                                       {"loss": 0.125, "pointNo": 3}]))  # fmt: skip
+            assert await store.read_job_lines("job-01", "logs") == logs
+            assert [p["loss"] for p in await store.read_job_lines("job-01", "metrics")] == [0.5, 0.25, 0.125]
             assert await store.read_job_lines("job-02", "logs") == [{"lineNo": 1, "line": "other"}]
             await store.delete_artifacts("job-01")
             assert await store.read_job_lines("job-01", "logs") == []
             assert await store.read_job_lines("job-01", "metrics") == []
             assert len(await store.read_job_lines("job-02", "logs")) == 1
-
-    run(main)
-
-
-def test_tinydb_job_lines_skip_a_torn_last_line(tmp_path: Path) -> None:
-    """TinyDB: a line cut short by a crash is skipped, the lines before it are kept."""
-
-    async def main() -> None:
-        async with Backend("tinydb", tmp_path).open() as store:
-            await store.append_job_lines("job-01", "logs", [{"lineNo": 1}, {"lineNo": 2}])
-            path = store.artifact_dir("job-01") / "logs.jsonl"
-            path.write_bytes(path.read_bytes() + b'{"lineNo": 3, "li')
-            assert await store.read_job_lines("job-01", "logs") == [{"lineNo": 1}, {"lineNo": 2}]
 
     run(main)
 
@@ -384,7 +690,7 @@ def test_artifacts_published_are_loaded_by_another_instance(backend: Backend) ->
             reader = await stack.enter_async_context(backend.open(1)) if backend.shared else writer
             local = writer.artifact_dir("job-01")
             write_files(local, MODEL)
-            await writer.append_job_lines("job-01", "logs", [{"lineNo": 1}])
+            await writer.append_log("job-01", {"lineNo": 1}, wire.job_log("job-01", "stdout", "x", 1, 1), None)
             await writer.save_artifacts("job-01")
             got = await reader.load_artifacts("job-01")
             assert got == reader.artifact_dir("job-01")
@@ -403,18 +709,18 @@ def test_artifacts_published_are_loaded_by_another_instance(backend: Backend) ->
 
 
 def test_a_second_instance_sees_durable_writes(backend: Backend) -> None:
-    """What one store wrote durably, another store on the same backend reads (Redis: while
-    the first is still open; TinyDB: after it closed)."""
+    """What one store wrote durably, another store on the same backend reads, events included
+    (Redis: while the first is still open; TinyDB: after it closed)."""
 
     async def main() -> None:
         async with AsyncExitStack() as stack:
             first = await stack.enter_async_context(backend.open(0))
-            job = make_job(1)
-            await first.create_job(job, ("key", "fp"))
-            job.status, job.attempt = R, 1
-            await first.save_job(job, durable=True)
+            job, _ = await first.create_job(make_job(1), ("key", "fp"))
+            job = running(job)
+            assert await first.begin_attempt(job, 0, update(job))
             await first.create_dataset(make_dataset(1))
             await first.set_meta("sampleLoaded", "ds-1")
+            events = await first.events_after(0)
             if not backend.shared:
                 await stack.aclose()
             second = await stack.enter_async_context(backend.open(1))
@@ -424,11 +730,195 @@ def test_a_second_instance_sees_durable_writes(backend: Backend) -> None:
             assert await second.get_meta("sampleLoaded") == "ds-1"
             again, created = await second.create_job(make_job(2), ("key", "fp"))
             assert (again, created) == (job, False)
+            assert await second.events_after(0) == events
+
+    run(main)
+
+
+def test_tinydb_job_lines_skip_a_torn_last_line(tmp_path: Path) -> None:
+    """TinyDB: a line cut short by a crash is skipped, the lines before it are kept."""
+
+    async def main() -> None:
+        async with Backend("tinydb", tmp_path).open() as store:
+            for n in (1, 2):
+                await store.append_log("job-01", {"lineNo": n}, wire.job_log("job-01", "stdout", "x", n, 1), None)
+            path = store.artifact_dir("job-01") / "logs.jsonl"
+            path.write_bytes(path.read_bytes() + b'{"lineNo": 3, "li')
+            assert await store.read_job_lines("job-01", "logs") == [{"lineNo": 1}, {"lineNo": 2}]
 
     run(main)
 
 
 # --- Redis only ----------------------------------------------------------------------------------
+
+
+def test_redis_created_job_is_queued_in_the_same_step(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """In Redis, create_job also adds the job's queue entry (and a replayed key adds none)."""
+
+    async def main() -> None:
+        backend = Backend("redis", tmp_path, redis_server_module)
+        async with backend.open() as store:
+            await store.create_job(make_job(1), ("key-1", "fp"))
+            await store.create_job(make_job(2), ("key-1", "fp"))
+            await store.create_job(make_job(3))
+            r = redis.Redis.from_url(redis_server_module.url)
+            entries = r.xrange(backend.prefix + "queue")
+            assert [f[b"job"] for _id, f in entries] == [b"job-01", b"job-03"]
+            ttl = r.pttl(backend.prefix + "idem:key-1")  # keys are forgotten on Redis's clock
+            assert 0 < ttl <= 24 * 3600 * 1000
+
+    run(main)
+
+
+def test_redis_a_retried_write_changes_nothing_twice(
+    redis_server_module: RedisServer, tmp_path: Path, netproxy: Callable[[int], NetProxy]  # noqa: F811
+) -> None:
+    """Replies lost on the way back (the script ran): redis-py's retry on a fresh connection, and
+    the caller's own retry of the same write, get the first reply back; nothing is appended or
+    applied twice, so a retried create is not "already exists" and a retried begin is not "lost"."""
+    proxy = netproxy(redis_server_module.port)
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    prefix = f"retry-{uuid.uuid4().hex[:8]}:"
+
+    async def main() -> None:
+        # No health-check PINGs: each lost reply must be a write's.
+        store = redis_store(redis_server_module, tmp_path / "cache", prefix, url=url, health_check_interval=0)
+        await store.open()
+        try:
+            await warm_up(store)  # each script loaded: a lost reply is the script's, not NOSCRIPT's
+            start = await head(store)
+            proxy.lose_replies(1)  # redis-py retries once on a fresh connection
+            job, created = await store.create_job(make_job(1), ("key", "fp"))
+            assert created and job.job_seq == 1
+            run_ = running(job)
+            proxy.lose_replies(1)
+            assert await store.begin_attempt(run_, 0, update(run_))
+            run_.progress = 50
+            event = update(run_)
+            proxy.lose_replies(2)  # the client's retry fails too (Unavailable): the caller retries
+            with pytest.raises(Unavailable):
+                await store.write_job(run_, event, expect=Expect.lease_of(run_))
+            assert (await store.write_job(run_, event, expect=Expect.lease_of(run_))).job_seq == 3
+            proxy.lose_replies(1)
+            line = wire.job_log(job.id, "stdout", "hi", 1, 1)
+            await store.append_log(job.id, {"lineNo": 1}, line, Expect.lease_of(run_))
+            run_.status, run_.lease = S, None
+            proxy.lose_replies(1)
+            assert (await store.write_job(run_, update(run_), expect=Expect(holder="A", token=1))).job_seq == 4
+            proxy.lose_replies(1)
+            assert await store.delete_jobs([job.id]) == [job.id]
+            proxy.lose_replies(1)
+            await store.create_dataset(make_dataset(1))
+            proxy.lose_replies(1)
+            assert await store.claim_meta("once", 1) is True
+
+            events = await store.events_after(start)
+            assert [e["type"] for e in events] == ["job_created", "training_update", "training_update", "job_log",
+                                                   "training_update", "job_deleted", "dataset_update"]  # fmt: skip
+            assert [e["seq"] for e in events] == list(range(start + 1, start + 8))
+            assert await store.read_job_lines(job.id, "logs") == []  # deleted with the job
+            assert proxy.accepted >= 9  # each lost reply cost its connection
+        finally:
+            await store.close()
+
+    run(main)
+
+
+def test_redis_deleting_a_job_leaves_no_key_of_it(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """Deleting a finished job in Redis deletes its document, index entries, lease, lines and
+    published files in the same script; another instance then finds nothing of it."""
+
+    async def main() -> None:
+        backend = Backend("redis", tmp_path, redis_server_module)
+        async with backend.open(0, lease=30) as store, backend.open(1) as other:
+            job, _ = await store.create_job(make_job(1))
+            job = running(job)
+            assert await store.begin_attempt(job, 0, update(job))
+            await store.append_log(job.id, {"lineNo": 1}, wire.job_log(job.id, "stdout", "x", 1, 1), Expect.lease_of(job))
+            await store.write_job(job, update(job), lines=("metrics", [{"loss": 1}]), expect=Expect.lease_of(job))
+            write_files(store.artifact_dir(job.id), MODEL)
+            await store.save_artifacts(job.id)
+            job.status = S  # finished, its lease still on record: the delete takes it too
+            await store.write_job(job, update(job), expect=Expect.lease_of(job))
+            assert await store.lease_live(job.id)
+            assert await store.delete_jobs([job.id]) == [job.id]
+            assert await other.read_job_lines(job.id, "logs") == []
+            assert await other.read_job_lines(job.id, "metrics") == []
+            assert not (await other.load_artifacts(job.id)).exists()
+            r = redis.Redis.from_url(redis_server_module.url)
+            left = sorted(k.decode().removeprefix(backend.prefix) for k in r.keys(backend.prefix + "*"))
+            assert [k for k in left if not k.startswith("write:")] == ["epoch", "events", "meta", "queue", "seq"]
+
+    run(main)
+
+
+async def warm_up(store: Store) -> None:
+    """One write of each kind, on a job of its own."""
+    job, _ = await store.create_job(make_job(99))
+    job = running(job)
+    await store.begin_attempt(job, 0, update(job))
+    await store.write_job(job, update(job), expect=Expect.lease_of(job))
+    await store.append_log(job.id, {"lineNo": 1}, wire.job_log(job.id, "stdout", "x", 1, 1), None)
+    job.status, job.lease = S, None
+    await store.write_job(job, update(job))
+    await store.delete_jobs([job.id])
+    await store.create_dataset(make_dataset(99))
+    await store.claim_meta("warm", 1)
+
+
+def test_redis_schema_1_is_migrated_once(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """A Redis written by mangwale before the record (schema 1: documents without jobSeq or lease,
+    status sets, jobSeq counters in a hash, idempotency keys forever) is migrated by the first
+    store that opens it, atomically; old events stay readable and jobSeq goes on where it was."""
+    p = f"old-{uuid.uuid4().hex[:8]}:"
+    r = redis.Redis.from_url(redis_server_module.url)
+    old = {}
+    for n, status in ((1, S), (2, R), (3, Q)):
+        doc = make_job(n, status, attempt=1 if status is not Q else 0).to_dict()
+        del doc["jobSeq"], doc["lease"]
+        doc["params"] = {"lr": 0.1, "layers": []}
+        old[doc["id"]] = doc
+        r.set(f"{p}job:{doc['id']}", wire.dumps(doc))
+        r.zadd(f"{p}jobs", {doc["id"]: doc["createdAt"]})
+        r.sadd(f"{p}status:{status.value}", doc["id"])
+        r.hset(f"{p}jobseq", doc["id"], n + 1)
+    r.hset(f"{p}idem:key-1", mapping={"jobId": "job-03", "fingerprint": "fp"})
+    r.set(f"{p}jobidem:job-03", f"{p}idem:key-1")
+    r.set(f"{p}epoch", "oldepoch")
+    r.set(f"{p}seq", 9)
+    r.xadd(f"{p}events", {"j": "job-03", "k": "0", "s": "4", "e": "oldepoch",
+                          "d": '{"type":"training_update","jobId":"job-03","seq":9,"jobSeq":4,"epoch":"oldepoch"}'},
+           id="9-1")  # fmt: skip
+    r.hset(f"{p}meta", "schema", "1")
+
+    async def main() -> None:
+        stores = [redis_store(redis_server_module, tmp_path / f"c{i}", p) for i in range(2)]
+        await asyncio.gather(*(s.open() for s in stores))  # two instances start together
+        store = stores[0]
+        try:
+            assert r.hget(f"{p}meta", "schema") == str(SCHEMA_VERSION).encode()
+            assert r.exists(f"{p}jobseq") == 0
+            for n, status in ((1, S), (2, R), (3, Q)):
+                job = await store.get_job(f"job-{n:02d}")
+                assert job is not None and job.job_seq == n + 1 and job.lease is None and job.status is status
+                assert job.params == {"lr": 0.1, "layers": []}
+            assert ids(await store.list_jobs(statuses=[R, Q])) == ["job-03", "job-02"]
+            assert (await store.count_jobs())["succeeded"] == 1
+            assert 0 < r.pttl(f"{p}idem:key-1") <= 24 * 3600 * 1000 and not r.exists(f"{p}jobidem:job-03")
+            again, created = await store.create_job(make_job(9), ("key-1", "fp"))
+            assert (again.id, created) == ("job-03", False)
+            assert [e["seq"] for e in await store.events_after(0)] == [9]
+            job = running(make_job(3))  # a job queued before the upgrade runs on
+            assert await store.begin_attempt(job, 0, update(job))
+            events = await store.events_after(9)
+            assert [(e["seq"], e["jobSeq"], e["epoch"]) for e in events] == [(10, 5, "oldepoch")]
+            taken = running(make_job(2, attempt=1), "B")  # no lease: its old runner is gone
+            assert await store.begin_attempt(taken, 1, update(taken))
+        finally:
+            for s in stores:
+                await s.close()
+
+    run(main)
 
 
 def assert_unavailable(err: Unavailable, server: RedisServer, started: float) -> None:
@@ -439,24 +929,33 @@ def assert_unavailable(err: Unavailable, server: RedisServer, started: float) ->
 
 def test_redis_down_is_unavailable_fast_and_recovers_after_restart(redis_server: RedisServer, tmp_path: Path) -> None:
     """With Redis killed every call raises Unavailable (503, store_unavailable) quickly; after a
-    restart that lost the data the same store works again and re-stamps the schema version."""
+    restart that lost the data the same store works again: a new epoch, the schema stamped."""
 
     async def main() -> None:
         store = redis_store(redis_server, tmp_path / "cache")
         await store.open()
         try:
             await store.create_job(make_job(1))
+            old_epoch = (await store.events_after(0))[0]["epoch"]
             redis_server.kill()
+            job = make_job(1, R, attempt=1)
             calls: list[Callable[[], Awaitable[object]]] = [
                 lambda: store.get_job("job-01"),
                 lambda: store.create_job(make_job(2)),
-                lambda: store.save_job(make_job(1)),
+                lambda: store.write_job(job, update(job)),
+                lambda: store.begin_attempt(job, 0, update(job)),
+                lambda: store.append_log("job-01", {"lineNo": 1}, wire.job_log("job-01", "stdout", "x", 1, 1), None),
+                lambda: store.lease_live("job-01"),
+                lambda: store.renew_lease("job-01", "A", 1),
+                lambda: store.delete_jobs(["job-01"]),
                 lambda: store.list_jobs(statuses=[Q]),
                 lambda: store.count_jobs(),
+                lambda: store.create_dataset(make_dataset(1)),
                 lambda: store.list_datasets(),
                 lambda: store.set_meta("k", 1),
                 lambda: store.claim_meta("k", 1),
-                lambda: store.append_job_lines("job-01", "logs", [{"a": 1}]),
+                lambda: store.events_after(0),
+                lambda: store.read_job_lines("job-01", "logs"),
                 lambda: store.load_artifacts("job-01"),
             ]
             for call in calls:
@@ -470,8 +969,10 @@ def test_redis_down_is_unavailable_fast_and_recovers_after_restart(redis_server:
             assert await store.get_job("job-01") is None  # the data went with the old Redis
             await store.create_job(make_job(3))
             assert ids(await store.list_jobs()) == ["job-03"]
+            events = await store.events_after(0)
+            assert [e["type"] for e in events] == ["job_created"] and events[0]["epoch"] != old_epoch
             raw = redis.Redis.from_url(redis_server.url).hget("mangwale:meta", "schema")
-            assert raw == b"1"
+            assert raw == str(SCHEMA_VERSION).encode()
         finally:
             await store.close()
 
@@ -493,7 +994,7 @@ def test_redis_hung_times_out_as_unavailable(redis_server: RedisServer, tmp_path
             assert_unavailable(info.value, redis_server, started)
             assert "did not answer in time" in info.value.message
             redis_server.resume()
-            assert await store.get_job("job-01") == make_job(1)
+            assert (await store.get_job("job-01")).id == "job-01"  # type: ignore[union-attr]
         finally:
             redis_server.resume()
             await store.close()
@@ -552,16 +1053,27 @@ def test_redis_open_against_a_dead_redis_is_a_clear_store_error(tmp_path: Path, 
     assert "s3cret" not in info.value.message and "mangwale@127.0.0.1" in info.value.message
 
 
-def test_redis_schema_too_new_is_refused(redis_server_module: RedisServer, tmp_path: Path) -> None:
-    """A Redis written by a newer mangwale is refused at open with code too_new."""
-    redis.Redis.from_url(redis_server_module.url).hset("newer:meta", "schema", "99")
+@pytest.mark.parametrize(("raw", "code", "says"), [
+    ("99", "too_new", "has schema version 99, newer than this mangwale (2); upgrade mangwale"),
+    ("0", "too_old", "has schema version 0, which this mangwale cannot migrate"),
+    ("two", "corrupt", "has a bad schema version"),
+])  # fmt: skip
+def test_redis_unknown_schema_is_refused(redis_server_module: RedisServer, tmp_path: Path, raw: str, code: str,
+                                         says: str) -> None:  # fmt: skip
+    """A Redis of a schema this mangwale cannot use is refused at open with one line naming the
+    URL and prefix, and left as it was."""
+    prefix = f"odd-{uuid.uuid4().hex[:8]}:"
+    r = redis.Redis.from_url(redis_server_module.url)
+    r.hset(prefix + "meta", "schema", raw)
 
     async def main() -> None:
-        await redis_store(redis_server_module, tmp_path, "newer:").open()
+        await redis_store(redis_server_module, tmp_path, prefix).open()
 
     with pytest.raises(StoreError) as info:
         run(main)
-    assert info.value.code == "too_new" and "99" in info.value.message
+    assert info.value.code == code and says in info.value.message
+    assert f"redis at {redis_server_module.url} (prefix '{prefix}')" in info.value.message
+    assert r.keys(prefix + "*") == [(prefix + "meta").encode()] and r.hget(prefix + "meta", "schema") == raw.encode()
 
 
 def test_redis_instances_racing_claim_meta_one_wins(redis_server_module: RedisServer, tmp_path: Path) -> None:
@@ -584,25 +1096,71 @@ def test_redis_instances_racing_claim_meta_one_wins(redis_server_module: RedisSe
     run(main)
 
 
-def test_redis_delete_job_removes_its_lines_and_published_files(redis_server_module: RedisServer,
-                                                                tmp_path: Path) -> None:  # fmt: skip
-    """Deleting a job in Redis also deletes its logs, metrics and published artifacts."""
+def test_redis_instances_racing_writes_keep_one_order(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """Two stores writing many jobs at once: the stream holds every event once, seqs without a
+    gap, and each job's events in its own order with jobSeq 1, 2, 3... equal to its document's."""
+    prefix = f"order-{uuid.uuid4().hex[:8]}:"
 
     async def main() -> None:
-        backend = Backend("redis", tmp_path, redis_server_module)
-        async with backend.open(0) as store, backend.open(1) as other:
-            await store.create_job(make_job(1, S, attempt=1))
-            await store.append_job_lines("job-01", "logs", [{"lineNo": 1}])
-            await store.append_job_lines("job-01", "metrics", [{"loss": 1}])
-            write_files(store.artifact_dir("job-01"), MODEL)
-            await store.save_artifacts("job-01")
-            await store.delete_job("job-01")
-            assert await other.read_job_lines("job-01", "logs") == []
-            assert await other.read_job_lines("job-01", "metrics") == []
-            assert not (await other.load_artifacts("job-01")).exists()
-            left = redis.Redis.from_url(redis_server_module.url).keys(backend.prefix + "*")
-            # The queue stream stays: the runner removes a job's entry when the job ends.
-            assert sorted(left) == [(backend.prefix + "meta").encode(), (backend.prefix + "queue").encode()]
+        stores = [redis_store(redis_server_module, tmp_path / f"c{i}", prefix) for i in range(2)]
+        for s in stores:
+            await s.open()
+
+        async def life(n: int) -> None:
+            a, b = stores[n % 2], stores[(n + 1) % 2]
+            job, _ = await a.create_job(make_job(n))
+            job = running(job, f"i{n % 2}")
+            assert await b.begin_attempt(job, 0, update(job))
+            for step in range(5):
+                job.progress = step * 20
+                await (a, b)[step % 2].write_job(job, update(job), expect=Expect.lease_of(job))
+            job.status, job.lease = S, None
+            await a.write_job(job, update(job), expect=Expect(holder=f"i{n % 2}", token=1))
+
+        try:
+            await asyncio.gather(*(life(n) for n in range(1, 21)))
+            events = await stores[1].events_after(0)
+            assert [e["seq"] for e in events] == list(range(1, 20 * 8 + 1))
+            for n in range(1, 21):
+                mine = [e for e in events if e["jobId"] == f"job-{n:02d}"]
+                assert [e["jobSeq"] for e in mine] == list(range(1, 9))
+                assert mine[0]["type"] == "job_created" and [e.get("status") for e in mine][-1] == "succeeded"
+                assert [e["progress"] for e in mine[2:7]] == [0, 20, 40, 60, 80]
+                assert (await stores[0].get_job(f"job-{n:02d}")).job_seq == 8  # type: ignore[union-attr]
+        finally:
+            for s in stores:
+                await s.close()
+
+    run(main)
+
+
+def test_redis_clients_keep_a_cancellation(redis_server_module: RedisServer, tmp_path: Path) -> None:
+    """A task looping on Redis commands, cancelled at any point, ends cancelled: the store's
+    clients never swallow a cancellation (what made SIGTERM hang, see redis_store)."""
+
+    async def main() -> None:
+        store = redis_store(redis_server_module, tmp_path / "cache")
+        client = store.connect()
+        lost = []
+        try:
+            for steps in range(200):
+
+                async def loop() -> None:
+                    while True:
+                        await client.get("k")
+
+                task = asyncio.create_task(loop())
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                task.cancel()
+                done, _ = await asyncio.wait([task], timeout=2)
+                if not done or not task.cancelled():
+                    lost.append(steps)
+                    task.cancel()
+                    await asyncio.wait([task], timeout=2)
+        finally:
+            await client.aclose()
+        assert lost == [], f"cancellations lost after {lost} loop steps"
 
     run(main)
 

@@ -2,31 +2,37 @@
 
 Several ``mangwale serve`` instances share one Redis; a second deployment on the same Redis
 (or a test) picks another prefix. Values are UTF-8 JSON in the wire form (``wire.dumps``)
-unless noted.
+unless noted. Schema 2 (``meta`` field ``schema``); docs/storage.md draws the layout.
 
-Storage (``RedisStore``)::
+The record (``RedisStore``; each change is one Lua script, ``redis_scripts``)::
 
-    job:{id}             string  the job document (``Job.to_dict``)
+    job:{id}             string  the job document (``Job.to_dict``), ``jobSeq`` and ``lease`` included
     jobs                 zset    job ids scored by createdAt; equal scores order by id
-    status:{status}      set     job ids per status (count_jobs, filtered lists)
-    jobidem:{id}         string  the idempotency key that created the job (freed on delete)
-    idem:{key}           hash    jobId, fingerprint
+    status:{status}      zset    job ids per status, scored by createdAt (counts, filtered pages)
+    lease:{id}           string  ``holder|token`` of the job's current lease, PX = the lease: the
+                                 authoritative expiry (Redis's clock, not the instances')
+    idem:{key}           hash    jobId, fingerprint; expires after the store's idempotency TTL (24 h),
+                                 whether or not its job is still there
     dataset:{id}         string  the dataset document (``Dataset.to_dict``)
     datasets             zset    dataset ids scored by createdAt
     meta                 hash    small metadata, JSON values; field ``schema`` holds the version
     lines:{job}:{name}   list    JSON lines of a job's ``logs`` or ``metrics``
     artifact:{job}       hash    relative file name -> raw bytes, plus ``ARTIFACT_DIGEST_FIELD``
-
-Reserved for the event stream and the job queue::
-
-    events               stream  logged events
-    seq                  string  the last global seq issued (INCR)
+    events               stream  the event log: entry ``<seq>-1`` per event
+    seq                  string  the last seq issued
     epoch                string  the event log's id
-    jobseq               hash    job id -> last jobSeq issued
+    write:{id}           string  the reply of a write script, kept ``WRITE_TTL`` s or more: a retry of
+                                 the same write (a lost reply) gets it back and changes nothing
+
+The job queue (``jobqueue.RedisQueue``)::
+
     queue                stream  runnable job ids, read by the consumer group ``WORKERS_GROUP``
     cancel:{id}          string  a cancel request for a job, seen by whoever takes it next
     cancel               channel job ids to cancel, for the instance running them now
-    batch:{id}           string  an appended event batch (10 min): a retried batch is not added twice
+
+Schema 1 also had ``jobseq`` (hash: job id -> last jobSeq), ``jobidem:{id}`` (the key that
+created a job) and ``batch:{id}``; the migration to 2 (``redis_scripts.MIGRATE_1_TO_2``) removes
+the first two, the last expires by itself.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ WORKERS_GROUP = "workers"  # the queue's consumer group: a name inside ``queue``
 ARTIFACT_DIGEST_FIELD = "/digest"
 #: the ``lines:{job}:{name}`` lists a job can have (deleted with the job)
 LINE_NAMES = ("logs", "metrics")
+WRITE_TTL = 600  # seconds a write's reply is kept for a retry at least (the store keeps it 2 leases if longer)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class RedisKeys:
         return f"{self.prefix}status:{value}"
 
     def job_idem(self, job_id: str) -> str:
+        """schema 1 only: removed by the migration to 2"""
         return f"{self.prefix}jobidem:{job_id}"
 
     def idem(self, key: str) -> str:
@@ -85,7 +93,13 @@ class RedisKeys:
     def artifact(self, job_id: str) -> str:
         return f"{self.prefix}artifact:{job_id}"
 
-    # --- event stream and queue (reserved) --------------------------------------------------
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}lease:{job_id}"
+
+    def write(self, write_id: str) -> str:
+        return f"{self.prefix}write:{write_id}"
+
+    # --- the event stream -------------------------------------------------------------------
 
     @property
     def events(self) -> str:
@@ -101,7 +115,10 @@ class RedisKeys:
 
     @property
     def jobseq(self) -> str:
+        """schema 1 only: removed by the migration to 2"""
         return f"{self.prefix}jobseq"
+
+    # --- the job queue ------------------------------------------------------------------------
 
     @property
     def queue(self) -> str:
@@ -114,6 +131,3 @@ class RedisKeys:
     def cancel_channel(self) -> str:
         """pub/sub: job ids whose cancel was asked for, for the instance running them now"""
         return f"{self.prefix}cancel"
-
-    def batch(self, batch_id: str) -> str:
-        return f"{self.prefix}batch:{batch_id}"
