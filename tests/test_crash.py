@@ -418,3 +418,118 @@ def test_no_training_process_outlives_a_killed_server(server: ServerProcess) -> 
         5,
         what="every process of the server's session to exit",
     )
+
+
+# --- Redis: the same record on two instances ------------------------------------------------------
+
+REDIS_ENV = {"MANGWALE_RUNNER_LEASE": "1.5", "MANGWALE_STORE_TIMEOUT": "1", "MANGWALE_RUNNER_CONCURRENCY": "2"}
+
+
+def redis_record(url: str, prefix: str = "mangwale:") -> Inspection:
+    """What a Redis deployment holds (job documents, the event stream), read straight from Redis."""
+    import redis as redis_py
+
+    r = redis_py.Redis.from_url(url)
+    try:
+        jobs = {}
+        for key in r.scan_iter(match=f"{prefix}job:*", count=1000):
+            raw = r.get(key)
+            if raw is not None:
+                doc = json.loads(raw)
+                jobs[doc["id"]] = doc
+        events = [json.loads(f[b"d"]) for _id, f in r.xrange(f"{prefix}events")]
+        epoch = (r.get(f"{prefix}epoch") or b"").decode()
+        head = int(r.get(f"{prefix}seq") or 0)
+    finally:
+        r.close()
+    return Inspection(jobs, {}, {}, events, epoch, head)
+
+
+def redis_instance(server_factory: Callable[..., ServerProcess], url: str, data_dir: Path, **env: str) -> ServerProcess:
+    return server_factory(data_dir=data_dir, env={**REDIS_ENV, **env}, args=["--store", url])
+
+
+def wait_all_ended(server: ServerProcess, timeout: float = 60) -> None:
+    with server.client() as http:
+        wait_for(lambda: not http.get("/training/jobs", params={"status": "queued,running"}).json(), timeout, 0.1,
+                 "every job to end")  # fmt: skip
+
+
+def test_redis_kill_between_commit_and_reply_keeps_the_record_whole(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """An instance killed right after a change is in Redis (state and event, one script) but before
+    it answered or broadcast it: the record satisfies every invariant, the other instance goes on,
+    takes the dead one's jobs over, and every job ends exactly once."""
+    a = redis_instance(server_factory, redis_server.url, tmp_path / "a", MANGWALE_FAULT="redis-committed:40")
+    b = redis_instance(server_factory, redis_server.url, tmp_path / "b")
+    watcher = Watcher(b.ws_url)
+    watcher.wait_greeting()
+    submitters = [Submitter(a.url), Submitter(b.url)]
+    for s in submitters:
+        s.start()
+    assert a.proc is not None
+    try:
+        assert a.proc.wait(30) == -9
+    except subprocess.TimeoutExpired:
+        raise AssertionError("instance A never reached redis-committed") from None
+    for s in submitters:
+        s.halt.set()
+        s.join(10)
+    acked = set(submitters[0].acked) | set(submitters[1].acked)
+    check_record(redis_record(redis_server.url), acked, watcher.shown, "redis-committed")
+    wait_all_ended(b)
+    watcher.close()
+    figures = check_record(redis_record(redis_server.url), acked, watcher.shown, "redis-committed, all ended")
+    assert figures["terminal"] == figures["jobs"] >= len(acked) > 0
+    assert watcher.seqs == list(range(watcher.seqs[0], watcher.seqs[0] + len(watcher.seqs)))
+
+
+@pytest.mark.timeout(90 + 5 * ROUNDS)
+def test_kills_aimed_at_one_of_two_redis_instances_keep_every_invariant(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """S1 on Redis: two instances; each round kill -9 one of them, aimed at POSTs in flight or at a
+    job about to finish, while a watcher on the other follows: every invariant holds in Redis after
+    each kill, the watcher sees no gap, and in the end every job ends exactly once."""
+    seed = int(os.environ.get("MANGWALE_SOAK_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    servers = [redis_instance(server_factory, redis_server.url, tmp_path / name) for name in "ab"]
+    acked: set[str] = set()
+    figures = {"rounds": 0, "at_posts": 0, "at_finishing": 0, "acked": 0}
+    for rnd in range(ROUNDS):
+        victim, survivor = (servers[0], servers[1]) if rnd % 2 == 0 else (servers[1], servers[0])
+        aim = rng.choice(["posts", "finishing"])
+        fire = threading.Event()
+        near_end = Watcher(victim.ws_url, on_finishing=fire.set if aim == "finishing" else None)
+        follower = Watcher(survivor.ws_url)
+        near_end.wait_greeting()
+        follower.wait_greeting()
+        submitters = [Submitter(victim.url) for _ in range(2 if aim == "posts" else 1)] + [Submitter(survivor.url)]
+        for s in submitters:
+            s.start()
+        if aim == "posts":
+            wait_for(lambda ss=submitters: sum(len(s.acked) for s in ss[:-1]) >= 2, what="POSTs under way")
+        else:
+            assert fire.wait(10), "no job came near its end"
+        time.sleep(rng.uniform(0, 0.03))
+        victim.kill()
+        for s in submitters:
+            s.halt.set()
+            s.join(10)
+            acked |= set(s.acked)
+        near_end.join()
+        wait_for(lambda f=follower: f.seqs and f.seqs[-1] >= redis_record(redis_server.url).head, what="the follower to catch up")
+        follower.close()
+        shown = {**near_end.shown, **follower.shown}
+        check_record(redis_record(redis_server.url), acked, shown, f"round {rnd} ({aim})")
+        assert follower.seqs == list(range(follower.seqs[0], follower.seqs[0] + len(follower.seqs))), f"round {rnd}: gap"
+        victim.start()
+        figures["rounds"] += 1
+        figures[f"at_{aim}"] += 1
+        figures["acked"] += sum(len(s.acked) for s in submitters)
+    wait_all_ended(servers[0], 120)
+    final = check_record(redis_record(redis_server.url), acked, {}, "all ended")
+    assert final["terminal"] == final["jobs"]
+    with capsys.disabled():
+        print(f"\nS1 on two Redis instances (seed {seed}): {figures}, {final}")

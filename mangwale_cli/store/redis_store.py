@@ -49,7 +49,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.typing import EncodableT
 
-from .. import wire
+from .. import faults, wire
 from ..errors import Conflict, MangwaleError, StoreError, Unavailable
 from ..eventlog import EventRing, new_epoch
 from ..wire import Dataset, Job, JobStatus
@@ -398,6 +398,7 @@ class RedisStore(Store):
         except BaseException:
             self._settled(token)
             raise
+        faults.point("redis-committed")  # in Redis, state and event; not yet answered or shown
         self._settled(token)
         return reply
 
