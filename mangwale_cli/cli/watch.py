@@ -35,10 +35,12 @@ Exit codes:
   1    a job failed (with several jobs the worst wins: failed, cancelled, succeeded)
   2    usage error
   3    a job was cancelled
-  4    job not found (or --since beyond the server's newest event)
+  4    job not found, or deleted before it was seen to end (or --since beyond the
+       server's newest event)
   5    not authorised (HTTP 401/403, origin refused)
   6    --timeout reached
   7    gave up reconnecting (--max-retries, --give-up-after)
+  8    the server was never reached within --connect-timeout
   130  Ctrl-C: detached, the job keeps running (unless --cancel-on-interrupt)
 
 \b
@@ -49,6 +51,7 @@ Environment:
   MANGWALE_BACKOFF_MAX          longest reconnect delay in seconds [30]
   MANGWALE_WATCH_PING_INTERVAL  seconds between keepalive pings [20]
   MANGWALE_WATCH_PING_TIMEOUT   seconds without a pong before reconnecting [20]
+  MANGWALE_CONNECT_TIMEOUT      as --connect-timeout [30]
   GITHUB_ACTIONS=true           plain output folds jobs into ::group:: and reports ::error::"""
 
 
@@ -72,6 +75,14 @@ def watch(
     ] = None,
     give_up_after: Annotated[
         float | None, typer.Option("--give-up-after", min=0, metavar="S", help="give up after S seconds without a connection (exit 7) [default: never]")
+    ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--connect-timeout", metavar="S",
+            help="exit 8 if the server has not answered once within S seconds (a wrong --url) [default: $MANGWALE_CONNECT_TIMEOUT or 30]",
+            show_default=False,
+        ),
     ] = None,
     cancel_on_interrupt: Annotated[
         bool, typer.Option("--cancel-on-interrupt", help="Ctrl-C cancels the followed jobs instead of detaching")
@@ -98,6 +109,8 @@ def watch(
         raise InvalidInput("name the jobs to follow: JOB_ID ..., --latest or --all (one of them)", field="jobs")
     if cancel_on_interrupt and all_jobs:
         raise InvalidInput("--cancel-on-interrupt needs job ids or --latest, not --all", field="cancel-on-interrupt")
+    if connect_timeout is not None and not connect_timeout > 0:
+        raise InvalidInput(f"--connect-timeout must be a positive number of seconds, got {connect_timeout:g}", field="connect-timeout")
     code = run_watch(
         url=url,
         job_ids=ids,
@@ -107,6 +120,7 @@ def watch(
         timeout=timeout,
         max_retries=max_retries,
         give_up_after=give_up_after,
+        connect_timeout=connect_timeout,
         cancel_on_interrupt=cancel_on_interrupt,
         since=since,
     )
@@ -137,6 +151,7 @@ def run_watch(
     timeout: float | None = None,
     max_retries: int | None = None,
     give_up_after: float | None = None,
+    connect_timeout: float | None = None,
     cancel_on_interrupt: bool = False,
     since: int | None = None,
 ) -> int:
@@ -152,6 +167,7 @@ def run_watch(
         timeout=timeout,
         max_retries=max_retries,
         give_up_after=give_up_after,
+        connect_timeout=connect_timeout,
         settings=FollowSettings.from_env(),
     )
     mode = output or default_output()
@@ -162,20 +178,31 @@ def run_watch(
         view = JsonRenderer()
     else:
         view = PlainRenderer(github=os.environ.get("GITHUB_ACTIONS") == "true")
+    reason = "finished"
     try:
         try:
             import asyncio  # here, not at the top: only a watch pays for it
 
             outcome = asyncio.run(_follow(follower, view))
-        finally:
-            view.close()
-    except KeyboardInterrupt:
-        return _interrupted(follower, view, cancel_on_interrupt)
-    except MangwaleError as exc:
-        view.finish(follower, int(exc.exit_code), exc.code)
-        raise
-    code = int(outcome.exit_code)
-    view.finish(follower, code, "finished")
+        except KeyboardInterrupt:
+            reason = "cancelled" if cancel_on_interrupt else "detached"
+            view.close(reason)
+            code = _interrupted(follower, view, cancel_on_interrupt)
+        except MangwaleError as exc:
+            reason = exc.code
+            view.close(reason)
+            view.finish(follower, int(exc.exit_code), reason)
+            raise
+        except BaseException:
+            reason = "stopped"
+            view.close(reason)
+            raise
+        else:
+            view.close(reason)
+            code = int(outcome.exit_code)
+            view.finish(follower, code, reason)
+    finally:
+        pass
     return code
 
 
@@ -240,10 +267,19 @@ def fmt_metrics(metrics: dict[str, Any] | None) -> str:
     return f" [{', '.join(parts)}]" if parts else ""
 
 
+def step_text(v: JobView) -> str:
+    """The job's current step, led by its attempt once it has been re-run ("attempt 2: ...")."""
+    message = v.message or ""
+    if v.attempt > 1 and v.status not in (None, "queued"):
+        return f"attempt {v.attempt}: {message}" if message else f"attempt {v.attempt}"
+    return message
+
+
 def job_result(v: JobView) -> str:
     if v.terminal:
         took = f" in {fmt_seconds(v.seconds)}" if v.seconds is not None else ""
-        return f"{v.id} {v.status}{took}{fmt_metrics(v.metrics)}"
+        tries = f" (attempt {v.attempt})" if v.attempt > 1 else ""
+        return f"{v.id} {v.status}{took}{tries}{fmt_metrics(v.metrics)}"
     return f"{v.id} {v.status or 'unknown'} {v.progress:.0f}%"
 
 
@@ -253,6 +289,14 @@ def summary_line(follower: Follower, code: int, reason: str) -> str:
     jobs = follower.outcome().jobs.values()
     body = ", ".join(job_result(v) for v in jobs) or "no jobs seen"
     return f"{label}: {body}; exit {code}"
+
+
+def has_summary(follower: Follower, reason: str) -> bool:
+    """Whether the human modes close with a summary line. A follow stopped by an error before
+    any job was seen (an unknown job, a server never reached) has only its error line."""
+    if reason in ("finished", "detached", "cancelled"):
+        return True
+    return any(v.status is not None for v in follower.outcome().jobs.values())
 
 
 # --- renderers ------------------------------------------------------------------------------
@@ -267,8 +311,8 @@ class Renderer:
     async def tick(self) -> None:
         """Redraw periodically (the tty view's clocks); others have nothing to do."""
 
-    def close(self) -> None:
-        """Stop live drawing (before the summary is printed)."""
+    def close(self, reason: str) -> None:
+        """Stop live drawing (before the summary is printed); ``reason`` is why it stopped."""
 
     def finish(self, follower: Follower, code: int, reason: str) -> None:
         raise NotImplementedError
@@ -320,11 +364,13 @@ class PlainRenderer(LineRenderer):
                 self._job_line(item.job, f"created ({item.job.kind})" if created else None)
             elif ev.get("type") == "dataset_update":
                 self._write(f"dataset {ev.get('datasetId')} {ev.get('action')}")
+            for v in item.gone:
+                self._write(f"{v.id}  {'pruned' if v.deleted == 'pruned' else 'deleted'} on the server")
         elif isinstance(item, SnapshotItem):
             self._job_line(item.job, None, "  [state from REST]")
 
     def _job_line(self, v: JobView, message: str | None, suffix: str = "") -> None:
-        message = message or v.message or ""
+        message = message or step_text(v)
         key = (v.status, v.attempt, round(v.progress), message)
         if self.shown.get(v.id) == key and not suffix:
             return
@@ -348,7 +394,8 @@ class PlainRenderer(LineRenderer):
                     self._write(f"::error title=mangwale job failed::{_gha(v.id)} failed: {_gha(detail)}")
                 elif v.status == "cancelled":
                     self._write(f"::warning title=mangwale job cancelled::{_gha(v.id)} was cancelled")
-        self._write(summary_line(follower, code, reason))
+        if has_summary(follower, reason):
+            self._write(summary_line(follower, code, reason))
 
 
 def _gha(text: str) -> str:
@@ -380,12 +427,23 @@ class JsonRenderer(LineRenderer):
         self._write(json.dumps(line, separators=(",", ":"), ensure_ascii=False))
 
 
+# What the badge says once the view stops: the job may well still run after a detach.
+BADGE_AT_END = {
+    "finished": "done",
+    "detached": "detached (the job keeps running)",
+    "cancelled": "interrupted: cancelling",
+}
 
 
 class TtyRenderer(Renderer):
-    """A rich live view: a connection line, then one progress bar per job."""
+    """A rich live view: a connection line, then one progress bar per job.
+
+    The id, status and percent of a row are never cut: at any width from 80 columns up, the
+    bar and then the step text give way instead."""
 
     MAX_ROWS = 20
+    BAR_MAX = 24
+    BAR_MIN = 6
 
     def __init__(self, follower: Follower, *, forced: bool = False) -> None:
         from rich.console import Console
@@ -399,11 +457,13 @@ class TtyRenderer(Renderer):
         self.started = False
 
     def handle(self, item: Item) -> None:
-        from ..follow import ResyncItem
+        from ..follow import ConnectionChange, ResyncItem
 
         if isinstance(item, ResyncItem):
             self.notice = f"resynced ({item.reason})"
         if not self.started:
+            if isinstance(item, ConnectionChange) and item.state == "connecting":
+                return  # nothing to show yet: an unknown job stays one error line
             self.live.start()
             self.started = True
         self.live.update(self._render(), refresh=True)
@@ -416,17 +476,19 @@ class TtyRenderer(Renderer):
             if self.started:
                 self.live.update(self._render(), refresh=True)
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
         if self.started:
-            self.live.update(self._render(final=True), refresh=True)
+            self.live.update(self._render(end=BADGE_AT_END.get(reason, f"stopped ({reason})")), refresh=True)
             self.live.stop()
             self.started = False
 
     def finish(self, follower: Follower, code: int, reason: str) -> None:
-        style = "green" if code == 0 else "red" if code in (1, 4, 5, 6, 7) else "yellow"
+        if not has_summary(follower, reason):
+            return
+        style = "green" if code == 0 else "red" if code in (1, 4, 5, 6, 7, 8) else "yellow"
         self.console.print(summary_line(follower, code, reason), style=style, markup=False)
 
-    def _render(self, final: bool = False) -> Any:
+    def _render(self, end: str | None = None) -> Any:
         from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
@@ -435,48 +497,61 @@ class TtyRenderer(Renderer):
         from .render import STATUS_STYLE
 
         f = self.follower
-        now = time.monotonic()
         conn = f.connection
-        state = conn.describe(now)
+        state = conn.describe(time.monotonic())
         color = "green" if state == "live" else "yellow"
-        if final:
-            state, color = "done", "dim"
-        header = Text.assemble(("● ", color), (state, f"bold {color}"), (f"  {self.url}", "dim"))
+        if end is not None:
+            state, color = end, "dim"
+        header = Text.assemble(("● ", color), (state, f"bold {color}"), (f"  {self.url}", "dim"), no_wrap=True, overflow="ellipsis")
         if self.notice:
             header.append(f"  {self.notice}", style="yellow")
-        if conn.state == "reconnecting" and conn.reason:
+        if conn.state == "reconnecting" and conn.reason and end is None:
             header.append(f"  ({conn.reason})", style="dim")
-        rows = Table.grid(padding=(0, 1))
-        for col in ("id", "status", "bar", "pct", "message", "elapsed", "eta"):
-            rows.add_column(
-                justify="right" if col in ("pct", "elapsed", "eta") else "left",
-                no_wrap=True,
-                overflow="ellipsis",
-                ratio=1 if col == "message" else None,
-                min_width=8 if col == "message" else None,
-            )
         views = list(f.jobs.values())
         if f.all_jobs:
             views = views[-self.MAX_ROWS :]
         now_ms = time.time() * 1000
+        cells = []
         for v in views:
-            style = STATUS_STYLE.get(v.status or "", "dim")
             elapsed = None
             if v.started_at:
                 elapsed = ((v.finished_at or now_ms) - v.started_at) / 1000
             eta = None
             if v.eta is not None and v.eta_at is not None and not v.terminal:
                 eta = max(0.0, v.eta - (now_ms - v.eta_at) / 1000)
+            step = step_text(v) + (" (deleted on the server)" if v.deleted else "")
+            cells.append((v, v.status or "waiting", f"{v.progress:.0f}%", step, fmt_seconds(elapsed),
+                          f"eta {fmt_seconds(eta)}" if eta is not None else ""))
+        # Whole columns first (id, status, percent, clocks), then the bar, then the step text.
+        def widest(i: int) -> int:
+            return max((len(str(c[i])) for c in cells), default=0)
+
+        id_w = max((len(c[0].id) for c in cells), default=0)
+        status_w, pct_w, elapsed_w, eta_w = widest(1), widest(2), widest(4), widest(5)
+        spare = self.console.width - id_w - status_w - pct_w - elapsed_w - eta_w - 6  # 7 columns, 6 gaps
+        bar_w = min(self.BAR_MAX, max(self.BAR_MIN, spare // 2))
+        step_w = max(1, spare - bar_w)
+        rows = Table.grid(padding=(0, 1))
+        for name, width in (("id", id_w), ("status", status_w), ("bar", bar_w), ("pct", pct_w),
+                            ("step", step_w), ("elapsed", elapsed_w), ("eta", eta_w)):
+            rows.add_column(
+                justify="right" if name in ("pct", "elapsed", "eta") else "left",
+                no_wrap=True,
+                overflow="ellipsis" if name == "step" else "fold",
+                width=width,
+            )
+        for v, status, pct, step, elapsed_s, eta_s in cells:
+            style = STATUS_STYLE.get(v.status or "", "dim")
             rows.add_row(
                 v.id,
-                Text(v.status or "waiting", style=style),
-                ProgressBar(total=100, completed=v.progress, width=24, complete_style=style, finished_style=style),
-                f"{v.progress:.0f}%",
-                Text(v.message or "", style="dim" if v.terminal else ""),
-                fmt_seconds(elapsed),
-                f"eta {fmt_seconds(eta)}" if eta is not None else "",
+                Text(status, style=style),
+                ProgressBar(total=100, completed=v.progress, width=bar_w, complete_style=style, finished_style=style),
+                pct,
+                Text(step, style="dim" if v.terminal else ""),
+                elapsed_s,
+                eta_s,
             )
         parts: list[Any] = [header, rows]
-        if not final:
+        if end is None:
             parts.append(Text("Ctrl-C detaches (the job keeps running)", style="dim"))
         return Group(*parts)
