@@ -530,6 +530,65 @@ def test_json_output_exact(server: ServerProcess) -> None:
     ]
 
 
+# --- GitHub Actions step summary ---------------------------------------------------------------
+
+EPOCH_TRAINER = """\
+import json
+for epoch in range(1, 4):
+    metrics = {"epoch": epoch, "epochs": 3, "loss": round(1 / epoch, 4), "valAccuracy": round(0.5 + epoch / 10, 2)}
+    print(json.dumps({"progress": 30 * epoch, "message": f"epoch {epoch}/3", "metrics": metrics}), flush=True)
+"""
+
+
+def test_github_step_summary(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """Under GITHUB_ACTIONS, watch appends to $GITHUB_STEP_SUMMARY each job's outcome and duration, its final metrics and its epoch curve."""
+    (tmp_path / "epochs.py").write_text(EPOCH_TRAINER)
+    config = tmp_path / "mangwale.toml"
+    config.write_text(f'[trainers.epochs]\ncommand = [{json.dumps(sys.executable)}, "epochs.py"]\nrequires_dataset = false\n')
+    server = server_factory(args=["--config", str(config)])
+    with server.client() as c:
+        ok = c.post("/training/jobs", json={"kind": "epochs"}).json()["id"]
+    bad = create_job(server, steps=3, stepMs=10, failAt=2)
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("earlier step\n")
+    env = client_env(GITHUB_ACTIONS="true", GITHUB_STEP_SUMMARY=str(summary))
+    r = mangwale("watch", ok, bad, "--json", "--url", server.url, env=env)
+    assert r.returncode == 1, r.stderr
+    text = re.sub(r"\| \d+(\.\d+)?s \|", "| Ns |", summary.read_text().replace(ok, "OK").replace(bad, "BAD"))
+    assert text == (
+        "earlier step\n"
+        "### mangwale watch: 2 jobs, finished\n"
+        "\n"
+        "| job | kind | outcome | duration |\n"
+        "|---|---|---|---|\n"
+        "| `OK` | epochs | ✅ succeeded | Ns |\n"
+        "| `BAD` | simulate | ❌ failed | Ns |\n"
+        "\n"
+        "#### `OK`: final metrics\n"
+        "\n"
+        "| metric | value |\n"
+        "|---|---:|\n"
+        "| epoch | 3 |\n"
+        "| epochs | 3 |\n"
+        "| loss | 0.3333 |\n"
+        "| valAccuracy | 0.8 |\n"
+        "\n"
+        "#### `OK`: epoch curve\n"
+        "\n"
+        "| epoch | loss | valAccuracy |\n"
+        "|---:|---:|---:|\n"
+        "| 1 | 1 | 0.6 |\n"
+        "| 2 | 0.5 | 0.7 |\n"
+        "| 3 | 0.3333 | 0.8 |\n"
+        "\n"
+        "**`BAD` error:** simulated failure at step 2 of 3\n"
+        "\n"
+    )
+    # Outside GitHub Actions nothing is written.
+    r = mangwale("watch", ok, "--url", server.url, env=client_env(GITHUB_STEP_SUMMARY=str(summary)))
+    assert r.returncode == 0 and summary.read_text().count("### mangwale watch") == 1
+
+
 # --- a real terminal ---------------------------------------------------------------------------
 
 

@@ -52,7 +52,9 @@ Environment:
   MANGWALE_WATCH_PING_INTERVAL  seconds between keepalive pings [20]
   MANGWALE_WATCH_PING_TIMEOUT   seconds without a pong before reconnecting [20]
   MANGWALE_CONNECT_TIMEOUT      as --connect-timeout [30]
-  GITHUB_ACTIONS=true           plain output folds jobs into ::group:: and reports ::error::"""
+  GITHUB_ACTIONS=true           plain output folds jobs into ::group:: and reports ::error::;
+                                with GITHUB_STEP_SUMMARY set, a Markdown summary of each job
+                                (outcome, duration, final metrics, epoch curve) is appended"""
 
 
 class Output(str, Enum):
@@ -202,7 +204,10 @@ def run_watch(
             code = int(outcome.exit_code)
             view.finish(follower, code, reason)
     finally:
-        pass
+        if os.environ.get("GITHUB_ACTIONS") == "true" and os.environ.get("GITHUB_STEP_SUMMARY"):
+            from .stepsummary import append_step_summary
+
+            append_step_summary(follower, reason, os.environ["GITHUB_STEP_SUMMARY"])
     return code
 
 
