@@ -48,7 +48,7 @@ def _curve(url: str, job_id: str) -> list[dict[str, Any]] | str:
 
 def render(views: list[JobView], reason: str, curves: dict[str, list[dict[str, Any]] | str]) -> str:
     """The Markdown text (tested on its own, without a server)."""
-    from .watch import fmt_seconds
+    from .watchview import fmt_seconds
 
     noun = "job" if len(views) == 1 else "jobs"
     lines = [f"### mangwale watch: {len(views)} {noun}, {_stopped(reason)}", ""]
