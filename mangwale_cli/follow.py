@@ -305,7 +305,7 @@ class Follower:
         for job_id in docs:
             got = sorted(await self.rest.job_events(job_id, since), key=lambda e: e["seq"])
             known = self.jobs[job_id].job_seq
-            first = got[0].get("jobSeq") if got else None
+            first = next((e["jobSeq"] for e in got if isinstance(e.get("jobSeq"), int)), None)  # job_log has none
             if known is not None and isinstance(first, int) and first != known + 1:
                 gaps.add(job_id)  # the log no longer has what came between
             else:
