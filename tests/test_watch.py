@@ -139,6 +139,33 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if not line.startswith(("mangwale: connection: ", "mangwale: resync "))]
 
 
+ONE_SLOT = ["--concurrency", "1"]
+
+
+def blocked_job(server: ServerProcess, **params: Any) -> tuple[str, Callable[[], None]]:
+    """A job that waits behind a blocker on a one-slot server (``ONE_SLOT``) until ``release()``
+    cancels the blocker: a watch started on a busy machine, however slowly, is live before the
+    job runs, so a test never finds the job already over."""
+    blocker = create_job(server, steps=10_000, stepMs=100)
+    job = create_job(server, **params)
+
+    def release() -> None:
+        with server.client() as c:
+            c.post(f"/training/jobs/{blocker}/cancel").raise_for_status()
+
+    return job, release
+
+
+def watched_before_it_runs(server: ServerProcess, watches: Any, *args: str, url: str | None = None,
+                           env: dict[str, str] | None = None, **params: Any) -> tuple[str, Watch]:
+    """``blocked_job``, with a watch (``args``) that is live before the job runs."""
+    job, release = blocked_job(server, **params)
+    w = watches(job, *args, "--url", url or server.url, env=env)
+    wait_for(lambda: "connection: live" in w.stderr() and w.out, 20, what="watch to be live")
+    release()
+    return job, w
+
+
 def assert_complete_transcript(w: Watch, server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
     """watch printed every event of the job the server logged, each once, in order."""
     events = w.events()
@@ -158,15 +185,16 @@ EXPECTED = {"succeeded": 0, "failed": 1, "cancelled": 3}
 @pytest.mark.parametrize("outcome", ["succeeded", "failed", "cancelled"])
 def test_watch_survives_kill9_restarts(server_factory: Callable[..., ServerProcess], watches: Any, outcome: str) -> None:
     """Through repeated kill -9 restarts, watch --json prints each seq of the job once, in order, and exits with its outcome."""
-    server = server_factory(env={"MANGWALE_RUNNER_MAX_ATTEMPTS": str(KILL_ROUNDS + 5)})
+    server = server_factory(env={"MANGWALE_RUNNER_MAX_ATTEMPTS": str(KILL_ROUNDS + 5)}, args=["--concurrency", "1"])
     params: dict[str, Any] = {"steps": 25, "stepMs": 40}
     if outcome == "failed":
         params["failAt"] = 20
-    job = create_job(server, **params)
-    w = watches(job, "--json", "--url", server.url)
+    job, w = watched_before_it_runs(server, watches, "--json", **params)
     for _ in range(KILL_ROUNDS):
-        target = len(w.events()) + 3
-        wait_for(lambda t=target: len(w.events()) >= t, 20, what="watch to show new events")
+        # Timed on the server's log, not on watch's output: a watch that lags (a busy machine)
+        # must not let an attempt run to its end before the kill.
+        target = len(server_events(server, job)) + 3
+        wait_for(lambda t=target: len(server_events(server, job)) >= t, 20, what="the job to make progress")
         server.kill()
         server.start()
     last_attempt = KILL_ROUNDS + 1
@@ -184,11 +212,11 @@ def test_watch_survives_kill9_restarts(server_factory: Callable[..., ServerProce
     assert "reconnecting in" in w.stderr()
 
 
-def test_plain_lines_name_the_attempt_after_a_requeue(server: ServerProcess, watches: Any) -> None:
+def test_plain_lines_name_the_attempt_after_a_requeue(server_factory: Callable[..., ServerProcess], watches: Any) -> None:
     """A job re-run after a kill -9 of its server goes back to 0 %: every line of the new attempt says "attempt 2"."""
-    job = create_job(server, steps=30, stepMs=40)
-    w = watches(job, "--output", "plain", "--url", server.url)
-    wait_for(lambda: any("Simulating step 5/30" in line for line in w.out), what="watch to show progress")
+    server = server_factory(args=["--concurrency", "1"])
+    job, w = watched_before_it_runs(server, watches, "--output", "plain", steps=30, stepMs=40)
+    wait_for(lambda: (d := get_job(server, job))["status"] == "running" and d["progress"] > 0, what="attempt 1 to run")
     server.kill()
     server.start()
     assert w.wait_exit(30) == 0, w.stderr()
@@ -203,13 +231,14 @@ def test_plain_lines_name_the_attempt_after_a_requeue(server: ServerProcess, wat
 
 
 @pytest.mark.parametrize("fault", ["cut", "reset", "blackhole"])
-def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811 - the fixture imported above
+def test_watch_survives_network_faults(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any, fault: str) -> None:  # noqa: F811 - the fixture imported above
     """A cut, reset or blackholed connection between watch and server: watch reconnects and loses nothing."""
+    server = server_factory(args=ONE_SLOT)
     proxy = netproxy(server.port)
-    # A blackhole is only noticed by the client's keepalive (~1 s here): it needs a longer job.
-    job = create_job(server, steps=100 if fault == "blackhole" else 40, stepMs=40)
     fast_ping = client_env(MANGWALE_WATCH_PING_INTERVAL="0.25", MANGWALE_WATCH_PING_TIMEOUT="0.5")
-    w = watches(job, "--json", "--url", proxy.url, env=fast_ping)
+    # A blackhole is only noticed by the client's keepalive (~1 s here): it needs a longer job.
+    job, w = watched_before_it_runs(server, watches, "--json", url=proxy.url, env=fast_ping,
+                                    steps=100 if fault == "blackhole" else 40, stepMs=40)
     wait_for(lambda: len(w.events()) >= 4, what="watch to be live")
     proxy.blackhole()  # nothing gets through while the job goes on
     if fault == "cut":
@@ -228,10 +257,9 @@ def test_watch_survives_network_faults(server: ServerProcess, netproxy: Callable
 
 def test_watch_resyncs_when_further_behind_than_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
     """A watcher away longer than the log keeps gets a resync, re-reads the job, and ends with its final state and exit code."""
-    server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"})
+    server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"}, args=ONE_SLOT)
     proxy = netproxy(server.port)
-    job = create_job(server, steps=80, stepMs=40, failAt=70)
-    w = watches(job, "--json", "--url", proxy.url)
+    job, w = watched_before_it_runs(server, watches, "--json", url=proxy.url, steps=80, stepMs=40, failAt=70)
     wait_for(lambda: len(w.events()) >= 3, what="watch to be live")
     proxy.blackhole()
     proxy.cut()
@@ -277,10 +305,9 @@ def cut_until_finished(server: ServerProcess, proxy: NetProxy, w: Watch, job: st
 
 def test_job_deleted_while_away_exits_4(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
     """A job that ended and was deleted while watch was away, its last events gone from the log: one line saying so, exit 4, a JSON summary with reason "deleted"."""
-    server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"})
+    server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"}, args=ONE_SLOT)
     proxy = netproxy(server.port)
-    job = create_job(server, steps=40, stepMs=40)
-    w = watches(job, "--json", "--url", proxy.url)
+    job, w = watched_before_it_runs(server, watches, "--json", url=proxy.url, steps=40, stepMs=40)
     cut_until_finished(server, proxy, w, job)
     delete_job(server, job)
     pusher = create_job(server, steps=12, stepMs=1)  # pushes the job's last events out of the log
@@ -292,11 +319,11 @@ def test_job_deleted_while_away_exits_4(server_factory: Callable[..., ServerProc
     assert (summary["type"], summary["reason"], summary["exitCode"]) == ("summary", "deleted", 4)
 
 
-def test_job_deleted_while_away_with_its_end_still_in_the_log(server: ServerProcess, netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
+def test_job_deleted_while_away_with_its_end_still_in_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
     """A job deleted while watch was away whose last events the log still holds: watch shows them and exits with the job's outcome."""
+    server = server_factory(args=ONE_SLOT)
     proxy = netproxy(server.port)
-    job = create_job(server, steps=40, stepMs=40, failAt=38)
-    w = watches(job, "--json", "--url", proxy.url)
+    job, w = watched_before_it_runs(server, watches, "--json", url=proxy.url, steps=40, stepMs=40, failAt=38)
     cut_until_finished(server, proxy, w, job)
     logged = [e["seq"] for e in server_events(server, job)]
     delete_job(server, job)
@@ -373,9 +400,9 @@ def test_never_reached_server_exits_8_when_retries_run_out() -> None:
 
 def test_server_that_went_away_gives_up_with_exit_7(server: ServerProcess, watches: Any) -> None:
     """A server reached once and then gone is retried past --connect-timeout, and --give-up-after ends it with 7."""
-    job = create_job(server, steps=200, stepMs=50)
+    job = create_job(server, steps=1000, stepMs=50)
     w = watches(job, "--output", "plain", "--connect-timeout", "0.2", "--give-up-after", "1", "--url", server.url)
-    wait_for(lambda: any("Simulating step" in line for line in w.out), what="watch to show progress")
+    wait_for(lambda: any("Simulating step" in line for line in w.out), 30, what="watch to show progress")
     server.kill()
     assert w.wait_exit(15) == 7, w.stderr()
     assert re.search(r"attempt [3-9]", w.stderr()), w.stderr()  # retried past the connect timeout
@@ -438,9 +465,9 @@ def test_jobs_create_watch_exits_with_outcome(server: ServerProcess) -> None:
 @pytest.mark.parametrize("cancel", [False, True])
 def test_ctrl_c_detaches_or_cancels(server: ServerProcess, watches: Any, cancel: bool) -> None:
     """Ctrl-C detaches (exit 130, the job keeps running); with --cancel-on-interrupt it cancels the job (exit 3)."""
-    job = create_job(server, steps=200, stepMs=50)
+    job = create_job(server, steps=1000, stepMs=50)
     w = watches(job, "--output", "plain", "--url", server.url, *(["--cancel-on-interrupt"] if cancel else []))
-    wait_for(lambda: any("Simulating step" in line for line in w.out), what="watch to show progress")
+    wait_for(lambda: any("Simulating step" in line for line in w.out), 30, what="watch to show progress")
     w.proc.send_signal(signal.SIGINT)
     rc = w.wait_exit(15)
     status = get_job(server, job)["status"]
@@ -622,13 +649,18 @@ def tty_env() -> dict[str, str]:
 
 
 @needs_tmux
-def test_tty_view_under_tmux_at_80_columns(server: ServerProcess, tmp_path: Path) -> None:
+def test_tty_view_under_tmux_at_80_columns(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
     """On an 80-column terminal: a bar per job whose id, status and percent stay whole (the step text gives way), the connection badge, the attempt after a re-run, then the final state."""
-    job = create_job(server, steps=25, stepMs=80)
+    server = server_factory(args=ONE_SLOT)
+    job, release = blocked_job(server, steps=25, stepMs=80)
     rc_file = tmp_path / "rc"
     cmd = f"{sys.executable} -m mangwale_cli watch {job} --url {server.url}; echo $? > {rc_file}; sleep 60"
     tmux = Tmux(cmd, tty_env(), width=80)
     try:
+        queued = wait_for(lambda: (s := tmux.screen()) and "● live" in s and " queued " in row_of(s, job) and s, 20,
+                          what="the queued job")
+        assert re.fullmatch(rf"{job} queued +━+ +0% +-", row_of(queued, job).rstrip()), queued
+        release()
         running = wait_for(lambda: (s := tmux.screen()) and "eta" in row_of(s, job) and "Simul" in s and s, 20,
                            what="the live view")
         assert "● live" in running and "━" in running
