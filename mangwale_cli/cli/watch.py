@@ -35,8 +35,9 @@ Exit codes:
        server's newest event)
   5    not authorised (HTTP 401/403, origin refused)
   6    --timeout reached
-  7    gave up reconnecting (--max-retries, --give-up-after)
-  8    the server was never reached within --connect-timeout
+  7    gave up reconnecting to a server that had answered (--max-retries, --give-up-after)
+  8    the server never answered: --connect-timeout passed (or --max-retries,
+       --give-up-after ran out first)
   130  Ctrl-C: detached, the job keeps running (unless --cancel-on-interrupt)
 
 \b
