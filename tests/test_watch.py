@@ -239,7 +239,7 @@ def test_watch_survives_network_faults(server_factory: Callable[..., ServerProce
     # A blackhole is only noticed by the client's keepalive (~1 s here): it needs a longer job.
     job, w = watched_before_it_runs(server, watches, "--json", url=proxy.url, env=fast_ping,
                                     steps=100 if fault == "blackhole" else 40, stepMs=40)
-    wait_for(lambda: len(w.events()) >= 4, what="watch to be live")
+    wait_for(lambda: len(w.out) >= 4, what="watch to be live")
     proxy.blackhole()  # nothing gets through while the job goes on
     if fault == "cut":
         assert proxy.cut() >= 1
@@ -296,18 +296,19 @@ def delete_job(server: ServerProcess, job_id: str) -> None:
 
 def cut_until_finished(server: ServerProcess, proxy: NetProxy, w: Watch, job: str) -> None:
     """Cut watch off (connection closed, nothing gets through) and let the job end meanwhile."""
-    wait_for(lambda: len(w.events()) >= 4, what="watch to be live")
+    wait_for(lambda: len(w.out) >= 4, what="watch to be live")
     proxy.blackhole()
     proxy.cut()
     wait_for(lambda: "reconnecting in" in w.stderr(), what="watch to notice the cut")
     wait_for(lambda: finished(server, job), what="the job to end while watch is away")
 
 
-def test_job_deleted_while_away_exits_4(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above
-    """A job that ended and was deleted while watch was away, its last events gone from the log: one line saying so, exit 4, a JSON summary with reason "deleted"."""
+@pytest.mark.parametrize("output", ["json", "plain"])
+def test_job_deleted_while_away_exits_4(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any, output: str) -> None:  # noqa: F811 - the fixture imported above
+    """A job that ended and was deleted while watch was away, its last events gone from the log: one line saying so, exit 4; --json ends with a summary whose reason is "deleted"."""
     server = server_factory(env={"MANGWALE_EVENTS_RETENTION": "10"}, args=ONE_SLOT)
     proxy = netproxy(server.port)
-    job, w = watched_before_it_runs(server, watches, "--json", url=proxy.url, steps=40, stepMs=40)
+    job, w = watched_before_it_runs(server, watches, "--output", output, url=proxy.url, steps=40, stepMs=40)
     cut_until_finished(server, proxy, w, job)
     delete_job(server, job)
     pusher = create_job(server, steps=12, stepMs=1)  # pushes the job's last events out of the log
@@ -315,8 +316,11 @@ def test_job_deleted_while_away_exits_4(server_factory: Callable[..., ServerProc
     proxy.restore()
     assert w.wait_exit(30) == 4, w.stderr()
     assert error_lines(w.stderr()) == [f"mangwale: error: job {job} was deleted on the server while watch was away"]
-    summary = w.json_lines()[-1]
-    assert (summary["type"], summary["reason"], summary["exitCode"]) == ("summary", "deleted", 4)
+    if output == "json":
+        summary = w.json_lines()[-1]
+        assert (summary["type"], summary["reason"], summary["exitCode"]) == ("summary", "deleted", 4)
+    else:  # the job's lines up to the cut, then nothing: no summary line claiming a state
+        assert all(line.startswith(f"{job}  ") for line in w.out), w.out
 
 
 def test_job_deleted_while_away_with_its_end_still_in_the_log(server_factory: Callable[..., ServerProcess], netproxy: Callable[[int], NetProxy], watches: Any) -> None:  # noqa: F811 - the fixture imported above

@@ -72,11 +72,19 @@ def summary_line(follower: Follower, code: int, reason: str) -> str:
     return f"{label}: {body}; exit {code}"
 
 
+# Errors that leave no job state worth a summary line: the job is unknown or gone, or the
+# server never answered. Their one error line says it all.
+ONE_LINE_ERRORS = frozenset({"not_found", "deleted", "pruned", "unreachable"})
+
+
 def has_summary(follower: Follower, reason: str) -> bool:
-    """Whether the human modes close with a summary line. A follow stopped by an error before
-    any job was seen (an unknown job, a server never reached) has only its error line."""
+    """Whether the human modes close with a summary line (JSON always has its summary object).
+    A follow stopped by an unknown or deleted job, by a server never reached, or by any error
+    before a job was seen, has only its error line."""
     if reason in ("finished", "detached", "cancelled"):
         return True
+    if reason in ONE_LINE_ERRORS:
+        return False
     return any(v.status is not None for v in follower.outcome().jobs.values())
 
 
