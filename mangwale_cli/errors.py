@@ -53,11 +53,11 @@ EXIT_CODES: dict[ExitCode, str] = {  # each fits one line of an 80-column `--hel
     ExitCode.FAILED: "a followed job failed, or the server refused (conflict, 5xx)",
     ExitCode.USAGE: "usage error: a bad flag, argument, setting (--url) or input",
     ExitCode.CANCELLED: "a followed job was cancelled",
-    ExitCode.NOT_FOUND: "not found: a job or dataset, also one named in a create",
+    ExitCode.NOT_FOUND: "not found: a job or dataset (named in a create, or deleted while followed)",
     ExitCode.UNAUTHORIZED: "not authorised (401/403)",
     ExitCode.TIMEOUT: "--timeout reached",
     ExitCode.GAVE_UP: "gave up reconnecting (--max-retries, --give-up-after)",
-    ExitCode.UNREACHABLE: "no mangwale server at the URL (nothing answers, or something else)",
+    ExitCode.UNREACHABLE: "no mangwale server at the URL (watch: within --connect-timeout)",
     ExitCode.INTERNAL: "a bug in mangwale: please report it (MANGWALE_DEBUG=1 for details)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

@@ -10,13 +10,21 @@
 * On ``resync`` it re-fetches job state over REST (``SnapshotItem``) and continues live.
 * On a transport failure or a retryable close code (``reconnect.classify``) it reconnects
   with exponential backoff and jitter (``reconnect.backoff``), reset after each good connection. Before each
-  reconnect it asks REST about the jobs, since they may have ended while it was away.
+  reconnect it asks REST about the jobs, since they may have ended while it was away. A job
+  document that says terminal names the ``jobSeq`` of the job's newest event: the follower ends
+  only once it has handled the events up to it (over REST if they are all there, else over the
+  WebSocket), so the terminal event is always shown as the event it is.
+* A ``job_deleted`` event (or a 404 for a job it had seen) ends the follow with ``NotFound``
+  (exit 4, ``code`` "deleted" or "pruned") if the job had not been seen to end; ``all_jobs``
+  drops the deleted jobs from its views.
 * Fatal answers (401/403, unknown job, close 1008/4400) raise at once; ``max_retries`` and
-  ``give_up_after`` raise ``GaveUp``; ``timeout`` raises ``TimedOut``.
+  ``give_up_after`` raise ``GaveUp``; ``timeout`` raises ``TimedOut``; a server never reached
+  within ``connect_timeout`` raises ``Unreachable`` (exit 8).
 
 Everything it learns goes to one handler, in order: ``EventItem`` (a logged event, with its
-text as the server sent it), ``ResyncItem``, ``SnapshotItem`` and ``ConnectionChange``. No typer
-or rich here: ``mangwale watch`` renders what this module reports.
+text as the server sent it), ``ResyncItem``, ``SnapshotItem`` and ``ConnectionChange``
+(defined in ``followitems``, re-exported here). No typer or rich here: ``mangwale watch``
+renders what this module reports.
 """
 
 from __future__ import annotations
@@ -25,199 +33,37 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlencode
 
 from . import __version__, wire
 from .client import AsyncClient
-from .errors import ExitCode, GaveUp, InvalidInput, NotFound, TimedOut
+from .errors import GaveUp, InvalidInput, MangwaleError, NotFound, TimedOut, Unreachable
+from .followitems import (
+    ConnectionChange,
+    EventItem,
+    Handler,
+    Item,
+    JobView,
+    Outcome,
+    ResyncItem,
+    SnapshotItem,
+    format_delay,
+    is_terminal,
+    outcome_code,
+)
 from .reconnect import FollowSettings, backoff, classify, describe_failure
 from .wire import MsgType
 
 __all__ = [
     "ConnectionChange", "EventItem", "FollowSettings", "Follower", "Item", "JobView", "Outcome",
-    "ResyncItem", "SnapshotItem", "backoff", "classify", "outcome_code",
+    "ResyncItem", "SnapshotItem", "backoff", "classify", "format_delay", "is_terminal", "outcome_code",
 ]
 
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = "mangwale.v1"
-
-# --- what the handler receives ---------------------------------------------------------------
-
-
-def is_terminal(status: str | None) -> bool:
-    return status in ("succeeded", "failed", "cancelled")
-
-
-@dataclass
-class JobView:
-    """The latest known state of one job, from its events (and REST snapshots)."""
-
-    id: str
-    kind: str | None = None
-    status: str | None = None  # None until an event or a snapshot said
-    progress: float = 0.0
-    message: str | None = None
-    attempt: int = 0
-    eta: float | None = None  # seconds left, as of ``eta_at``
-    eta_at: int | None = None  # ms
-    error: str | None = None
-    metrics: dict[str, Any] | None = None
-    started_at: int | None = None  # ms: start of the current attempt
-    finished_at: int | None = None  # ms
-    job_seq: int | None = None  # last jobSeq handled
-
-    @property
-    def terminal(self) -> bool:
-        return is_terminal(self.status)
-
-    @property
-    def seconds(self) -> float | None:
-        """How long the current (or last) attempt ran, once it has ended."""
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return max(0.0, (self.finished_at - self.started_at) / 1000)
-
-    def apply_event(self, ev: Mapping[str, Any]) -> None:
-        kind = ev.get("type")
-        ts = ev.get("timestamp")
-        if kind == MsgType.JOB_CREATED:
-            self.apply_doc(ev.get("job") or {})
-        elif kind == MsgType.TRAINING_UPDATE:
-            status = ev.get("status")
-            attempt = ev.get("attempt", self.attempt)
-            if status == "running" and (self.status != "running" or attempt != self.attempt or self.started_at is None):
-                self.started_at = ts
-            elif status == "queued":
-                self.started_at = None
-            self.status = status
-            self.progress = float(ev.get("progress") or 0)
-            self.message = ev.get("message")
-            self.attempt = attempt
-            self.eta = ev.get("eta")
-            self.eta_at = ts
-            self.error = ev.get("error")
-            if ev.get("metrics"):
-                self.metrics = ev["metrics"]
-            self.finished_at = ts if is_terminal(status) else None
-            if self.terminal:
-                self.eta = None
-        job_seq = ev.get("jobSeq")
-        if isinstance(job_seq, int):
-            self.job_seq = job_seq
-
-    def apply_doc(self, doc: Mapping[str, Any]) -> None:
-        """Take the state of a job document (``GET /training/jobs/{id}`` or ``job_created``)."""
-        self.kind = doc.get("kind", self.kind)
-        self.status = doc.get("status", self.status)
-        self.progress = float(doc.get("progress") or 0)
-        self.message = doc.get("message")
-        self.attempt = doc.get("attempt", self.attempt)
-        self.error = doc.get("error")
-        if doc.get("metrics"):
-            self.metrics = doc["metrics"]
-        self.started_at = doc.get("startedAt")
-        self.finished_at = doc.get("finishedAt") if self.terminal else None
-        self.eta = None
-
-    def summary(self) -> dict[str, Any]:
-        """The job's entry in ``watch --json``'s summary line."""
-        return {
-            "status": self.status,
-            "progress": self.progress,
-            "attempt": self.attempt,
-            "seconds": None if self.seconds is None else round(self.seconds, 3),
-            "error": self.error,
-            "metrics": self.metrics,
-        }
-
-
-@dataclass(frozen=True)
-class EventItem:
-    """A logged event, new to this follower. ``raw`` is its JSON as the server sent it."""
-
-    event: dict[str, Any]
-    raw: str
-    job: JobView | None  # the job it concerns, already updated; None for dataset events
-
-    @property
-    def seq(self) -> int:
-        return int(self.event["seq"])
-
-
-@dataclass(frozen=True)
-class ResyncItem:
-    """The server could not replay everything (``reason``); a snapshot of each job follows."""
-
-    message: dict[str, Any]
-    raw: str
-
-    @property
-    def reason(self) -> str:
-        return str(self.message.get("reason"))
-
-
-@dataclass(frozen=True)
-class SnapshotItem:
-    """Job state fetched over REST: after a resync, or when a job ended while we were away
-    and its last events are no longer in the server's log."""
-
-    job: JobView
-    doc: dict[str, Any]
-    reason: Literal["resync", "ended_while_away"]
-
-
-ConnState = Literal["connecting", "live", "reconnecting"]
-
-
-@dataclass(frozen=True)
-class ConnectionChange:
-    state: ConnState
-    attempt: int = 0
-    delay: float | None = None
-    reason: str | None = None  # why the last connection ended, for "reconnecting"
-    retry_at: float | None = None  # time.monotonic() of the next attempt
-
-    def describe(self, now: float | None = None) -> str:
-        """"live", "connecting", or "reconnecting in 4 s, attempt 3" (counting down with ``now``)."""
-        if self.state != "reconnecting":
-            return self.state
-        delay = self.delay or 0.0
-        if now is not None and self.retry_at is not None:
-            delay = max(0.0, self.retry_at - now)
-        return f"reconnecting in {format_delay(delay)}, attempt {self.attempt}"
-
-
-Item = EventItem | ResyncItem | SnapshotItem | ConnectionChange
-Handler = Callable[[Item], Awaitable[None] | None]
-
-
-def format_delay(seconds: float) -> str:
-    if seconds >= 1 or seconds == 0:
-        return f"{seconds:.0f} s"
-    return f"{seconds:.2g} s"
-
-
-def outcome_code(statuses: Iterable[str | None]) -> ExitCode:
-    """The worst outcome wins: failed, then cancelled, then succeeded."""
-    seen = set(statuses)
-    if "failed" in seen:
-        return ExitCode.FAILED
-    if "cancelled" in seen:
-        return ExitCode.CANCELLED
-    return ExitCode.OK
-
-
-@dataclass
-class Outcome:
-    jobs: dict[str, JobView] = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> ExitCode:
-        return outcome_code(v.status for v in self.jobs.values())
 
 
 class _Dropped(Exception):
@@ -237,7 +83,8 @@ class Follower:
     ``run(handler)`` returns an ``Outcome`` once every followed job has ended (never with
     ``all_jobs``, which stops only at ``timeout`` or when cancelled). ``backoff`` is a factory of
     delay iterators (``FollowSettings.backoff`` by default); tests pass millisecond delays.
-    ``rest`` replaces the REST client (an ``AsyncClient``-like object).
+    ``rest`` replaces the REST client (an ``AsyncClient``-like object). ``connect_timeout``
+    (default ``FollowSettings.connect_timeout``) bounds the wait for a server never reached yet.
     """
 
     def __init__(
@@ -251,6 +98,7 @@ class Follower:
         timeout: float | None = None,
         max_retries: int | None = None,
         give_up_after: float | None = None,
+        connect_timeout: float | None = None,
         settings: FollowSettings | None = None,
         backoff: Callable[[], Iterator[float]] | None = None,
         rest: AsyncClient | None = None,
@@ -271,6 +119,7 @@ class Follower:
         self.timeout = timeout
         self.max_retries = max_retries
         self.give_up_after = give_up_after
+        self.connect_timeout = self.settings.connect_timeout if connect_timeout is None else connect_timeout
         self.followed: list[str] = list(dict.fromkeys(jobs))
         self.jobs: dict[str, JobView] = {j: JobView(j) for j in self.followed}
         # With job ids, start from their first event; with --all, live from the head.
@@ -280,17 +129,30 @@ class Follower:
         self.duplicates = 0
         self.resyncs = 0
         self.connections = 0
+        self.reached = False  # the server has answered once (REST or WebSocket)
         self._handler: Handler | None = None
         self._server_error: dict[str, Any] | None = None
         self._good = False
         self._dropped = False
+        self._reach_deadline: asyncio.Timeout | None = None
+        # Jobs REST said had ended, with the job document; each is done once its events up to
+        # the document's jobSeq have been handled (they may still be on their way).
+        self._ended: dict[str, dict[str, Any]] = {}
 
     # --- public ------------------------------------------------------------------------
 
     @property
     def done(self) -> bool:
         """Every followed job has reached a terminal state (never true with ``all_jobs``)."""
-        return bool(self.followed) and all(self.jobs[j].terminal for j in self.followed)
+        return bool(self.followed) and all(self.settled(j) for j in self.followed)
+
+    def settled(self, job_id: str) -> bool:
+        """The job has ended and every event up to the one that ended it has been handled."""
+        view = self.jobs[job_id]
+        doc = self._ended.get(job_id)
+        if doc is None:
+            return view.terminal
+        return view.job_seq is not None and view.job_seq >= _job_seq(doc)
 
     def outcome(self) -> Outcome:
         ids = self.followed or list(self.jobs)
@@ -331,6 +193,27 @@ class Follower:
     # --- the loop ----------------------------------------------------------------------
 
     async def _follow(self) -> None:
+        """The reconnect loop, bounded by ``connect_timeout`` until the server first answers."""
+        reason: list[str] = []
+        try:
+            async with asyncio.timeout(self.connect_timeout) as self._reach_deadline:
+                await self._loop(reason)
+        except TimeoutError:
+            if self.reached or self._reach_deadline is None or not self._reach_deadline.expired():
+                raise
+            last = f" (last: {reason[-1]})" if reason else ""
+            raise Unreachable(
+                f"cannot reach {self.url} within {self.connect_timeout:g} s (--connect-timeout): "
+                f"is `mangwale serve` running there?{last}"
+            ) from None
+
+    def _mark_reached(self) -> None:
+        if not self.reached:
+            self.reached = True
+            if self._reach_deadline is not None:
+                self._reach_deadline.reschedule(None)  # from now on only the reconnect rules apply
+
+    async def _loop(self, reasons: list[str]) -> None:
         delays = self._backoff()
         attempt = 0
         lost_at = time.monotonic()
@@ -348,20 +231,27 @@ class Follower:
             except _Dropped as exc:
                 reason = str(exc)
             except Exception as exc:  # noqa: BLE001  (classify re-raises what is not a network failure)
+                if _is_answer(exc):
+                    self._mark_reached()
                 fatal = classify(exc, self._server_error)
                 if fatal is not None:
                     raise fatal from None
                 reason = describe_failure(exc)
                 log.debug("connection failed: %r", exc)
+            reasons.append(reason)
             self._dropped = True
             if self._good:  # the last connection was good: start the backoff over
                 delays, attempt, lost_at = self._backoff(), 0, time.monotonic()
             attempt += 1
             waited = time.monotonic() - lost_at
+            # A server never reached is a wrong URL or one not started (exit 8); one that went
+            # away after answering is waited for (exit 7 when the limits run out).
+            stop = Unreachable if not self.reached else GaveUp
             if self.max_retries is not None and attempt > self.max_retries:
-                raise GaveUp(f"gave up after {self.max_retries} retries ({reason})")
+                raise stop(f"gave up after {self.max_retries} retries: {self.url} never answered ({reason})"
+                           if not self.reached else f"gave up after {self.max_retries} retries ({reason})")
             if self.give_up_after is not None and waited >= self.give_up_after:
-                raise GaveUp(f"gave up: no connection to {self.url} for {waited:.1f} s ({reason})")
+                raise stop(f"gave up: no connection to {self.url} for {waited:.1f} s ({reason})")
             delay = next(delays)
             if self.give_up_after is not None:
                 delay = min(delay, self.give_up_after - waited)
@@ -374,33 +264,63 @@ class Follower:
         drop, whether they all ended meanwhile. True when there is nothing left to follow."""
         if self.latest and not self.followed:
             rows = await self.rest.list_jobs(limit=1)
+            self._mark_reached()
             if not rows:
                 raise NotFound("there are no jobs to follow yet", field="jobId")
             self.followed = [rows[0]["id"]]
             self.jobs[rows[0]["id"]] = JobView(rows[0]["id"], kind=rows[0].get("kind"))
-        pending = [j for j in self.followed if not self.jobs[j].terminal]
-        docs = {j: await self.rest.get_job(j) for j in pending}  # an unknown job: NotFound
+        pending = [j for j in self.followed if not self.settled(j)]
+        docs: dict[str, dict[str, Any] | None] = {}
+        for j in pending:
+            try:
+                docs[j] = await self.rest.get_job(j)
+            except NotFound:
+                self._mark_reached()
+                if not self._dropped or self.jobs[j].status is None:
+                    raise
+                # It existed and is gone: it ended and was deleted while we were away. The
+                # WebSocket replay may still hold its last events (its outcome); if not, the
+                # resync that follows says it was deleted.
+                docs[j] = None
+            self._mark_reached()
         for j, doc in docs.items():
-            self.jobs[j].kind = self.jobs[j].kind or doc.get("kind")
+            if doc is not None:
+                self.jobs[j].kind = self.jobs[j].kind or doc.get("kind")
         if not self._dropped or not docs:
             return not pending and bool(self.followed)
-        if all(is_terminal(d.get("status")) for d in docs.values()):
-            await self._catch_up_over_rest(docs)
-            return True
-        return False
+        ended = {j: d for j, d in docs.items() if d is not None and is_terminal(d.get("status"))}
+        if len(ended) < len(docs):
+            return False
+        return await self._catch_up_over_rest(ended)
 
-    async def _catch_up_over_rest(self, docs: dict[str, dict[str, Any]]) -> None:
+    async def _catch_up_over_rest(self, docs: dict[str, dict[str, Any]]) -> bool:
         """Every followed job ended while we were away: read their remaining events over REST
-        instead of reconnecting, and trust the job document for what the log no longer has."""
+        instead of reconnecting. True when that covered everything, up to each document's
+        ``jobSeq``; False when some events are not there yet (a server whose log lags its
+        store), so they are awaited over the WebSocket. A job whose events have a gap, or a
+        server that gives no ``jobSeq``, gets the job document as its final state."""
         since = self.last_seq or 0
         events: list[dict[str, Any]] = []
+        gaps: set[str] = set()
         for job_id in docs:
-            events.extend(await self.rest.job_events(job_id, since))
+            got = sorted(await self.rest.job_events(job_id, since), key=lambda e: e["seq"])
+            known = self.jobs[job_id].job_seq
+            first = next((e["jobSeq"] for e in got if isinstance(e.get("jobSeq"), int)), None)  # job_log has none
+            if known is not None and isinstance(first, int) and first != known + 1:
+                gaps.add(job_id)  # the log no longer has what came between
+            else:
+                events.extend(got)
+        for job_id, doc in docs.items():
+            if job_id not in gaps and _job_seq(doc):
+                self._ended[job_id] = doc
         for ev in sorted(events, key=lambda e: e["seq"]):
             await self._handle_event(ev, wire.dumps(ev))
         for job_id, doc in docs.items():
-            if not self.jobs[job_id].terminal:
+            if job_id in self._ended:
+                continue
+            if not self.jobs[job_id].terminal or job_id in gaps:
                 await self._snapshot(job_id, doc, "ended_while_away")
+        return self.done
 
     async def _session(self) -> bool:
         """One WebSocket connection. True when the followed jobs are done; raises when the
@@ -424,6 +344,7 @@ class Follower:
             max_size=2**24,
         ) as ws:
             self.connections += 1
+            self._mark_reached()
             while True:
                 raw = await ws.recv()
                 if await self._on_message(raw if isinstance(raw, str) else raw.decode()):
@@ -460,6 +381,8 @@ class Follower:
         if self.last_seq is not None and seq <= self.last_seq:
             self.duplicates += 1
             return False
+        if ev.get("type") == MsgType.JOB_DELETED:
+            return await self._deleted(ev, raw)
         view = None
         job_id = wire.event_job_id(ev)
         if job_id is not None and (self.all_jobs or job_id in self.jobs):
@@ -467,32 +390,73 @@ class Follower:
             if view is None:
                 view = self.jobs[job_id] = JobView(job_id)
             view.apply_event(ev)
+            doc = self._ended.get(job_id)
+            if doc is not None and view.job_seq is not None and view.job_seq >= _job_seq(doc) and not view.terminal:
+                view.apply_doc(doc)  # REST's outcome stands (never needed with an atomic record)
         await self._emit(EventItem(ev, raw, view))
         self.last_seq = seq  # only now: the event has been handled
         self.epoch = ev.get("epoch") or self.epoch
         return self.done
 
+    async def _deleted(self, ev: dict[str, Any], raw: str) -> bool:
+        """A ``job_deleted`` event: ``all_jobs`` forgets the jobs; a followed job that had not
+        been seen to end stops the follow (exit 4)."""
+        reason = str(ev.get("reason") or "deleted")
+        named = [j for j in ev.get("jobIds") or () if isinstance(j, str)]
+        gone = tuple(self.jobs[j] for j in named if j in self.jobs)
+        unsettled = [v.id for v in gone if v.id in self.followed and not self.settled(v.id)]
+        for v in gone:
+            v.deleted = reason
+        await self._emit(EventItem(ev, raw, None, gone))
+        self.last_seq = int(ev["seq"])
+        self.epoch = ev.get("epoch") or self.epoch
+        if self.all_jobs:
+            for v in gone:
+                self.jobs.pop(v.id, None)
+        if unsettled:
+            raise _deleted_error(unsettled, reason, "before watch saw it end")
+        return self.done
+
     async def _resync(self, msg: dict[str, Any], raw: str) -> None:
         self.resyncs += 1
         await self._emit(ResyncItem(msg, raw))
+        head = int(msg.get("headSeq", self.last_seq or 0))
+        self._ended.clear()
+        docs: dict[str, dict[str, Any]] = {}
         if self.all_jobs:
             active = await self.rest.list_jobs(statuses=["queued", "running"], limit=1000)
-            ids = {d["id"]: d for d in active}
-            for job_id, view in self.jobs.items():
-                if not view.terminal and job_id not in ids:
+            docs = {d["id"]: d for d in active}
+            for job_id, view in list(self.jobs.items()):
+                if not view.terminal and job_id not in docs:
                     try:
-                        ids[job_id] = await self.rest.get_job(job_id)
+                        docs[job_id] = await self.rest.get_job(job_id)
                     except NotFound:
-                        continue
-            docs = ids
+                        self.jobs.pop(job_id)  # deleted while we were away
         else:
-            docs = {j: await self.rest.get_job(j) for j in self.followed}
+            missing = []
+            for j in self.followed:
+                try:
+                    docs[j] = await self.rest.get_job(j)
+                except NotFound:
+                    if self.settled(j):
+                        continue  # seen to end; its deletion changes nothing
+                    missing.append(j)
+            if missing:
+                raise _deleted_error(missing, "deleted", "while watch was away")
         for job_id, doc in docs.items():
             await self._snapshot(job_id, doc, "resync")
         for view in self.jobs.values():
             view.job_seq = None  # numbering continues, but we no longer know where we are
+        if not self.all_jobs:
+            # A job that ended after the resync's head has its last events still to come live:
+            # wait for them rather than end on the snapshot and drop them.
+            for job_id, doc in docs.items():
+                if is_terminal(doc.get("status")) and _job_seq(doc):
+                    after = await self.rest.job_events(job_id, head)
+                    if any(e.get("jobSeq") == _job_seq(doc) for e in after):
+                        self._ended[job_id] = doc
         self.epoch = msg.get("epoch") or self.epoch
-        self.last_seq = int(msg.get("headSeq", self.last_seq or 0))
+        self.last_seq = head
 
     async def _snapshot(self, job_id: str, doc: dict[str, Any], reason: Literal["resync", "ended_while_away"]) -> None:
         view = self.jobs.get(job_id)
@@ -513,3 +477,27 @@ class Follower:
                 await result
         except Exception as exc:  # whatever the handler raised is not a network failure
             raise _HandlerFailed() from exc
+
+
+def _job_seq(doc: Mapping[str, Any]) -> int:
+    """The ``jobSeq`` of a job document's newest event (0 from a server that does not say)."""
+    value = doc.get("jobSeq")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _is_answer(exc: BaseException) -> bool:
+    """The failure came from a server that answered (an HTTP status, an error body), not from
+    one that could not be reached at all."""
+    from websockets.exceptions import InvalidStatus
+
+    if isinstance(exc, MangwaleError):
+        return not isinstance(exc, Unreachable)
+    return isinstance(exc, InvalidStatus)
+
+
+def _deleted_error(job_ids: list[str], reason: str, when: str) -> NotFound:
+    what = "pruned by the server's retention" if reason == "pruned" else "deleted on the server"
+    jobs = ", ".join(job_ids)
+    noun = "job" if len(job_ids) == 1 else "jobs"
+    verb = "was" if len(job_ids) == 1 else "were"
+    return NotFound(f"{noun} {jobs} {verb} {what} {when}", field="jobId", code="pruned" if reason == "pruned" else "deleted")

@@ -2,8 +2,9 @@
 function (``classify``) that decides whether a failure is retried or fatal.
 
 Settings come from the environment, not from the server's settings (they are a client's):
-``MANGWALE_BACKOFF_INITIAL`` / ``MANGWALE_BACKOFF_MAX`` (reconnect delays) and
-``MANGWALE_WATCH_PING_INTERVAL`` / ``MANGWALE_WATCH_PING_TIMEOUT`` (keepalive). Bad values fail
+``MANGWALE_BACKOFF_INITIAL`` / ``MANGWALE_BACKOFF_MAX`` (reconnect delays),
+``MANGWALE_WATCH_PING_INTERVAL`` / ``MANGWALE_WATCH_PING_TIMEOUT`` (keepalive) and
+``MANGWALE_CONNECT_TIMEOUT`` (how long a server never reached is waited for). Bad values fail
 loudly with a ``ConfigError`` that names the variable.
 """
 
@@ -33,6 +34,7 @@ _ENV = {
     "backoff_max": "MANGWALE_BACKOFF_MAX",
     "ping_interval": "MANGWALE_WATCH_PING_INTERVAL",
     "ping_timeout": "MANGWALE_WATCH_PING_TIMEOUT",
+    "connect_timeout": "MANGWALE_CONNECT_TIMEOUT",
 }
 
 
@@ -44,6 +46,9 @@ class FollowSettings:
     backoff_max: float = 30.0  # the delay doubles up to this
     ping_interval: float = 20.0  # keepalive pings, so a silent network is noticed
     ping_timeout: float = 20.0  # no pong for this long: the connection is dead, reconnect
+    # A server never reached in this long is taken for a wrong URL (exit 8); one that was
+    # reached and went away is retried by the reconnect rules instead.
+    connect_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> FollowSettings:

@@ -400,6 +400,33 @@ def test_cancel_button_cancels_a_running_job(
 
 
 @needs_chromium
+def test_deleted_job_leaves_the_table_and_closes_its_detail(
+    server: ServerProcess, page: Page, console: Console
+) -> None:
+    """A job deleted on the server leaves the table live (job_deleted), its open detail closes with a notice, and the other rows stay."""
+    open_dashboard(page, server)
+    keep = create_job(server, "simulate", steps=2, stepMs=10)
+    gone = create_job(server, "simulate", steps=2, stepMs=10)
+    wait_row_status(page, keep, "succeeded")
+    wait_row_status(page, gone, "succeeded")
+    page.click(row(gone))
+    wait_js(page, "() => !document.getElementById('detail').hidden")
+    assert httpx.delete(f"{server.url}/training/jobs/{gone}").status_code == 204
+    wait_js(page, "(sel) => !document.querySelector(sel)", row(gone))
+    assert page.is_hidden("#detail")
+    assert page.eval_on_selector_all("#jobs-body tr", "(rs) => rs.map((r) => r.dataset.jobId)") == [keep]
+    assert page.inner_text("#jobs-count") == "1 job"
+    assert page.inner_text("#notice-text") == f"Job {gone} was deleted on the server."
+    deleted = page.evaluate("() => window.__mangwale.events.filter((e) => e.type === 'job_deleted')")
+    assert [(e["jobIds"], e["reason"]) for e in deleted] == [([gone], "deleted")]
+    # A resync re-reads the list: the deleted job does not come back.
+    page.evaluate("() => { window.__mangwale.stream.forget(); window.__mangwale.stream.reconnect(); }")
+    wait_js(page, "() => window.__mangwale.connects >= 2 && !window.__mangwale.state.loadingJobs")
+    assert page.eval_on_selector_all("#jobs-body tr", "(rs) => rs.map((r) => r.dataset.jobId)") == [keep]
+    assert console.errors == []
+
+
+@needs_chromium
 def test_screenshots_mid_training(
     server_factory: Callable[..., ServerProcess], page: Page, console: Console, tmp_path: Path
 ) -> None:

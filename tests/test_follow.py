@@ -30,6 +30,7 @@ from mangwale_cli.errors import (
     NotFound,
     TimedOut,
     Unauthorized,
+    Unreachable,
 )
 from mangwale_cli.follow import (
     ConnectionChange,
@@ -52,9 +53,10 @@ def fast() -> Iterator[float]:
     return backoff(0.001, 0.004, jitter=0)
 
 
-def update(seq: int, status: str = "running", progress: float = 50, job_seq: int | None = None, epoch: str = EPOCH) -> dict[str, Any]:
+def update(seq: int, status: str = "running", progress: float = 50, job_seq: int | None = None, epoch: str = EPOCH,
+           job: str = JOB) -> dict[str, Any]:
     return {
-        "type": "training_update", "jobId": JOB, "status": status, "progress": progress,
+        "type": "training_update", "jobId": job, "status": status, "progress": progress,
         "message": f"step {seq}", "attempt": 1, "timestamp": 1000 * seq, "seq": seq,
         "epoch": epoch, "jobSeq": job_seq or seq,
     }
@@ -67,11 +69,12 @@ def connected(head: int, epoch: str = EPOCH) -> str:
 class FakeRest:
     """Stands in for ``AsyncClient``: job documents and event lists the test sets."""
 
-    def __init__(self, port: int, statuses: list[str] | None = None) -> None:
+    def __init__(self, port: int, statuses: list[str] | None = None, job_seq: int | None = None) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}/ws/training"
         self.headers: dict[str, str] = {}
         self.statuses = statuses or ["running"]  # one per get_job call; the last one repeats
+        self.job_seq = job_seq  # the documents' jobSeq (None: a server that does not say)
         self.events: list[dict[str, Any]] = []
         self.calls: list[str] = []
         self.error: Exception | None = None
@@ -81,8 +84,11 @@ class FakeRest:
         if self.error is not None:
             raise self.error
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        return {"id": job_id, "kind": "simulate", "status": status, "progress": 100 if status == "succeeded" else 10,
-                "message": "from rest", "attempt": 1, "startedAt": 1, "finishedAt": 2, "error": None, "metrics": None}
+        doc = {"id": job_id, "kind": "simulate", "status": status, "progress": 100 if status == "succeeded" else 10,
+               "message": "from rest", "attempt": 1, "startedAt": 1, "finishedAt": 2, "error": None, "metrics": None}
+        if self.job_seq is not None:
+            doc["jobSeq"] = self.job_seq
+        return doc
 
     async def job_events(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
         self.calls.append(f"job_events {job_id} {since}")
@@ -307,6 +313,133 @@ def test_job_that_ended_with_its_last_events_gone_gets_a_snapshot() -> None:
     assert follower.outcome().exit_code == ExitCode.FAILED
 
 
+def test_rest_says_ended_but_its_last_event_is_still_to_come() -> None:
+    """After a drop REST says succeeded at jobSeq 4 while its /events stop at 3: the follower reconnects and ends on event 4 itself, not on a snapshot."""
+    rest: list[FakeRest] = []
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        if n == 1:
+            await ws.send(connected(2))
+            await ws.send(json.dumps(update(1)))
+            await ws.send(json.dumps(update(2)))
+            ws.transport.abort()
+        else:
+            await ws.send(connected(4))
+            await ws.send(json.dumps(update(3, progress=90)))  # already read over REST: dropped
+            await ws.send(json.dumps(update(4, "succeeded", 100)))
+            await ws.wait_closed()
+
+    def make(port: int) -> Follower:
+        rest.append(FakeRest(port, ["running", "succeeded"], job_seq=4))
+        rest[0].events = [update(2), update(3, progress=90)]  # the log REST reads lags the record by one event
+        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]
+
+    follower, items, queries = run_scripted(script, make)
+    events = [i.event for i in items if isinstance(i, EventItem)]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4] and events[-1]["status"] == "succeeded"
+    assert not any(isinstance(i, SnapshotItem) for i in items)
+    assert queries[1] == {"since": ["3"], "epoch": [EPOCH], "jobs": [JOB]}
+    assert follower.duplicates == 1 and follower.jobs[JOB].job_seq == 4
+    assert follower.outcome().exit_code == ExitCode.OK
+
+
+def test_resync_waits_for_a_live_terminal_event_after_its_head() -> None:
+    """On a resync REST says the job ended at jobSeq 7, an event after the resync's head: the snapshot comes first, then the live events up to jobSeq 7, then the end."""
+    rest: list[FakeRest] = []
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        await ws.send(connected(10))
+        await ws.send(json.dumps({"type": "resync", "reason": "history_trimmed", "headSeq": 10, "epoch": EPOCH, "timestamp": 1}))
+        await ws.send(json.dumps(update(11, progress=90, job_seq=6)))
+        await ws.send(json.dumps(update(12, "succeeded", 100, job_seq=7)))
+        await ws.wait_closed()
+
+    def make(port: int) -> Follower:
+        rest.append(FakeRest(port, ["running", "succeeded"], job_seq=7))
+        rest[0].events = [update(11, progress=90, job_seq=6), update(12, "succeeded", 100, job_seq=7)]
+        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]
+
+    follower, items, _ = run_scripted(script, make)
+    shown = [i for i in items if not isinstance(i, ConnectionChange)]
+    assert [type(i).__name__ for i in shown] == ["ResyncItem", "SnapshotItem", "EventItem", "EventItem"]
+    assert isinstance(shown[1], SnapshotItem) and shown[1].job.status == "succeeded"
+    assert [i.event["status"] for i in shown[2:] if isinstance(i, EventItem)] == ["running", "succeeded"]
+    assert rest[0].calls[-1] == f"job_events {JOB} 10"
+    assert follower.jobs[JOB].job_seq == 7 and follower.outcome().exit_code == ExitCode.OK
+
+
+def deleted(seq: int, *jobs: str, reason: str = "deleted") -> dict[str, Any]:
+    return {"type": "job_deleted", "jobIds": list(jobs), "reason": reason, "timestamp": 1000 * seq, "seq": seq, "epoch": EPOCH}
+
+
+def test_job_deleted_before_its_end_was_seen_exits_4() -> None:
+    """A job_deleted naming a followed job not seen to end stops the follow: NotFound (exit 4) with the event's reason as its code."""
+    items: list[Any] = []
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        await ws.send(connected(3))
+        await ws.send(json.dumps(update(1)))
+        await ws.send(json.dumps(update(2)))
+        await ws.send(json.dumps(deleted(3, "job-other", JOB, reason="pruned")))
+        await ws.wait_closed()
+
+    with pytest.raises(NotFound) as exc:
+        run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=fast), items.append)  # type: ignore[arg-type]
+    assert exc.value.exit_code == ExitCode.NOT_FOUND and exc.value.code == "pruned"
+    assert exc.value.message == f"job {JOB} was pruned by the server's retention before watch saw it end"
+    gone = [i for i in items if isinstance(i, EventItem) and i.event["type"] == "job_deleted"]
+    assert [[v.id for v in i.gone] for i in gone] == [[JOB]] and gone[0].job is None
+
+
+def test_job_deleted_after_it_ended_keeps_its_outcome() -> None:
+    """Following two jobs, one that ended and is then deleted keeps its outcome; the follow goes on to the other's end."""
+    other = "job-2-bbbbbb"
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        await ws.send(connected(4))
+        await ws.send(json.dumps(update(1, "failed", 40)))
+        await ws.send(json.dumps(update(2, job=other)))
+        await ws.send(json.dumps(deleted(3, JOB)))
+        await ws.send(json.dumps(update(4, "succeeded", 100, job=other)))
+        await ws.wait_closed()
+
+    follower, items, _ = run_scripted(script, lambda p: Follower(jobs=[JOB, other], rest=FakeRest(p), backoff=fast))  # type: ignore[arg-type]
+    assert [i.seq for i in items if isinstance(i, EventItem)] == [1, 2, 3, 4]
+    assert follower.jobs[JOB].deleted == "deleted"
+    assert {j: v.status for j, v in follower.outcome().jobs.items()} == {JOB: "failed", other: "succeeded"}
+    assert follower.outcome().exit_code == ExitCode.FAILED
+
+
+def test_all_jobs_forgets_deleted_jobs() -> None:
+    """Following everything, a job_deleted removes the jobs it names from the follower's views."""
+    other = "job-2-bbbbbb"
+
+    class Enough(Exception):
+        pass
+
+    def handler(item: Any) -> None:
+        if isinstance(item, EventItem) and item.seq == 4:
+            raise Enough
+
+    holder: list[Follower] = []
+
+    def make(port: int) -> Follower:
+        holder.append(Follower(all_jobs=True, rest=FakeRest(port), backoff=fast))  # type: ignore[arg-type]
+        return holder[0]
+
+    async def script(ws: ServerConnection, n: int) -> None:
+        await ws.send(connected(0))
+        await ws.send(json.dumps(update(1, "succeeded", 100)))
+        await ws.send(json.dumps(update(2, job=other)))
+        await ws.send(json.dumps(deleted(3, JOB, "job-never-seen")))
+        await ws.send(json.dumps(update(4, job=other)))
+        await ws.wait_closed()
+
+    with pytest.raises(Enough):
+        run_scripted(script, make, handler)
+    assert list(holder[0].jobs) == [other]
+
+
 def test_fatal_rest_answer_is_not_retried() -> None:
     """A 401 from REST stops the follower at once: no reconnect attempt."""
     items: list[Any] = []
@@ -320,13 +453,13 @@ def test_fatal_rest_answer_is_not_retried() -> None:
 # --- real network, real server -------------------------------------------------------------
 
 
-def test_gives_up_after_max_retries_when_unreachable() -> None:
-    """With nothing listening it reports each attempt, then raises GaveUp (exit 7) after max_retries."""
+def test_never_reached_server_is_unreachable_after_max_retries() -> None:
+    """With nothing listening it reports each attempt, then raises Unreachable (exit 8) after max_retries: a server never reached is not retried as one that went away."""
     items: list[Any] = []
     f = Follower(f"http://127.0.0.1:{free_port()}", jobs=[JOB], max_retries=3, backoff=lambda: iter([0.001, 0.002, 0.003, 0.004]))
-    with pytest.raises(GaveUp, match="3 retries") as exc:
+    with pytest.raises(Unreachable, match="3 retries") as exc:
         asyncio.run(f.run(items.append))
-    assert exc.value.exit_code == ExitCode.GAVE_UP
+    assert exc.value.exit_code == ExitCode.UNREACHABLE
     assert [i.describe() for i in items] == [
         "connecting",
         "reconnecting in 0.001 s, attempt 1",
@@ -339,13 +472,61 @@ def test_gives_up_after_max_retries_when_unreachable() -> None:
 def test_give_up_after_seconds() -> None:
     """give_up_after bounds the time without a connection."""
     f = Follower(f"http://127.0.0.1:{free_port()}", jobs=[JOB], give_up_after=0.3, backoff=lambda: backoff(0.05, 0.1))
-    loop_start = asyncio.run(_timed(f))
+    loop_start = asyncio.run(_timed(f, Unreachable, "no connection"))
     assert 0.25 <= loop_start < 3
 
 
-async def _timed(f: Follower) -> float:
+def test_connect_timeout_bounds_the_wait_for_a_server_never_reached() -> None:
+    """Nothing ever answers: Unreachable (exit 8) once connect_timeout has passed, naming the URL and the last failure."""
+    url = f"http://127.0.0.1:{free_port()}"
+    f = Follower(url, jobs=[JOB], connect_timeout=0.3, backoff=lambda: backoff(0.05, 0.1))
+    took = asyncio.run(_timed(f, Unreachable, "within 0.3 s"))
+    assert 0.25 <= took < 3
+    assert not f.reached
+
+
+def test_connect_timeout_default_comes_from_the_environment() -> None:
+    """MANGWALE_CONNECT_TIMEOUT sets the default (30 s without it); a bad value names the variable."""
+    assert FollowSettings().connect_timeout == 30
+    assert FollowSettings.from_env({"MANGWALE_CONNECT_TIMEOUT": "2.5"}).connect_timeout == 2.5
+    assert Follower("http://x", jobs=[JOB], settings=FollowSettings(connect_timeout=4)).connect_timeout == 4
+    with pytest.raises(ConfigError, match="MANGWALE_CONNECT_TIMEOUT"):
+        FollowSettings.from_env({"MANGWALE_CONNECT_TIMEOUT": "0"})
+
+
+def test_server_that_went_away_keeps_the_reconnect_rules() -> None:
+    """Once the server has answered, connect_timeout no longer applies: it retries past it and gives up with GaveUp (exit 7)."""
+    items: list[Any] = []
+
+    async def main() -> None:
+        greeted = asyncio.Event()
+
+        async def on_conn(ws: ServerConnection) -> None:
+            await ws.send(connected(1))
+            await ws.send(json.dumps(update(1)))
+            greeted.set()
+            await ws.wait_closed()
+
+        server = await serve(on_conn, "127.0.0.1", 0)
+        port = next(iter(server.sockets)).getsockname()[1]
+        f = Follower(f"http://127.0.0.1:{port}", jobs=[JOB], connect_timeout=0.05, max_retries=4,
+                     backoff=lambda: iter([0.05] * 10))
+        f.rest.get_job = FakeRest(port).get_job  # type: ignore[method-assign]
+        task = asyncio.create_task(f.run(items.append))
+        await greeted.wait()
+        server.close()  # closes the connection (1001) and refuses new ones
+        await server.wait_closed()
+        with pytest.raises(GaveUp, match="4 retries") as exc:
+            await asyncio.wait_for(task, 10)
+        assert exc.value.exit_code == ExitCode.GAVE_UP and f.reached
+
+    asyncio.run(main())
+    assert [i.attempt for i in items if isinstance(i, ConnectionChange) and i.state == "reconnecting"] == [1, 2, 3, 4]
+
+
+async def _timed(f: Follower, error: type[Exception], match: str) -> float:
     t = asyncio.get_running_loop().time()
-    with pytest.raises(GaveUp, match="no connection"):
+    with pytest.raises(error, match=match):
         await f.run(lambda i: None)
     return asyncio.get_running_loop().time() - t
 

@@ -1,11 +1,8 @@
 """``mangwale watch``: follow jobs live in a terminal, a CI log or a pipe, and exit with their outcome.
 
-The command parses options and hands them to ``follow.Follower``; one of three renderers shows
-what it reports:
-
-* ``tty``: a rich live view, one progress bar per job and a connection indicator;
-* ``plain``: one line per change, no ANSI codes (``::group::``/``::error::`` on GitHub Actions);
-* ``json``: the events as the server sent them, one per line, then a summary line.
+The command parses options and hands them to ``follow.Follower``; one of three renderers
+(``watchview``: tty, plain, json) shows what it reports, and on GitHub Actions ``stepsummary``
+writes the step summary at the end.
 
 Only typer and the standard library are imported at module level: websockets, rich, httpx and
 pydantic load inside the command, so ``mangwale --help`` and shell completion stay fast.
@@ -13,19 +10,18 @@ pydantic load inside the command, so ``mangwale --help`` and shell completion st
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..errors import Conflict, InvalidInput, MangwaleError
+from .watchview import JsonRenderer, PlainRenderer, Renderer, TtyRenderer, stderr_line
 
 if TYPE_CHECKING:
-    from ..follow import Follower, Item, JobView
+    from ..follow import Follower
 
 INTERRUPTED = 130  # Ctrl-C detached; the job keeps running
 
@@ -35,10 +31,13 @@ Exit codes:
   1    a job failed (with several jobs the worst wins: failed, cancelled, succeeded)
   2    usage error
   3    a job was cancelled
-  4    job not found (or --since beyond the server's newest event)
+  4    job not found, or deleted before it was seen to end (or --since beyond the
+       server's newest event)
   5    not authorised (HTTP 401/403, origin refused)
   6    --timeout reached
-  7    gave up reconnecting (--max-retries, --give-up-after)
+  7    gave up reconnecting to a server that had answered (--max-retries, --give-up-after)
+  8    the server never answered: --connect-timeout passed (or --max-retries,
+       --give-up-after ran out first)
   130  Ctrl-C: detached, the job keeps running (unless --cancel-on-interrupt)
 
 \b
@@ -49,7 +48,10 @@ Environment:
   MANGWALE_BACKOFF_MAX          longest reconnect delay in seconds [30]
   MANGWALE_WATCH_PING_INTERVAL  seconds between keepalive pings [20]
   MANGWALE_WATCH_PING_TIMEOUT   seconds without a pong before reconnecting [20]
-  GITHUB_ACTIONS=true           plain output folds jobs into ::group:: and reports ::error::"""
+  MANGWALE_CONNECT_TIMEOUT      as --connect-timeout [30]
+  GITHUB_ACTIONS=true           plain output folds jobs into ::group:: and reports ::error::;
+                                with GITHUB_STEP_SUMMARY set, a Markdown summary of each job
+                                (outcome, duration, final metrics, epoch curve) is appended"""
 
 
 class Output(str, Enum):
@@ -72,6 +74,14 @@ def watch(
     ] = None,
     give_up_after: Annotated[
         float | None, typer.Option("--give-up-after", min=0, metavar="S", help="give up after S seconds without a connection (exit 7) [default: never]")
+    ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--connect-timeout", metavar="S",
+            help="exit 8 if the server has not answered once within S seconds (a wrong --url) [default: $MANGWALE_CONNECT_TIMEOUT or 30]",
+            show_default=False,
+        ),
     ] = None,
     cancel_on_interrupt: Annotated[
         bool, typer.Option("--cancel-on-interrupt", help="Ctrl-C cancels the followed jobs instead of detaching")
@@ -98,6 +108,8 @@ def watch(
         raise InvalidInput("name the jobs to follow: JOB_ID ..., --latest or --all (one of them)", field="jobs")
     if cancel_on_interrupt and all_jobs:
         raise InvalidInput("--cancel-on-interrupt needs job ids or --latest, not --all", field="cancel-on-interrupt")
+    if connect_timeout is not None and not connect_timeout > 0:
+        raise InvalidInput(f"--connect-timeout must be a positive number of seconds, got {connect_timeout:g}", field="connect-timeout")
     code = run_watch(
         url=url,
         job_ids=ids,
@@ -107,6 +119,7 @@ def watch(
         timeout=timeout,
         max_retries=max_retries,
         give_up_after=give_up_after,
+        connect_timeout=connect_timeout,
         cancel_on_interrupt=cancel_on_interrupt,
         since=since,
     )
@@ -137,6 +150,7 @@ def run_watch(
     timeout: float | None = None,
     max_retries: int | None = None,
     give_up_after: float | None = None,
+    connect_timeout: float | None = None,
     cancel_on_interrupt: bool = False,
     since: int | None = None,
 ) -> int:
@@ -152,6 +166,7 @@ def run_watch(
         timeout=timeout,
         max_retries=max_retries,
         give_up_after=give_up_after,
+        connect_timeout=connect_timeout,
         settings=FollowSettings.from_env(),
     )
     mode = output or default_output()
@@ -162,20 +177,34 @@ def run_watch(
         view = JsonRenderer()
     else:
         view = PlainRenderer(github=os.environ.get("GITHUB_ACTIONS") == "true")
+    reason = "finished"
     try:
         try:
             import asyncio  # here, not at the top: only a watch pays for it
 
             outcome = asyncio.run(_follow(follower, view))
-        finally:
-            view.close()
-    except KeyboardInterrupt:
-        return _interrupted(follower, view, cancel_on_interrupt)
-    except MangwaleError as exc:
-        view.finish(follower, int(exc.exit_code), exc.code)
-        raise
-    code = int(outcome.exit_code)
-    view.finish(follower, code, "finished")
+        except KeyboardInterrupt:
+            reason = "cancelled" if cancel_on_interrupt else "detached"
+            view.close(reason)
+            code = _interrupted(follower, view, cancel_on_interrupt)
+        except MangwaleError as exc:
+            reason = exc.code
+            view.close(reason)
+            view.finish(follower, int(exc.exit_code), reason)
+            raise
+        except BaseException:
+            reason = "stopped"
+            view.close(reason)
+            raise
+        else:
+            view.close(reason)
+            code = int(outcome.exit_code)
+            view.finish(follower, code, reason)
+    finally:
+        if os.environ.get("GITHUB_ACTIONS") == "true" and os.environ.get("GITHUB_STEP_SUMMARY"):
+            from .stepsummary import append_step_summary
+
+            append_step_summary(follower, reason, os.environ["GITHUB_STEP_SUMMARY"])
     return code
 
 
@@ -198,7 +227,7 @@ def _interrupted(follower: Follower, view: Renderer, cancel: bool) -> int:
         view.finish(follower, INTERRUPTED, "detached")
         if pending:
             ids = " ".join(v.id for v in pending)
-            _err(f"detached; still running on the server: {ids} (follow again: mangwale watch {ids})")
+            stderr_line(f"detached; still running on the server: {ids} (follow again: mangwale watch {ids})")
         return INTERRUPTED
     with Client(follower.url) as client:
         for v in pending:
@@ -209,274 +238,3 @@ def _interrupted(follower: Follower, view: Renderer, cancel: bool) -> int:
     code = int(outcome_code(follower.jobs[j].status for j in follower.followed))
     view.finish(follower, code, "cancelled")
     return code
-
-
-def _err(line: str) -> None:
-    sys.stderr.write(f"mangwale: {line}\n")
-    sys.stderr.flush()
-
-
-# --- shared formatting ----------------------------------------------------------------------
-
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def fmt_metrics(metrics: dict[str, Any] | None) -> str:
-    if not metrics:
-        return ""
-    parts = []
-    for k, v in metrics.items():
-        if isinstance(v, float):
-            v = f"{v:.4g}"
-        if isinstance(v, (int, str)):
-            parts.append(f"{k}={v}")
-    return f" [{', '.join(parts)}]" if parts else ""
-
-
-def job_result(v: JobView) -> str:
-    if v.terminal:
-        took = f" in {fmt_seconds(v.seconds)}" if v.seconds is not None else ""
-        return f"{v.id} {v.status}{took}{fmt_metrics(v.metrics)}"
-    return f"{v.id} {v.status or 'unknown'} {v.progress:.0f}%"
-
-
-def summary_line(follower: Follower, code: int, reason: str) -> str:
-    """The one closing line: "finished: job-… succeeded in 2.1s; exit 0"."""
-    label = {"finished": "finished", "detached": "detached", "cancelled": "cancelled"}.get(reason, f"stopped ({reason})")
-    jobs = follower.outcome().jobs.values()
-    body = ", ".join(job_result(v) for v in jobs) or "no jobs seen"
-    return f"{label}: {body}; exit {code}"
-
-
-# --- renderers ------------------------------------------------------------------------------
-
-
-class Renderer:
-    """What every output mode implements. ``handle`` is the follower's handler."""
-
-    def handle(self, item: Item) -> None:
-        raise NotImplementedError
-
-    async def tick(self) -> None:
-        """Redraw periodically (the tty view's clocks); others have nothing to do."""
-
-    def close(self) -> None:
-        """Stop live drawing (before the summary is printed)."""
-
-    def finish(self, follower: Follower, code: int, reason: str) -> None:
-        raise NotImplementedError
-
-
-def _connection_notice(item: Item) -> str | None:
-    from ..follow import ConnectionChange, ResyncItem
-
-    if isinstance(item, ConnectionChange):
-        if item.state == "reconnecting":
-            return f"connection: {item.reason}; {item.describe()}"
-        if item.state == "live":
-            return "connection: live"
-        return None
-    if isinstance(item, ResyncItem):
-        return f"resync ({item.reason}): the server no longer has every event; job state re-read over REST"
-    return None
-
-
-class LineRenderer(Renderer):
-    """A mode that writes whole lines to ``out`` and flushes each, so a CI log shows it at once."""
-
-    out: TextIO
-
-    def _write(self, line: str) -> None:
-        self.out.write(line + "\n")
-        self.out.flush()
-
-
-class PlainRenderer(LineRenderer):
-    """One line per change on stdout; connection notices on stderr. No ANSI codes."""
-
-    def __init__(self, *, github: bool = False, out: TextIO | None = None) -> None:
-        self.out = out or sys.stdout
-        self.github = github
-        self.shown: dict[str, tuple[Any, ...]] = {}
-        self.group: str | None = None
-
-    def handle(self, item: Item) -> None:
-        from ..follow import EventItem, SnapshotItem
-
-        notice = _connection_notice(item)
-        if notice is not None:
-            _err(notice)
-        elif isinstance(item, EventItem):
-            ev = item.event
-            if item.job is not None:
-                created = ev.get("type") == "job_created"
-                self._job_line(item.job, f"created ({item.job.kind})" if created else None)
-            elif ev.get("type") == "dataset_update":
-                self._write(f"dataset {ev.get('datasetId')} {ev.get('action')}")
-        elif isinstance(item, SnapshotItem):
-            self._job_line(item.job, None, "  [state from REST]")
-
-    def _job_line(self, v: JobView, message: str | None, suffix: str = "") -> None:
-        message = message or v.message or ""
-        key = (v.status, v.attempt, round(v.progress), message)
-        if self.shown.get(v.id) == key and not suffix:
-            return
-        self.shown[v.id] = key
-        if self.github and self.group != v.id:
-            if self.group is not None:
-                self._write("::endgroup::")
-            self._write(f"::group::{_gha(v.id)} ({_gha(v.kind or 'job')})")
-            self.group = v.id
-        eta = f"  (eta {fmt_seconds(v.eta)})" if v.eta is not None and not v.terminal else ""
-        self._write(f"{v.id}  {v.status or '?':<9} {v.progress:>3.0f}%  {message}{eta}{suffix}".rstrip())
-
-    def finish(self, follower: Follower, code: int, reason: str) -> None:
-        if self.github:
-            if self.group is not None:
-                self._write("::endgroup::")
-                self.group = None
-            for v in follower.outcome().jobs.values():
-                if v.status == "failed":
-                    detail = v.error or v.message or "failed"
-                    self._write(f"::error title=mangwale job failed::{_gha(v.id)} failed: {_gha(detail)}")
-                elif v.status == "cancelled":
-                    self._write(f"::warning title=mangwale job cancelled::{_gha(v.id)} was cancelled")
-        self._write(summary_line(follower, code, reason))
-
-
-def _gha(text: str) -> str:
-    """Escape text for a GitHub Actions workflow command."""
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-class JsonRenderer(LineRenderer):
-    """JSON lines on stdout: each event as the server sent it, then one summary object."""
-
-    def __init__(self, out: TextIO | None = None) -> None:
-        self.out = out or sys.stdout
-
-    def handle(self, item: Item) -> None:
-        from ..follow import EventItem, ResyncItem, SnapshotItem
-
-        notice = _connection_notice(item)
-        if notice is not None:
-            _err(notice)
-        if isinstance(item, (EventItem, ResyncItem)):
-            self._write(item.raw)
-        elif isinstance(item, SnapshotItem):
-            doc = {"type": "snapshot", "jobId": item.job.id, "reason": item.reason, "job": item.doc}
-            self._write(json.dumps(doc, separators=(",", ":"), ensure_ascii=False))
-
-    def finish(self, follower: Follower, code: int, reason: str) -> None:
-        jobs = {j: v.summary() for j, v in follower.outcome().jobs.items()}
-        line = {"type": "summary", "jobs": jobs, "exitCode": code, "reason": reason}
-        self._write(json.dumps(line, separators=(",", ":"), ensure_ascii=False))
-
-
-
-
-class TtyRenderer(Renderer):
-    """A rich live view: a connection line, then one progress bar per job."""
-
-    MAX_ROWS = 20
-
-    def __init__(self, follower: Follower, *, forced: bool = False) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        self.follower = follower
-        self.url = follower.url
-        self.console = Console(highlight=False, force_terminal=True if forced else None)
-        self.notice: str | None = None
-        self.live = Live(console=self.console, auto_refresh=False, transient=False, redirect_stderr=False)
-        self.started = False
-
-    def handle(self, item: Item) -> None:
-        from ..follow import ResyncItem
-
-        if isinstance(item, ResyncItem):
-            self.notice = f"resynced ({item.reason})"
-        if not self.started:
-            self.live.start()
-            self.started = True
-        self.live.update(self._render(), refresh=True)
-
-    async def tick(self) -> None:
-        import asyncio
-
-        while True:
-            await asyncio.sleep(0.25)
-            if self.started:
-                self.live.update(self._render(), refresh=True)
-
-    def close(self) -> None:
-        if self.started:
-            self.live.update(self._render(final=True), refresh=True)
-            self.live.stop()
-            self.started = False
-
-    def finish(self, follower: Follower, code: int, reason: str) -> None:
-        style = "green" if code == 0 else "red" if code in (1, 4, 5, 6, 7) else "yellow"
-        self.console.print(summary_line(follower, code, reason), style=style, markup=False)
-
-    def _render(self, final: bool = False) -> Any:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-        from rich.text import Text
-
-        from .render import STATUS_STYLE
-
-        f = self.follower
-        now = time.monotonic()
-        conn = f.connection
-        state = conn.describe(now)
-        color = "green" if state == "live" else "yellow"
-        if final:
-            state, color = "done", "dim"
-        header = Text.assemble(("● ", color), (state, f"bold {color}"), (f"  {self.url}", "dim"))
-        if self.notice:
-            header.append(f"  {self.notice}", style="yellow")
-        if conn.state == "reconnecting" and conn.reason:
-            header.append(f"  ({conn.reason})", style="dim")
-        rows = Table.grid(padding=(0, 1))
-        for col in ("id", "status", "bar", "pct", "message", "elapsed", "eta"):
-            rows.add_column(
-                justify="right" if col in ("pct", "elapsed", "eta") else "left",
-                no_wrap=True,
-                overflow="ellipsis",
-                ratio=1 if col == "message" else None,
-                min_width=8 if col == "message" else None,
-            )
-        views = list(f.jobs.values())
-        if f.all_jobs:
-            views = views[-self.MAX_ROWS :]
-        now_ms = time.time() * 1000
-        for v in views:
-            style = STATUS_STYLE.get(v.status or "", "dim")
-            elapsed = None
-            if v.started_at:
-                elapsed = ((v.finished_at or now_ms) - v.started_at) / 1000
-            eta = None
-            if v.eta is not None and v.eta_at is not None and not v.terminal:
-                eta = max(0.0, v.eta - (now_ms - v.eta_at) / 1000)
-            rows.add_row(
-                v.id,
-                Text(v.status or "waiting", style=style),
-                ProgressBar(total=100, completed=v.progress, width=24, complete_style=style, finished_style=style),
-                f"{v.progress:.0f}%",
-                Text(v.message or "", style="dim" if v.terminal else ""),
-                fmt_seconds(elapsed),
-                f"eta {fmt_seconds(eta)}" if eta is not None else "",
-            )
-        parts: list[Any] = [header, rows]
-        if not final:
-            parts.append(Text("Ctrl-C detaches (the job keeps running)", style="dim"))
-        return Group(*parts)

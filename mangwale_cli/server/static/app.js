@@ -22,6 +22,7 @@ const state = {
   loadingJobs: null, // token of the jobs fetch in flight; events wait in `pending` meanwhile
   pending: [],
   fetchingJob: new Set(),
+  deleted: new Set(), // ids a job_deleted named: a REST answer in flight must not bring them back
   needToken: false,
 };
 
@@ -94,7 +95,8 @@ async function refreshJobs() {
     if (state.loadingJobs !== token) return; // a newer refresh superseded this one
     // REST is the truth here (this may follow a resync); events queued meanwhile apply on top.
     const old = state.jobs;
-    state.jobs = new Map(list.map((j) => [j.id, { ...j, eta: old.get(j.id)?.eta, etaAt: old.get(j.id)?.etaAt }]));
+    const kept = list.filter((j) => !state.deleted.has(j.id));
+    state.jobs = new Map(kept.map((j) => [j.id, { ...j, eta: old.get(j.id)?.eta, etaAt: old.get(j.id)?.etaAt }]));
   } catch (err) {
     if (state.loadingJobs !== token) return;
     reportError(err, "Could not load jobs");
@@ -113,19 +115,39 @@ async function fetchJob(id) {
   state.fetchingJob.add(id);
   try {
     const job = await api.job(id);
+    if (state.deleted.has(id)) return; // deleted while the answer was on its way
     const known = state.jobs.get(id);
     state.jobs.set(id, known ? newer(job, known) : job);
     table.render(state.jobs.get(id));
     if (detail.jobId === id) detail.render();
   } catch (err) {
-    if (!(err instanceof ApiError && err.status === 404)) reportError(err);
+    if (err instanceof ApiError && err.status === 404) {
+      if (state.jobs.has(id) || detail.jobId === id) removeJobs([id]); // deleted, and its event missed
+    } else {
+      reportError(err);
+    }
   } finally {
     state.fetchingJob.delete(id);
   }
 }
 
+/** Jobs deleted on the server (DELETE or pruning): drop their rows and close their detail. */
+function removeJobs(ids) {
+  for (const id of ids) {
+    state.deleted.add(id);
+    state.jobs.delete(id);
+    table.remove(id);
+    if (detail.jobId === id) {
+      selectJob(null);
+      notify(`Job ${id} was deleted on the server.`, "info");
+    }
+  }
+}
+
 function applyJobEvent(ev) {
-  if (ev.type === "job_created") {
+  if (ev.type === "job_deleted") {
+    removeJobs(Array.isArray(ev.jobIds) ? ev.jobIds : []);
+  } else if (ev.type === "job_created") {
     if (!state.jobs.has(ev.jobId)) {
       state.jobs.set(ev.jobId, { ...ev.job });
       table.render(state.jobs.get(ev.jobId));
@@ -436,7 +458,10 @@ const detail = new JobDetail($("#detail"), {
   datasetName,
   onCancel: cancelJob,
   onClose: () => selectJob(null),
-  onError: (err) => reportError(err, "Could not load the job"),
+  onError: (err) => {
+    if (err instanceof ApiError && err.status === 404 && detail.jobId) removeJobs([detail.jobId]); // deleted while away
+    else reportError(err, "Could not load the job");
+  },
 });
 
 function selectJob(id) {

@@ -145,6 +145,12 @@ export class JobsTable {
     }
   }
 
+  /** Drop a deleted job's row. */
+  remove(id) {
+    this.row(id)?.remove();
+    this._count();
+  }
+
   select(id) {
     for (const tr of this.body.querySelectorAll("tr.selected")) tr.classList.remove("selected");
     if (id) this.row(id)?.classList.add("selected");

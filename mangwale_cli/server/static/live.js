@@ -7,7 +7,7 @@
 
 import { wsProtocols, wsUrl } from "./api.js";
 
-const LOGGED = new Set(["job_created", "training_update", "dataset_update", "job_log"]);
+const LOGGED = new Set(["job_created", "training_update", "dataset_update", "job_log", "job_deleted"]);
 
 /** Delays in ms: initial, x2 each time, +/- jitter, capped at max. */
 export function* backoff(initial = 1000, max = 30000, jitter = 0.2) {
