@@ -424,6 +424,7 @@ def run_target(target: str, args: argparse.Namespace, pin: bool) -> dict[str, An
            "MANGWALE_WS_MAX_CONNECTIONS": str(max(10000, args.watchers + args.stalled + 100)),
            "MANGWALE_WS_CLIENT_QUEUE": "1000"}
     prefix = None
+    load = common.loadavg()
     if args.store:
         import secrets
 
@@ -442,6 +443,7 @@ def run_target(target: str, args: argparse.Namespace, pin: bool) -> dict[str, An
         for key in r.scan_iter(match=prefix + "*", count=1000):
             r.delete(key)
     res["target"] = target
+    res["loadavg_before"] = load
     res["pinned"] = pin
     res["store"] = "redis" if args.store else ("tinydb" if target == "mangwale" else "memory")
     return res
