@@ -18,7 +18,9 @@
 //   PORT=8080 node server.js          (or: node server.js 8080; HOST defaults to 127.0.0.1)
 //   REF_LOG=1 node server.js          the seed's per-connection and per-broadcast console logs
 
+const fs = require('fs');
 const http = require('http');
+const path = require('path');
 const express = require('express');
 const { WebSocketServer, WebSocket } = require('ws');
 
@@ -561,8 +563,27 @@ app.use((err, req, res, next) => {
   res.status(status).json({ error: { code, message: err.message, field: status < 500 ? 'body' : null } });
 });
 
+// The seed's store starts with datasets in it; mangwale loads its shipped sample into an empty
+// store. The reference loads the same file (SAMPLE_DATASET= to name another, or none), so
+// GET /training/datasets returns the same bytes on both and event seq starts after the same event.
+function loadSampleDataset() {
+  const file = process.env.SAMPLE_DATASET ?? path.join(__dirname, '..', '..', 'mangwale_cli', 'sample_data', 'food_delivery.jsonl');
+  if (!file || !fs.existsSync(file)) return;
+  const examples = checkExamples(fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l)));
+  const now = Date.now();
+  const { id } = newId('ds');
+  const ds = {
+    id, name: 'food-delivery-sample', description: 'Sample food-delivery intents shipped with mangwale (20 intents x 15)',
+    examples, createdAt: now, updatedAt: now,
+  };
+  datasets.push(ds);
+  datasetsById.set(id, ds);
+  trainingWebSocket.notifyDatasetUpdate(id, 'created');
+}
+
 // --- the server (the seed's src/server.ts) ------------------------------------------------------
 
+loadSampleDataset();
 const server = http.createServer(app);
 trainingWebSocket.initialize(server);
 server.listen(PORT, HOST, () => {
