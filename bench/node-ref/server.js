@@ -247,8 +247,8 @@ async function runJob(job) {
   const p = job.params;
   let steps;
   if (job.kind === 'simulate') {
-    // mangwale's simulate trainer: `steps` steps, `stepMs` apart (each wait starts when the
-    // previous step was reported), the last at 99 %, then the final update.
+    // mangwale's simulate trainer: `steps` steps, `stepMs` apart, the last at 99 %, then the
+    // final update.
     const label = p.message || 'Simulating step';
     steps = [];
     for (let i = 1; i <= p.steps; i++) {
@@ -257,9 +257,15 @@ async function runJob(job) {
   } else {
     steps = FLOWS[job.kind].map(([pct, msg], i) => [pct, msg, i + 1]);
   }
+  // Step i is due at start + i * stepMs. The seed sleeps after each update, but its broadcast
+  // runs inside the update (a synchronous loop over every client), so its next step would wait
+  // for the last one's delivery: a slow fan-out would lower the event rate instead of showing as
+  // latency. bench/fanout.py's jobs are an open-loop schedule; mangwale's runner does not wait
+  // for delivery either (its fan-out runs apart from the job).
   const stepMs = p.stepMs;
+  const start = Date.now();
   for (const [pct, msg, i] of steps) {
-    await sleep(stepMs);
+    await sleep(stepMs > 0 ? Math.max(0, start + i * stepMs - Date.now()) : 0);
     if (job.status !== 'running') return; // cancelled while it slept
     if (p.failAt != null && i >= p.failAt) {
       job.error = `simulated failure at step ${i} of ${steps.length}`;
