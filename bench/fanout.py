@@ -18,7 +18,8 @@ in one run, with the same pinning, and prints mangwale / node ratios. The Node r
 this script what it reads from mangwale: ``seq`` on every event and ``headSeq`` in the greeting
 (losses), a millisecond ``timestamp`` stamped when the event is built (latency), ``/healthz``
 (``headSeq``, ``streams``) and its own delivered count; the seed had none of these but the
-timestamp. It never drops a slow client (``ws`` buffers without bound), so ``srv dropped`` is 0.
+timestamp. It has no limit on a slow client's buffer (``ws`` buffers without bound; its 30 s
+heartbeat ends a peer that stops answering), so ``srv dropped`` is 0.
 
 Watchers use a minimal asyncio WebSocket client (``--client raw``, the default) so that the load
 generator stays far below its core; ``--client websockets`` uses the library's client (about 4x

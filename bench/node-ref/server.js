@@ -547,7 +547,9 @@ app.get('/metrics', (req, res) => {
   res.json({
     eventsLogged: trainingWebSocket.logged,
     eventsDelivered: trainingWebSocket.delivered,
-    clientsDroppedSlow: 0, // the seed never drops a slow client: `ws` buffers for it
+    // The seed has no limit on a slow client's buffer (`ws` buffers without bound); only the
+    // heartbeat ends a peer that stopped answering pings.
+    clientsDroppedSlow: 0,
     connections: trainingWebSocket.clients.size,
   });
 });
