@@ -12,6 +12,15 @@ connected) = received + losses. Also reported: server and load-generator CPU, se
 server memory per idle connection ((RSS after connecting - RSS before) / N, after 1 s idle), and
 the server's own count of events delivered and clients dropped as slow (``GET /metrics``).
 
+``--target node`` runs the same scenario against the Node reference (``bench/node-ref/``, the
+seed's Express + ``ws`` design), ``--target both`` against mangwale and then the Node reference
+in one run, with the same pinning, and prints mangwale / node ratios. The Node reference gives
+this script what it reads from mangwale: ``seq`` on every event and ``headSeq`` in the greeting
+(losses), a millisecond ``timestamp`` stamped when the event is built (latency), ``/healthz``
+(``headSeq``, ``streams``) and its own delivered count; the seed had none of these but the
+timestamp. It has no limit on a slow client's buffer (``ws`` buffers without bound; its 30 s
+heartbeat ends a peer that stops answering), so ``srv dropped`` is 0.
+
 Watchers use a minimal asyncio WebSocket client (``--client raw``, the default) so that the load
 generator stays far below its core; ``--client websockets`` uses the library's client (about 4x
 the CPU per message: at 1,000 watchers most of the measured latency is then the generator
@@ -25,6 +34,8 @@ RSS is sampled every second (``rss_samples``, ``rss_max_bytes``).
     python bench/fanout.py --watchers 100 --jobs 1 --steps 100 --step-ms 100    # 10 ev/s, 10 s
     python bench/fanout.py --watchers 1000 --jobs 5 --steps 200 --step-ms 100   # 50 ev/s -> 50k deliveries/s
     python bench/fanout.py --watchers 1000 --stalled 10 --jobs 5 --step-ms 100 --duration 60
+    python bench/fanout.py --target both --watchers 1000 --jobs 10 --step-ms 1000 --duration 20  # 10 ev/s
+    python bench/fanout.py --target both --watchers 1000 --jobs 20 --steps 50 --step-ms 0          # saturated
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ def _int_after(msg: bytes, key: bytes) -> int | None:
 
 
 class Watcher:
-    __slots__ = ("closed", "dupes", "gaps", "head", "last", "lat", "measure", "received", "ws")
+    __slots__ = ("closed", "dupes", "gaps", "head", "last", "lat", "measure", "received", "t_last", "ws")
 
     def __init__(self) -> None:
         self.ws: Any = None
@@ -76,6 +87,7 @@ class Watcher:
         self.dupes = 0
         self.lat: list[float] = []
         self.closed: str | None = None
+        self.t_last = 0.0  # wall-clock ms of the last event's receipt
 
     async def open(self, url: str) -> None:
         self.ws = await connect(url, compression=None, ping_interval=None, max_queue=None, open_timeout=60)
@@ -101,6 +113,7 @@ class Watcher:
                 self.gaps += seq - self.last - 1
                 self.last = seq
                 self.received += 1
+                self.t_last = t
                 ts = _int_after(msg, TS)
                 if ts is not None:
                     lat.append(t - ts)
@@ -137,6 +150,7 @@ class RawWatcher(asyncio.Protocol):
         "ready",
         "received",
         "stalled",
+        "t_last",
         "transport",
     )
 
@@ -150,6 +164,7 @@ class RawWatcher(asyncio.Protocol):
         self.lat: list[float] = []
         self.closed: str | None = None
         self.stalled = False
+        self.t_last = 0.0  # wall-clock ms of the last event's receipt
 
     async def open(self, url: str) -> None:
         loop = asyncio.get_running_loop()
@@ -229,6 +244,7 @@ class RawWatcher(asyncio.Protocol):
         self.gaps += seq - self.last - 1
         self.last = seq
         self.received += 1
+        self.t_last = t
         ts = _int_after(msg, TS)
         if ts is not None:
             self.lat.append(t - ts)
@@ -255,25 +271,17 @@ class RawWatcher(asyncio.Protocol):
 
 
 async def wait_jobs_done(http: httpx.AsyncClient, ids: list[str], timeout: float) -> list[str]:
+    """Wait until no job is queued or running (the server holds only this run's jobs), asking
+    ``/healthz`` five times a second: one cheap request, not one per job, so the wait costs the
+    servers the same small load whatever the number of jobs. Then each job's final status."""
     deadline = time.monotonic() + timeout
-    pending = set(ids)
-    statuses: dict[str, str] = {}
-    while pending and time.monotonic() < deadline:
-        for jid in list(pending):
-            st = (await http.get(f"/training/jobs/{jid}")).json()["status"]
-            if st in ("succeeded", "failed", "cancelled"):
-                pending.discard(jid)
-                statuses[jid] = st
-        if pending:
-            await asyncio.sleep(0.2)
-    return [statuses.get(j, "timeout") for j in ids]
-
-
-SERVER_FIGURES = (
-    'mangwale_events_delivered_total{transport="websocket"}',
-    'mangwale_clients_dropped_slow_total{transport="websocket"}',
-    "mangwale_events_logged_total",
-)
+    while time.monotonic() < deadline:
+        counts = (await http.get("/healthz")).json()["jobs"]
+        if counts.get("queued", 0) + counts.get("running", 0) == 0:
+            break
+        await asyncio.sleep(0.2)
+    statuses = [(await http.get(f"/training/jobs/{jid}")).json()["status"] for jid in ids]
+    return [st if st in ("succeeded", "failed", "cancelled") else "timeout" for st in statuses]
 
 
 async def _sample_rss(pid: int, out: list[tuple[float, int]], t0: float) -> None:
@@ -282,7 +290,7 @@ async def _sample_rss(pid: int, out: list[tuple[float, int]], t0: float) -> None
         await asyncio.sleep(1.0)
 
 
-async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]:
+async def run(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     me = common.CpuMeter(__import__("os").getpid())
     kind = RawWatcher if args.client == "raw" else Watcher
     watchers: list[Any] = [kind() for _ in range(args.watchers + args.stalled)]
@@ -303,10 +311,11 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
     for w in stalled:
         w.stall()
     tasks = [t for t in (w.start() for w in watchers) if t is not None]
-    m0 = server.metrics()
+    m0 = server.stream_figures()
     srv = common.CpuMeter(server.pid).start()
     me.start()
     t0 = time.monotonic()
+    t0_wall_ms = time.time() * 1000.0
     rss_samples: list[tuple[float, int]] = []
     sampler = asyncio.create_task(_sample_rss(server.pid, rss_samples, t0))
     ids: list[str] = []
@@ -330,8 +339,8 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
     me_frac = me.stop()
     sampler.cancel()
     rss_end = common.rss_bytes(server.pid)
-    m1 = server.metrics()
-    server_side = common.metrics_delta(m0, m1, *SERVER_FIGURES)
+    m1 = server.stream_figures()
+    server_side = {k: m1[k] - m0[k] for k in ("delivered", "dropped_slow", "logged")}
     ended = sorted({str(w.closed) for w in stalled})  # "None": still open when the run ended
     for t in tasks:
         t.cancel()
@@ -355,6 +364,7 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
                 "accounting_ok": ok, "lat": lat}
 
     healthy = account(watchers[: args.watchers])
+    to_last = (max((w.t_last for w in watchers[: args.watchers]), default=0.0) - t0_wall_ms) / 1000.0
     stuck = account(stalled)
     stats = common.summarize(healthy.pop("lat"))
     stuck.pop("lat")
@@ -365,7 +375,7 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
         "params": vars(args),
         "client": args.client,
         "watchers": args.watchers,
-        "events_per_s_target": args.jobs * 1000 / args.step_ms,
+        "events_per_s_target": args.jobs * 1000 / args.step_ms if args.step_ms > 0 else None,  # None: as fast as they come
         "events": events,
         "job_statuses": sorted(set(statuses)),
         # healthy watchers only; the stalled ones are under "stalled"
@@ -379,6 +389,9 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
         "stalled": {**stuck, "clients": len(stalled), "closed": ended},
         "elapsed_s": elapsed,
         "deliveries_per_s": healthy["received"] / elapsed if elapsed else 0.0,
+        # The same count over the time to the last event's receipt (not to the end of the
+        # harness's polling): the saturated scenario's rate.
+        "deliveries_per_s_to_last": healthy["received"] / to_last if to_last > 0 else 0.0,
         "latency_ms": stats,
         "latency_resolution_ms": 1,
         "latency_basis": "receipt wall clock - server event timestamp (integer ms, truncated)",
@@ -398,12 +411,70 @@ async def run(args: argparse.Namespace, server: common.Server) -> dict[str, Any]
         # The server's own count (GET /metrics) over the measured run: delivered should equal
         # received unless a client was dropped as slow.
         "server_metrics": server_side,
-        "server_delivered": int(server_side[SERVER_FIGURES[0]]),
-        "server_dropped_slow": int(server_side[SERVER_FIGURES[1]]),
+        "server_delivered": server_side["delivered"],
+        "server_dropped_slow": server_side["dropped_slow"],
         # Open at the end, as the server counts them: a stalled watcher cannot see its connection
         # reset (it does not read), so this is where dropping the stalled ones shows.
-        "server_connections_end": int(m1.get('mangwale_connections{transport="websocket"}', -1)),
+        "server_connections_end": m1["connections"],
     }
+
+
+RATIOS = {
+    "p50": lambda r: r["latency_ms"]["p50"],
+    "p99": lambda r: r["latency_ms"]["p99"],
+    "deliveries/s": lambda r: r["deliveries_per_s"],
+    "deliveries/s to last": lambda r: r["deliveries_per_s_to_last"],
+    "srv us/delivery": lambda r: r["server_cpu_us_per_delivery"],
+    "idle B/conn": lambda r: r["idle_bytes_per_connection"],
+    "connect s": lambda r: r["connect_s"],
+}
+
+
+def run_target(target: str, args: argparse.Namespace, pin: bool) -> dict[str, Any]:
+    env = {"MANGWALE_RUNNER_CONCURRENCY": str(max(2, args.jobs)),
+           "MANGWALE_WS_MAX_CONNECTIONS": str(max(10000, args.watchers + args.stalled + 100)),
+           "MANGWALE_WS_CLIENT_QUEUE": "1000"}
+    prefix = None
+    load = common.loadavg()
+    if args.store:
+        import secrets
+
+        prefix = f"bench-{secrets.token_hex(4)}:"
+        env |= {"MANGWALE_STORE_BACKEND": args.store, "MANGWALE_STORE_PREFIX": prefix}
+    with common.make_server(target, pin_cpu=0 if pin else None, env=env) as server:
+        if pin:
+            common.pin_self(1)
+        gc.collect()
+        res = asyncio.run(run(args, server))
+        res["server"] = server.describe()
+    if prefix is not None:
+        import redis
+
+        r = redis.Redis.from_url(args.store)
+        for key in r.scan_iter(match=prefix + "*", count=1000):
+            r.delete(key)
+    res["target"] = target
+    res["loadavg_before"] = load
+    res["pinned"] = pin
+    res["store"] = "redis" if args.store else ("tinydb" if target == "mangwale" else "memory")
+    return res
+
+
+def row(res: dict[str, Any], stalled: int) -> dict[str, Any]:
+    lat = res["latency_ms"]
+    out = {
+        "target": res["target"], "store": res["store"], "watchers": res["watchers"], "ev/s": res["events_per_s_target"],
+        "events": res["events"], "sent": res["sent"], "received": res["received"], "lost": res["lost"],
+        "deliv/s": res["deliveries_per_s"], "to last": res["deliveries_per_s_to_last"], "p50 ms": lat["p50"], "p99 ms": lat["p99"], "max ms": lat["max"],
+        "srv CPU": f"{res['server_cpu']:.0%}", "gen CPU": f"{res['client_cpu']:.0%}",
+        "RSS MB": res["rss_end_bytes"] / 1e6, "KB/idle conn": res["idle_bytes_per_connection"] / 1024,
+        "connect s": res["connect_s"], "srv delivered": res["server_delivered"], "srv dropped": res["server_dropped_slow"],
+        "max RSS MB": res["rss_max_bytes"] / 1e6,
+    }
+    if stalled:
+        out["stalled"] = stalled
+        out["srv conns end"] = res["server_connections_end"]
+    return out
 
 
 def main() -> int:
@@ -424,52 +495,33 @@ def main() -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin server to CPU 0 and generator to CPU 1")
     ap.add_argument("--store", default=None, metavar="URL",
                     help="run the server on a Redis store (e.g. redis://127.0.0.1:6379/0; keys under a "
-                         "throw-away prefix, removed afterwards) instead of the embedded one")
+                         "throw-away prefix, removed afterwards) instead of the embedded one (mangwale only)")
+    common.add_target_arg(ap)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.duration is not None:
-        args.steps = max(1, round(args.duration * 1000 / args.step_ms))
+        args.steps = max(1, round(args.duration * 1000 / args.step_ms)) if args.step_ms > 0 else args.steps
+    if args.store and args.target != "mangwale":
+        ap.error("--store is a mangwale setting: use it with --target mangwale")
     pin = common.default_pin() and not args.no_pin
     common.raise_nofile(2 * (args.watchers + args.stalled) + 200)
-    env = {"MANGWALE_RUNNER_CONCURRENCY": str(max(2, args.jobs)),
-           "MANGWALE_WS_MAX_CONNECTIONS": str(max(10000, args.watchers + args.stalled + 100)),
-           "MANGWALE_WS_CLIENT_QUEUE": "1000"}
-    prefix = None
-    if args.store:
-        import secrets
-
-        prefix = f"bench-{secrets.token_hex(4)}:"
-        env |= {"MANGWALE_STORE_BACKEND": args.store, "MANGWALE_STORE_PREFIX": prefix}
-    with common.Server(pin_cpu=0 if pin else None, env=env) as server:
-        if pin:
-            common.pin_self(1)
-        gc.collect()
-        res = asyncio.run(run(args, server))
-    if prefix is not None:
-        import redis
-
-        r = redis.Redis.from_url(args.store)
-        for key in r.scan_iter(match=prefix + "*", count=1000):
-            r.delete(key)
-    res["pinned"] = pin
-    res["store"] = "redis" if args.store else "tinydb"
-    lat = res["latency_ms"]
-    rows = [{
-        "store": res["store"], "watchers": res["watchers"], "ev/s": res["events_per_s_target"], "events": res["events"],
-        "sent": res["sent"], "received": res["received"], "lost": res["lost"],
-        "deliv/s": res["deliveries_per_s"], "p50 ms": lat["p50"], "p99 ms": lat["p99"], "max ms": lat["max"],
-        "srv CPU": f"{res['server_cpu']:.0%}", "gen CPU": f"{res['client_cpu']:.0%}",
-        "RSS MB": res["rss_end_bytes"] / 1e6, "KB/idle conn": res["idle_bytes_per_connection"] / 1024,
-        "srv delivered": res["server_delivered"], "srv dropped": res["server_dropped_slow"],
-        "max RSS MB": res["rss_max_bytes"] / 1e6,
-    }]
-    if args.stalled:
-        rows[0]["stalled"] = args.stalled
-        rows[0]["srv conns end"] = res["server_connections_end"]
-    common.print_table(rows, list(rows[0]), "fan-out (latency: receipt - server timestamp, 1 ms resolution)")
-    print(res["verdict"], "| accounting", "ok" if res["accounting_ok"] else "BROKEN")
-    common.write_result(f"fanout-{args.watchers}" + ("-redis" if args.store else ""), res, args.out)
-    return 0 if res["accounting_ok"] else 1
+    results = {t: run_target(t, args, pin) for t in common.targets(args.target)}
+    common.print_table([row(r, args.stalled) for r in results.values()], list(row(next(iter(results.values())),
+                       args.stalled)), "fan-out (latency: receipt - server timestamp, 1 ms resolution)")
+    for r in results.values():
+        print(f"{r['target']}: {r['verdict']} | accounting", "ok" if r["accounting_ok"] else "BROKEN")
+    name = f"fanout-{args.watchers}" + ("-redis" if args.store else "")
+    ok = all(r["accounting_ok"] for r in results.values())
+    if args.target != "both":
+        common.write_result(name if args.target == "mangwale" else f"{name}-node", results[args.target], args.out)
+        return 0 if ok else 1
+    ratios = common.ratios(results, RATIOS)
+    common.print_ratios(ratios)
+    common.write_result(f"{name}-both", {
+        "target": "both", "targets": results, "ratios": ratios, "ratio_basis": "mangwale / node",
+        "accounting_ok": ok, "valid": all(r["valid"] for r in results.values()),
+    }, args.out)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
