@@ -425,24 +425,29 @@ def test_no_training_process_outlives_a_killed_server(server: ServerProcess) -> 
 REDIS_ENV = {"MANGWALE_RUNNER_LEASE": "1.5", "MANGWALE_STORE_TIMEOUT": "1", "MANGWALE_RUNNER_CONCURRENCY": "2"}
 
 
+_SNAPSHOT = """
+local docs, bodies = {}, {}
+for _, k in ipairs(redis.call('KEYS', ARGV[1] .. 'job:*')) do docs[#docs + 1] = redis.call('GET', k) end
+for _, e in ipairs(redis.call('XRANGE', ARGV[1] .. 'events', '-', '+')) do
+  local f = e[2]
+  for i = 1, #f, 2 do if f[i] == 'd' then bodies[#bodies + 1] = f[i + 1] end end
+end
+return {docs, bodies, redis.call('GET', ARGV[1] .. 'epoch') or '', redis.call('GET', ARGV[1] .. 'seq') or '0'}
+"""
+
+
 def redis_record(url: str, prefix: str = "mangwale:") -> Inspection:
-    """What a Redis deployment holds (job documents, the event stream), read straight from Redis."""
+    """What a Redis deployment holds (job documents, the event stream), read straight from Redis in
+    one script: a consistent picture while instances keep writing."""
     import redis as redis_py
 
     r = redis_py.Redis.from_url(url)
     try:
-        jobs = {}
-        for key in r.scan_iter(match=f"{prefix}job:*", count=1000):
-            raw = r.get(key)
-            if raw is not None:
-                doc = json.loads(raw)
-                jobs[doc["id"]] = doc
-        events = [json.loads(f[b"d"]) for _id, f in r.xrange(f"{prefix}events")]
-        epoch = (r.get(f"{prefix}epoch") or b"").decode()
-        head = int(r.get(f"{prefix}seq") or 0)
+        docs, bodies, epoch, head = r.eval(_SNAPSHOT, 0, prefix)
     finally:
         r.close()
-    return Inspection(jobs, {}, {}, events, epoch, head)
+    jobs = {doc["id"]: doc for doc in map(json.loads, docs)}
+    return Inspection(jobs, {}, {}, [json.loads(b) for b in bodies], epoch.decode(), int(head))
 
 
 def redis_instance(server_factory: Callable[..., ServerProcess], url: str, data_dir: Path, **env: str) -> ServerProcess:
