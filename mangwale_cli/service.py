@@ -192,7 +192,7 @@ class Service:
         ds = await self.create_dataset(
             DatasetCreate(
                 name=SAMPLE_DATASET_NAME,
-                description="Sample food-delivery intents shipped with mangwale (20 intents x 15)",
+                description="Sample food-delivery intents shipped with mangwale (20 intents, 917 utterances)",
                 examples=[wire.Example.model_validate(e) for e in load_sample_examples()],
             )
         )

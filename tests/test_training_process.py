@@ -292,7 +292,7 @@ def test_nlu_train_reports_real_metrics(http: httpx.Client, trained: dict[str, A
 
     final = trained["metrics"]
     assert 0.3 < final["accuracy"] <= 1 and 0 < final["macroF1"] <= 1
-    assert len(final["perIntentF1"]) == 20 and final["examples"] == 300
+    assert len(final["perIntentF1"]) == 20 and final["examples"] == len(load_sample_examples())
 
     curve = http.get(f"/training/jobs/{trained['id']}/metrics").json()
     assert [p["epoch"] for p in curve] == list(range(1, EPOCHS + 1))
@@ -376,14 +376,13 @@ def test_example_trainer_end_to_end(lab: ServerProcess, http: httpx.Client, samp
     assert [e["message"] for e in reports] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert [e["eta"] for e in reports] == [0.1, 0.05, 0.0]
     logs = [e for e in events if e["type"] == "job_log"]
-    assert [(e["stream"], e["line"], e["lineNo"]) for e in logs] == [
-        ("stdout", "loaded 300 examples", 1)
-    ]
+    loaded = f"loaded {len(load_sample_examples())} examples"
+    assert [(e["stream"], e["line"], e["lineNo"]) for e in logs] == [("stdout", loaded, 1)]
     assert logs[0]["seq"] < reports[0]["seq"]
 
     stored = http.get(f"/training/jobs/{job_id}/logs").json()
     assert [(e["lineNo"], e["stream"], e["line"], e["attempt"]) for e in stored] == [
-        (1, "stdout", "loaded 300 examples", 1)
+        (1, "stdout", loaded, 1)
     ]
     job = http.get(f"/training/jobs/{job_id}").json()
     assert job["metrics"] == reports[-1]["metrics"] and job["progress"] == 100
