@@ -280,7 +280,12 @@ class Service:
                     f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset"
                 )
             if trainer.requires_examples and ds.size == 0:
-                raise InvalidInput(f"dataset {body.dataset_id} has no examples", field="datasetId", code="empty_dataset")
+                raise InvalidInput(
+                    f"dataset {ds.name!r} ({ds.id}) has no examples; {body.kind} trains on labelled examples",
+                    field="datasetId",
+                    code="empty_dataset",
+                )
+            trainer.check_dataset(ds)
         await trainer.check(trainer.validate_params(body.params), self.store)
         t = self._stamp()
         job = Job(

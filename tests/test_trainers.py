@@ -8,6 +8,7 @@ Runs in this process or through the in-process app (``api``); what needs a real 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -99,6 +100,79 @@ def test_fine_tune_base_must_be_a_succeeded_model_job(api: TestClient) -> None:
     assert "simulate" in resp.json()["error"]["message"]
 
 
+UNUSABLE = [
+    # (examples, what the 422 must say)
+    ([{"text": "hi there", "intent": "greet"}, {"text": "hello", "intent": "greet"}], "at least 2 intents"),
+    ([{"text": "a", "intent": "x"}, {"text": "b", "intent": "y"}, {"text": "?", "intent": "y"}], "nothing to learn"),
+    ([{"text": "1", "intent": "x"}, {"text": "!", "intent": "y"}], "nothing to learn"),
+]
+
+
+@pytest.mark.parametrize(("examples", "says"), UNUSABLE, ids=["one-intent", "letters", "symbols"])
+def test_nlu_train_on_data_it_cannot_learn_is_422_naming_the_dataset(
+    api: TestClient, examples: list[dict[str, Any]], says: str
+) -> None:
+    """nlu-train on a dataset with one intent, or with text that yields no feature, is refused
+    when the job is created: 422 naming datasetId, the dataset and what it lacks, in mangwale's
+    words (never scikit-learn's), and no job is created."""
+    ds = api.post("/training/datasets", json={"name": "tiny", "examples": examples}).json()
+    resp = api.post("/training/jobs", json={"kind": "nlu-train", "datasetId": ds["id"]})
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["error"]
+    assert err["field"] == "datasetId" and err["code"] == "unusable_dataset", err
+    assert says in err["message"] and "'tiny'" in err["message"] and ds["id"] in err["message"], err
+    for sklearn_words in ("number of classes", "pruning", "vocabulary", "stop words"):
+        assert sklearn_words not in err["message"]
+    assert api.get("/training/jobs").json() == []
+
+
+def test_features_account_agrees_with_scikit_learn() -> None:
+    """What nlu.features says each feature kind keeps is what scikit-learn's vectorizers keep."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from mangwale_cli.nlu.features import CHAR_MIN_DF, CHAR_NGRAMS, normalize, usable_features
+
+    corpora = [
+        ["a", "b"], ["ab", "cd"], ["a b", "b c"], ["!", "?!"], ["x  y", "y"], ["hello there", "goodbye now"],
+        ["ü", "ü"], ["12", "34"], ["a\tb", "ab"], ["?", "?"], ["ok", "ok ok"], ["abcdefgh", "bcdefghi"],
+    ]
+    for texts in corpora:
+        texts = [normalize(t) for t in texts]
+        kinds = usable_features(texts)
+        for kind, vec in (
+            ("words", TfidfVectorizer()),
+            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, min_df=CHAR_MIN_DF)),
+        ):
+            try:
+                vec.fit(texts)
+                fits = True
+            except ValueError:
+                fits = False
+            assert (kind in kinds) == fits, (texts, kind, kinds)
+
+
+def test_nlu_train_learns_from_the_features_the_data_has(tmp_path: Path) -> None:
+    """Two-letter texts that share no character run train on their words alone (scikit-learn
+    alone would stop at "After pruning, no terms remain")."""
+    examples = [{"text": "ab", "intent": "x"}, {"text": "cd", "intent": "y"}] * 3
+    params = NluTrainer().validate_params({"epochs": 2, "validationFraction": 0})
+    train(examples, params, lambda *a, **k: None, tmp_path)
+    assert IntentModel.load(tmp_path).predict("cd")["intent"] == "y"
+
+
+def test_unlearnable_data_fails_the_job_in_mangwale_words() -> None:
+    """Data that changed after the job was created fails it with the same words, alone: the
+    job's error carries no exception class name and no scikit-learn message."""
+    from mangwale_cli.nlu.features import TrainingDataError
+    from mangwale_cli.trainers.process import describe_failure
+
+    params = NluTrainer().validate_params({})
+    with pytest.raises(TrainingDataError) as info:
+        train([{"text": "hello", "intent": "greet"}] * 4, params, lambda *a, **k: None, None)
+    assert describe_failure(info.value) == "the data set has examples only of intent 'greet'; nlu-train needs examples of at least 2 intents"
+    assert describe_failure(KeyError("x")) == "KeyError: 'x'"
+
+
 def test_declared_params_get_defaults() -> None:
     """nlu-train fills in its defaults and keeps the values it was given."""
     out = NluTrainer().validate_params({"epochs": 3})
@@ -159,7 +233,7 @@ def test_nlu_loss_falls_epoch_by_epoch_on_the_sample(seed: int) -> None:
 
     train(load_sample_examples(), NluTrainer().validate_params({"seed": seed}), emit, None)
     assert len(losses) == 8
-    assert all(b <= a * 1.01 for a, b in zip(losses, losses[1:])), losses
+    assert all(b <= a * 1.01 for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.8 * losses[2], losses
 
 

@@ -12,7 +12,6 @@ never touches the event loop.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,15 @@ from typing import Any
 import numpy as np
 
 from .entities import EntityExtractor
+from .features import (
+    CHAR_MIN_DF,
+    CHAR_NGRAMS,
+    WORD_NGRAMS,
+    TrainingDataError,
+    check_examples,
+    normalize,
+    usable_features,
+)
 
 MODEL_FILE = "model.joblib"
 METRICS_FILE = "metrics.json"
@@ -29,12 +37,7 @@ FORMAT_VERSION = 1
 
 Emit = Callable[..., None]
 
-_DIGITS = re.compile(r"\d")
-
-
-def normalize(text: str) -> str:
-    """Lower-case, every digit as 0: intents rarely hinge on which number was said."""
-    return _DIGITS.sub("0", text.lower())
+__all__ = ["IntentModel", "normalize", "train"]
 
 
 @dataclass
@@ -80,21 +83,19 @@ class IntentModel:
         return model
 
 
-def _vectorizer() -> Any:
+def _vectorizer(kinds: list[str]) -> Any:
+    """Word and character TF-IDF features; ``kinds`` (from ``features.usable_features``) leaves
+    out a kind that would learn nothing from this data (scikit-learn would refuse to fit it)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.pipeline import FeatureUnion
 
-    return FeatureUnion(
-        [
-            ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32)),
-            (
-                "chars",
-                TfidfVectorizer(
-                    analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, dtype=np.float32
-                ),
-            ),
-        ]
-    )
+    parts = {
+        "words": TfidfVectorizer(ngram_range=WORD_NGRAMS, sublinear_tf=True, dtype=np.float32),
+        "chars": TfidfVectorizer(
+            analyzer="char_wb", ngram_range=CHAR_NGRAMS, sublinear_tf=True, min_df=CHAR_MIN_DF, dtype=np.float32
+        ),
+    }
+    return FeatureUnion([(k, parts[k]) for k in ("words", "chars") if k in kinds])
 
 
 def auto_alpha(n_train: int) -> float:
@@ -164,6 +165,7 @@ def train(
     """Train (or, with ``base``, fine-tune) and save a model; returns the final metrics.
 
     ``emit(progress, message, metrics=..., eta=...)`` follows the seed's steps with real work.
+    Data it cannot learn from raises ``TrainingDataError``.
     """
     from sklearn.linear_model import SGDClassifier
 
@@ -173,19 +175,30 @@ def train(
     rng = np.random.default_rng(seed)
 
     emit(5, "Preprocessing data...")
+    if base is None:
+        check_examples(examples)
     texts = [normalize(e["text"]) for e in examples]
     labels = [e["intent"] for e in examples]
     train_idx, val_idx = split(texts, labels, params["validationFraction"], seed)
+    train_texts = [texts[i] for i in train_idx]
     if base is None:
-        vectorizer = _vectorizer()
-        X_train = vectorizer.fit_transform([texts[i] for i in train_idx])
+        kinds = usable_features(train_texts)
+        if not kinds:
+            raise TrainingDataError(
+                "the training split gives nlu-train nothing to learn from: no word of 2 or more "
+                "letters or digits, and no two examples share a run of 2-5 characters"
+            )
+        vectorizer = _vectorizer(kinds)
+        X_train = vectorizer.fit_transform(train_texts)
     else:
         vectorizer = base.vectorizer
-        X_train = vectorizer.transform([texts[i] for i in train_idx])
+        X_train = vectorizer.transform(train_texts)
     y_train = np.array([labels[i] for i in train_idx])
     X_val = vectorizer.transform([texts[i] for i in val_idx]) if val_idx else None
     y_val = [labels[i] for i in val_idx]
     classes = sorted(set(labels) | (set(base.intents) if base is not None else set()))
+    if len(classes) < 2:
+        raise TrainingDataError(f"the data has examples of one intent only ({classes[0]!r}); at least 2 are needed")
     emit(
         15,
         f"Preprocessed {len(examples)} examples: {len(train_idx)} to train, {len(val_idx)} to validate, "
@@ -259,9 +272,10 @@ def train(
     final["trainSeconds"] = round(time.monotonic() - started, 3)
     if out_dir is not None:
         path = model.save(out_dir)
-        (out_dir / METRICS_FILE).write_text(json.dumps(final, indent=2))
         final["modelBytes"] = path.stat().st_size
+        (out_dir / METRICS_FILE).write_text(json.dumps(final, indent=2))
     return final
+
 
 
 def _warm_start(clf: Any, old: Any, classes: list[str], X: Any, y: np.ndarray) -> None:

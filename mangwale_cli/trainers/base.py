@@ -59,6 +59,11 @@ class Trainer(ABC):
     async def check(self, params: dict[str, Any], store: Store) -> None:
         """Checks that need the store (e.g. a base job); raise ``InvalidInput``."""
 
+    def check_dataset(self, dataset: Dataset) -> None:
+        """Whether this kind can train on ``dataset`` at all, checked when a job is created so
+        that the client hears it at once (a 422 naming the dataset and what it lacks), not
+        from a job that fails later; raise ``InvalidInput`` with ``field="datasetId"``."""
+
     @abstractmethod
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:
         """Train; return final metrics (stored on the job) or None."""

@@ -63,6 +63,14 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os._exit(70)
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A failed job's error line. An exception written for users (``plain_message = True``, like
+    ``nlu.features.TrainingDataError``) is its message; anything else names its class too."""
+    if getattr(exc, "plain_message", False):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _child(work: Work, payload: dict[str, Any], progress: Connection, lifeline: Connection) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the server's terminal is the server's
@@ -78,7 +86,7 @@ def _child(work: Work, payload: dict[str, Any], progress: Connection, lifeline: 
     try:
         result = work(payload, emit)
     except BaseException as exc:  # noqa: BLE001 - report every failure, including SystemExit
-        progress.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        progress.send(("error", describe_failure(exc), traceback.format_exc()))
     else:
         progress.send(("result", result))
     finally:
