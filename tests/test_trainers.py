@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from fastapi.testclient import TestClient
 from trainingdata import TIP_UTTERANCES
 
@@ -235,6 +236,46 @@ def test_nlu_loss_falls_epoch_by_epoch_on_the_sample(seed: int) -> None:
     assert len(losses) == 8
     assert all(b <= a * 1.01 for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < 0.8 * losses[2], losses
+
+
+def test_nlu_train_writes_its_log(tmp_path: Path) -> None:
+    """train() logs the data, one line per epoch and the final scores through emit.log."""
+    lines: list[str] = []
+
+    class Emit:
+        def __call__(self, progress: float, message: str | None = None, **extra: Any) -> None:
+            pass
+
+        def log(self, line: str, stream: str = "trainer") -> None:
+            lines.append(line)
+
+    final = train(load_sample_examples(), NluTrainer().validate_params({"epochs": 4}), Emit(), tmp_path)
+    assert lines[0].startswith("data: 917 examples of 20 intents (39-50 each), ") and "entity spans (" in lines[0]
+    assert [ln.split(":")[0] for ln in lines[1:5]] == [f"epoch {i}/4" for i in range(1, 5)]
+    assert lines[5] == (
+        f"final: accuracy {final['accuracy']:.4f}, macroF1 {final['macroF1']:.4f} on {final['validationSize']} "
+        f"examples; entities precision {final['entityScores']['precision']:.4f}, recall "
+        f"{final['entityScores']['recall']:.4f}, F1 {final['entityScores']['f1']:.4f}"
+    )
+    assert lines[-1].startswith("done in ") and "model saved" in lines[-1]
+
+
+def test_simulate_writes_its_log(api: TestClient) -> None:
+    """simulate logs its plan and its end, or the step it failed at."""
+    def logs(params: dict[str, Any]) -> list[str]:
+        job = api.post("/training/jobs", json={"kind": "simulate", "params": params}).json()
+        wait_for(
+            lambda: api.get(f"/training/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"),
+            what="the simulate job to end",
+        )
+        return [e["line"] for e in api.get(f"/training/jobs/{job['id']}/logs").json()]
+
+    ok = logs({"steps": 2, "stepMs": 1})
+    assert ok[0] == "simulating 2 steps of 1 ms" and ok[1].startswith("done: 2 steps in ") and len(ok) == 2
+    assert logs({"steps": 3, "stepMs": 1, "failAt": 2}) == [
+        "simulating 3 steps of 1 ms, failing at step 2",
+        "failing at step 2 of 3, as params.failAt asks",
+    ]
 
 
 def test_fine_tune_adds_an_intent_in_process(tmp_path: Path) -> None:

@@ -638,6 +638,28 @@ def test_cli_logs_follow_until_the_job_ends(lab: ServerProcess, http: httpx.Clie
     assert [json.loads(line)["line"] for line in proc.stdout.splitlines()][-1] == "boom"
 
 
+def test_cli_logs_follow_shows_what_builtin_trainers_did(
+    lab: ServerProcess, http: httpx.Client, sample_id: str
+) -> None:
+    """`jobs logs -f` on nlu-train prints the data, one line per epoch and the final scores;
+    on simulate, its plan and its end."""
+    job_id = post_job(http, "nlu-train", sample_id, epochs=3)
+    proc = cli("jobs", "logs", "-f", job_id, url=lab.url)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"data: {len(load_sample_examples())} examples of 20 intents"), lines
+    assert [ln.split(":")[0] for ln in lines[1:4]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
+    assert "loss" in lines[1] and "valAccuracy" in lines[1]
+    assert any(ln.startswith("final: accuracy ") and "macroF1" in ln for ln in lines), lines
+    assert lines[-1].startswith("done in "), lines
+
+    sim = post_job(http, "simulate", steps=3, stepMs=10)
+    proc = cli("jobs", "logs", "-f", sim, url=lab.url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["simulating 3 steps of 10 ms", proc.stdout.splitlines()[-1]]
+    assert proc.stdout.splitlines()[-1].startswith("done: 3 steps in ")
+
+
 def test_cli_predict_and_artifact(
     lab: ServerProcess, http: httpx.Client, trained: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -164,10 +164,18 @@ def train(
 ) -> dict[str, Any]:
     """Train (or, with ``base``, fine-tune) and save a model; returns the final metrics.
 
-    ``emit(progress, message, metrics=..., eta=...)`` follows the seed's steps with real work.
-    Data it cannot learn from raises ``TrainingDataError``.
+    ``emit(progress, message, metrics=..., eta=...)`` follows the seed's steps with real work;
+    ``emit.log(line)``, where the emitter has it, writes the job's log: the data, one line per
+    epoch, the final scores. Data it cannot learn from raises ``TrainingDataError``.
     """
     from sklearn.linear_model import SGDClassifier
+
+    # The job's log, as its stdout: what the trainer says it did (jobs logs prints it on stdout).
+    emit_log = getattr(emit, "log", None)
+
+    def log(line: str) -> None:
+        if emit_log is not None:
+            emit_log(line, "stdout")
 
     started = time.monotonic()
     epochs: int = params["epochs"]
@@ -204,6 +212,7 @@ def train(
         f"Preprocessed {len(examples)} examples: {len(train_idx)} to train, {len(val_idx)} to validate, "
         f"{len(classes)} intents, {X_train.shape[1]} features",
     )
+    log(_describe_data(examples, labels, len(train_idx), len(val_idx), X_train.shape[1], base))
 
     before: dict[str, Any] = {}
     if base is not None and X_val is not None:
@@ -216,13 +225,19 @@ def train(
     history: list[dict[str, Any]] = []
     t_train = time.monotonic()
     for epoch in range(1, epochs + 1):
+        t_epoch = time.monotonic()
         order = rng.permutation(X_train.shape[0])
         clf.partial_fit(X_train[order], y_train[order], classes=np.array(classes))
         metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "loss": round(_loss(clf, X_train, y_train, rng), 5)}
         if X_val is not None:
             metrics["valAccuracy"] = round(float(np.mean(clf.predict(X_val) == np.array(y_val))), 4)
+        now = time.monotonic()
         history.append(metrics)
-        per_epoch = (time.monotonic() - t_train) / epoch
+        line = f"epoch {epoch}/{epochs}: loss {metrics['loss']:.5f}"
+        if "valAccuracy" in metrics:
+            line += f", valAccuracy {metrics['valAccuracy']:.4f}"
+        log(f"{line} ({now - t_epoch:.2f} s)")
+        per_epoch = (now - t_train) / epoch
         emit(
             15 + 55 * epoch / epochs,
             f"Training intent classifier... epoch {epoch}/{epochs}",
@@ -259,6 +274,8 @@ def train(
         final["after"] = {k: final[k] for k in ("accuracy", "macroF1") if k in final}
         final["newIntents"] = sorted(set(labels) - set(base.intents))
         final["baseJobId"] = params.get("baseJobId")
+    for line in _describe_scores(final):
+        log(line)
 
     emit(95, "Saving model...")
     model = IntentModel(
@@ -274,8 +291,52 @@ def train(
         path = model.save(out_dir)
         final["modelBytes"] = path.stat().st_size
         (out_dir / METRICS_FILE).write_text(json.dumps(final, indent=2))
+    saved = f", model saved ({final['modelBytes'] / 1e6:.1f} MB)" if "modelBytes" in final else ""
+    log(f"done in {time.monotonic() - started:.2f} s{saved}")
     return final
 
+
+def _describe_data(
+    examples: list[dict[str, Any]], labels: list[str], n_train: int, n_val: int, n_features: int, base: IntentModel | None
+) -> str:
+    """The job log's first line: what the model is trained on."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    spans: dict[str, int] = {}
+    for ex in examples:
+        for span in ex.get("entities") or []:
+            spans[span["entity"]] = spans.get(span["entity"], 0) + 1
+    line = (
+        f"data: {len(examples)} examples of {len(counts)} intents "
+        f"({min(counts.values())}-{max(counts.values())} each), {n_train} to train, {n_val} to validate; "
+        f"{n_features} features"
+    )
+    if spans:
+        line += f"; {sum(spans.values())} entity spans ({', '.join(f'{k} {v}' for k, v in sorted(spans.items()))})"
+    if base is not None:
+        new = sorted(set(counts) - set(base.intents))
+        line += f"; base model knows {len(base.intents)} intents, new here: {', '.join(new) or 'none'}"
+    return line
+
+
+def _describe_scores(final: dict[str, Any]) -> list[str]:
+    """The job log's closing lines: the scores on the validation split."""
+    if "accuracy" not in final:
+        return ["final: no validation split (validationFraction 0), so no scores"]
+    line = f"final: accuracy {final['accuracy']:.4f}, macroF1 {final['macroF1']:.4f} on {final['validationSize']} examples"
+    ents = final.get("entityScores")
+    if ents:
+        line += f"; entities precision {ents['precision']:.4f}, recall {ents['recall']:.4f}, F1 {ents['f1']:.4f}"
+    lines = [line]
+    weakest = sorted(final["perIntentF1"].items(), key=lambda kv: kv[1])[:3]
+    if weakest and weakest[0][1] < 1:
+        lines.append("weakest intents (F1): " + ", ".join(f"{k} {v:.2f}" for k, v in weakest))
+    if "before" in final:
+        b, a = final["before"], final["after"]
+        if "accuracy" in b and "accuracy" in a:
+            lines.append(f"fine-tune: accuracy {b['accuracy']:.4f} before, {a['accuracy']:.4f} after")
+    return lines
 
 
 def _warm_start(clf: Any, old: Any, classes: list[str], X: Any, y: np.ndarray) -> None:
