@@ -353,6 +353,27 @@ def test_fine_tune_adds_a_new_intent(http: httpx.Client, trained: dict[str, Any]
     assert tip["intent"] == "tip_driver"
 
 
+def eta_error_after_epoch_2(http: httpx.Client, dataset_id: str) -> tuple[float, float]:
+    """Run nlu-train with the defaults; return (eta, real) at the epoch-2 report: the ETA it
+    gave and the seconds until the job's succeeded event."""
+    job_id = wait_job(http, post_job(http, "nlu-train", dataset_id), timeout=60)["id"]
+    events = http.get(f"/training/jobs/{job_id}/events").json()
+    epoch2 = next(e for e in events if (e.get("metrics") or {}).get("epoch") == 2)
+    end = next(e for e in events if e.get("status") == "succeeded")
+    return float(epoch2["eta"]), (end["timestamp"] - epoch2["timestamp"]) / 1000
+
+
+def test_nlu_train_eta_after_epoch_2_is_within_half_of_the_real_remaining_time(
+    http: httpx.Client, sample_id: str
+) -> None:
+    """After epoch 2 on the sample, the ETA is within +-50 % of the time the job really took
+    to end (the median of three runs: about 0.2-0.5 s to go, much of it the model's save)."""
+    runs = [eta_error_after_epoch_2(http, sample_id) for _ in range(3)]
+    ratios = sorted(eta / real for eta, real in runs)
+    print(f"\n(eta, real) after epoch 2: {runs}")
+    assert 0.5 <= ratios[1] <= 1.5, runs
+
+
 # --- command trainers ----------------------------------------------------------------------------
 
 

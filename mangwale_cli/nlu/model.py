@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .entities import EntityExtractor
+from .eta import Eta, save_seconds
 from .features import (
     CHAR_MIN_DF,
     CHAR_NGRAMS,
@@ -223,26 +224,29 @@ def train(
     if base is not None:
         _warm_start(clf, base.classifier, classes, X_train, y_train)
     history: list[dict[str, Any]] = []
-    t_train = time.monotonic()
+    eta = Eta(epochs)
     for epoch in range(1, epochs + 1):
         t_epoch = time.monotonic()
         order = rng.permutation(X_train.shape[0])
         clf.partial_fit(X_train[order], y_train[order], classes=np.array(classes))
         metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "loss": round(_loss(clf, X_train, y_train, rng), 5)}
+        t_val = time.monotonic()
         if X_val is not None:
             metrics["valAccuracy"] = round(float(np.mean(clf.predict(X_val) == np.array(y_val))), 4)
         now = time.monotonic()
+        if epoch == 1:  # the save's cost, once the weights exist (outside the timed epochs)
+            eta.save = save_seconds(vectorizer, clf)
+        eta.epoch_done(now - t_epoch, validation=now - t_val)
         history.append(metrics)
         line = f"epoch {epoch}/{epochs}: loss {metrics['loss']:.5f}"
         if "valAccuracy" in metrics:
             line += f", valAccuracy {metrics['valAccuracy']:.4f}"
         log(f"{line} ({now - t_epoch:.2f} s)")
-        per_epoch = (now - t_train) / epoch
         emit(
             15 + 55 * epoch / epochs,
             f"Training intent classifier... epoch {epoch}/{epochs}",
             metrics=metrics,
-            eta=round(per_epoch * (epochs - epoch) + 1.0, 2),
+            eta=round(eta.left(), 2),
         )
 
     train_examples = [examples[i] for i in train_idx]
