@@ -12,18 +12,18 @@ a cache of model files, and is not locked.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, NotFound, StoreError
 from .eventlog import Record
 from .events import EventBus
+from .nlu.predictor import Predictor
 from .runner import Runner
 from .settings import Settings
 from .store.base import Cursor, Store
@@ -33,14 +33,10 @@ from .trainers import Registry, builtin
 from .trainers.command import command_trainers
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
 
-if TYPE_CHECKING:  # imported where first needed: it brings numpy and scikit-learn
-    from .nlu.model import IntentModel
-
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET_NAME = "food-delivery-sample"
 MODEL_FILE = "model.joblib"
-MODEL_CACHE = 4
 PRUNE_BATCH = 1000  # jobs per job_deleted event (and per store write) when pruning
 
 
@@ -78,7 +74,8 @@ class Service:
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
-        self._models: dict[str, IntentModel] = {}  # job id -> loaded model, oldest first
+        # Models are loaded and run in a child process, never here (see nlu/predictor.py).
+        self.predictor = Predictor()
         self._started = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -174,6 +171,7 @@ class Service:
             return
         self._started = False
         assert self.runner is not None and self.bus is not None
+        await self.predictor.close()
         await self.runner.stop()
         await self.bus.stop()
         await self.store.close()
@@ -340,7 +338,7 @@ class Service:
         if not job.status.terminal:
             raise Conflict(f"job {job_id} is {job.status.value}; cancel it first", field="jobId", code="active")
         await self.store.delete_jobs([job_id])
-        self._models.pop(job_id, None)
+        await self.predictor.forget(job_id)
         await self.store.delete_artifacts(job_id)
 
     # --- models ---------------------------------------------------------------------------
@@ -361,17 +359,11 @@ class Service:
         return path
 
     async def predict(self, job_id: str, text: str) -> dict[str, Any]:
-        """Classify ``text`` with a job's model (loaded once, then kept in a small cache)."""
+        """Classify ``text`` with a job's model. The model runs in the predictor's child process,
+        which keeps recent models loaded while predictions come and exits when they stop, so
+        scikit-learn never stays in the server's memory."""
         path = await self.model_path(job_id)
-        model = self._models.get(job_id)
-        if model is None:
-            from .nlu.model import IntentModel
-
-            model = await asyncio.to_thread(IntentModel.load, path.parent)
-            self._models[job_id] = model
-            while len(self._models) > MODEL_CACHE:
-                self._models.pop(next(iter(self._models)))
-        result: dict[str, Any] = await asyncio.to_thread(model.predict, text)
+        result = await self.predictor.predict(job_id, path.parent, text)
         result["jobId"] = job_id
         return result
 

@@ -5,8 +5,9 @@
 loss and validation accuracy through ``emit``. ``fine_tune`` starts from a trained model and may
 add intents. A model is saved with joblib as ``model.joblib`` beside ``metrics.json``.
 
-Everything here runs in a trainer's child process (or, for ``predict``, in a worker thread); it
-never touches the event loop.
+Everything here runs in a trainer's child process (or, for ``predict``, in the predictor's
+child process, ``predictor.py``); it never touches the event loop, and the server never imports
+it: scikit-learn and numpy stay out of the server's memory.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ class IntentModel:
     def load(directory: Path) -> IntentModel:
         import joblib
 
-        model = joblib.load(directory / MODEL_FILE)
+        try:
+            model = joblib.load(directory / MODEL_FILE)
+        except (OSError, EOFError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - unpickling garbage raises anything (KeyError: 110)
+            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model ({type(exc).__name__})") from None
         if not isinstance(model, IntentModel):
             raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model")  # noqa: TRY004 - bad file content, not a caller's type error
         return model

@@ -29,7 +29,8 @@ Work = Callable[[dict[str, Any], Emit], dict[str, Any] | None]
 _ctx: Any = None
 
 
-def _context() -> Any:
+def mp_context() -> Any:
+    """The forkserver context every child of the server comes from (trainers, predictions)."""
     global _ctx
     if _ctx is None:
         _ctx = mp.get_context("forkserver")
@@ -103,7 +104,7 @@ async def run_in_process(
     """Run ``work(payload, emit)`` in a child; ``emit(progress, message, metrics=..., eta=...)``
     becomes ``reporter.progress``. Cancelling this coroutine terminates the child (SIGTERM,
     then SIGKILL after ``kill_grace`` seconds)."""
-    ctx = _context()
+    ctx = mp_context()
     prog_r, prog_w = ctx.Pipe(duplex=False)
     life_r, life_w = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(work, payload, prog_w, life_r), daemon=True)
