@@ -313,6 +313,6 @@ def parse_examples(
 
 
 def load_sample_examples() -> list[dict[str, Any]]:
-    """Load the bundled food-delivery intent data set (300 examples)."""
+    """Load the bundled food-delivery intent data set (20 intents, 917 examples)."""
     resource = resources.files(_SAMPLE_PACKAGE).joinpath(_SAMPLE_FILE)
     return parse_examples(resource.read_bytes(), filename=_SAMPLE_FILE)

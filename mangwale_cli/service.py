@@ -18,12 +18,13 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .eventlog import Record
 from .events import EventBus
+from .nlu.predictor import Predictor
 from .runner import Runner
 from .settings import Settings
 from .store.base import Cursor, Store
@@ -33,14 +34,10 @@ from .trainers import Registry, builtin
 from .trainers.command import command_trainers
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
 
-if TYPE_CHECKING:  # imported where first needed: it brings numpy and scikit-learn
-    from .nlu.model import IntentModel
-
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET_NAME = "food-delivery-sample"
 MODEL_FILE = "model.joblib"
-MODEL_CACHE = 4
 PRUNE_BATCH = 1000  # jobs per job_deleted event (and per store write) when pruning
 
 
@@ -84,7 +81,8 @@ class Service:
         self.bus: EventBus | None = None
         self.runner: Runner | None = None
         self._last_created = 0
-        self._models: dict[str, IntentModel] = {}  # job id -> loaded model, oldest first
+        # Models are loaded and run in a child process, never here (see nlu/predictor.py).
+        self.predictor = Predictor()
         self._started = False
         self._retention: asyncio.Task[None] | None = None
 
@@ -178,6 +176,7 @@ class Service:
         assert self.runner is not None and self.bus is not None
         if self._retention is not None:
             self._retention.cancel()
+        await self.predictor.close()
         await self.runner.stop()
         await self.bus.stop()
         await self.store.close()
@@ -196,7 +195,7 @@ class Service:
         ds = await self.create_dataset(
             DatasetCreate(
                 name=SAMPLE_DATASET_NAME,
-                description="Sample food-delivery intents shipped with mangwale (20 intents x 15)",
+                description="Sample food-delivery intents shipped with mangwale (20 intents, 917 utterances)",
                 examples=[wire.Example.model_validate(e) for e in load_sample_examples()],
             )
         )
@@ -283,7 +282,12 @@ class Service:
                 # 404, like GET /training/datasets/{id}: scripts (and the CLI's exit 4) see one answer
                 raise NotFound(f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset")
             if trainer.requires_examples and ds.size == 0:
-                raise InvalidInput(f"dataset {body.dataset_id} has no examples", field="datasetId", code="empty_dataset")
+                raise InvalidInput(
+                    f"dataset {ds.name!r} ({ds.id}) has no examples; {body.kind} trains on labelled examples",
+                    field="datasetId",
+                    code="empty_dataset",
+                )
+            trainer.check_dataset(ds)
         await trainer.check(trainer.validate_params(body.params), self.store)
         t = self._stamp()
         job = Job(
@@ -338,7 +342,7 @@ class Service:
         if not job.status.terminal:
             raise Conflict(f"job {job_id} is {job.status.value}; cancel it first", field="jobId", code="active")
         await self.store.delete_jobs([job_id])
-        self._models.pop(job_id, None)
+        await self.predictor.forget(job_id)
         await self.store.delete_artifacts(job_id)
 
     async def prune(
@@ -379,7 +383,7 @@ class Service:
                 gone = await self.store.delete_jobs(chosen[i : i + PRUNE_BATCH], reason)
                 deleted += gone
                 for job_id in gone:
-                    self._models.pop(job_id, None)
+                    await self.predictor.forget(job_id)
                     await self.store.delete_artifacts(job_id)
         if deleted:
             log.info("pruned %d finished jobs (%s)", len(deleted), reason)
@@ -431,17 +435,11 @@ class Service:
         return path
 
     async def predict(self, job_id: str, text: str) -> dict[str, Any]:
-        """Classify ``text`` with a job's model (loaded once, then kept in a small cache)."""
+        """Classify ``text`` with a job's model. The model runs in the predictor's child process,
+        which keeps recent models loaded while predictions come and exits when they stop, so
+        scikit-learn never stays in the server's memory."""
         path = await self.model_path(job_id)
-        model: Any = self._models.get(job_id)
-        if model is None:
-            from .nlu.model import IntentModel
-
-            model = await asyncio.to_thread(IntentModel.load, path.parent)
-            self._models[job_id] = model
-            while len(self._models) > MODEL_CACHE:
-                self._models.pop(next(iter(self._models)))
-        result: dict[str, Any] = await asyncio.to_thread(model.predict, text)
+        result = await self.predictor.predict(job_id, path.parent, text)
         result["jobId"] = job_id
         return result
 

@@ -109,6 +109,21 @@ def find_non_finite(value: Any, path: str = "") -> str | None:
     return None
 
 
+def show(value: Any, limit: int = 40) -> str:
+    """A client's value in an error message, as JSON spells it (NaN, Infinity, null, true), and
+    cut short: an error line never carries a 309-digit number or a pasted page."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return f"a JSON array of {len(value)}"
+    if value is None or isinstance(value, bool):
+        return dumps(value)
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --- request bodies (validated by the server, documented in OpenAPI) -------------------------
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)

@@ -171,6 +171,12 @@ def assert_error(r: Any, status: int, field: str | None, code: str | None = None
     return err  # type: ignore[no-any-return]
 
 
+def state_events(events: list[Msg]) -> list[Msg]:
+    """The events that change a job or dataset: all but the trainers' ``job_log`` lines (which
+    have a seq but no jobSeq)."""
+    return [e for e in events if e["type"] != "job_log"]
+
+
 def check_order(events: list[Msg], epoch: str) -> None:
     """Logged events: seq +1 each, jobSeq +1 per job, progress monotonic within an attempt."""
     assert events, "no events"
@@ -179,10 +185,12 @@ def check_order(events: list[Msg], epoch: str) -> None:
     job_seqs: dict[str, list[int]] = {}
     progress: dict[tuple[str, int], float] = {}
     for e in events:
-        assert e["type"] in ("job_created", "training_update", "dataset_update"), e
+        assert e["type"] in ("job_created", "training_update", "dataset_update", "job_log"), e
         assert isinstance(e["seq"], int) and e["epoch"] == epoch, e
         assert isinstance(e["timestamp"], int), e
-        if "jobId" in e:
+        if e["type"] == "job_log":
+            assert "jobSeq" not in e, e
+        elif "jobId" in e:
             job_seqs.setdefault(e["jobId"], []).append(e["jobSeq"])
         else:
             assert "jobSeq" not in e, e
@@ -302,7 +310,7 @@ def test_job_runs_to_success_with_live_updates(api: TestClient) -> None:
     assert events[0]["type"] == "job_created" and events[0]["jobId"] == job["id"]
     assert events[0]["job"] == job
     assert events[0]["seq"] == hello["headSeq"] + 1
-    updates = events[1:]
+    updates = state_events(events[1:])
     assert all(e["type"] == "training_update" and e["jobId"] == job["id"] for e in updates)
     assert (
         updates[0]["status"] == "running"
@@ -793,9 +801,10 @@ def test_ws_replay_joins_a_running_job_without_gap(api: TestClient) -> None:
         events = recv_until(ws, lambda m: m["seq"] > hello["headSeq"] + 3)  # replay, then live
         assert api.post(f"/training/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
         events += recv_until(ws, is_final(job["id"]))
-    assert [e["jobSeq"] for e in events] == list(range(1, len(events) + 1))
+    states = state_events(events)
+    assert [e["jobSeq"] for e in states] == list(range(1, len(states) + 1))
     assert events[0]["type"] == "job_created" and events[-1]["status"] == "cancelled"
-    assert any(e["seq"] <= hello["headSeq"] and e["progress"] > 0 for e in events[1:])
+    assert any(e["seq"] <= hello["headSeq"] and e["progress"] > 0 for e in states[1:])
     check_order(events, hello["epoch"])
     assert wait_logged_end(api, job["id"]) == events
 
@@ -872,7 +881,8 @@ def test_job_events_rest_since(api: TestClient) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     events = r.json()
     assert isinstance(events, list) and {e["jobId"] for e in events} == {job["id"]}
-    assert [e["jobSeq"] for e in events] == list(range(1, len(events) + 1))
+    states = state_events(events)
+    assert [e["jobSeq"] for e in states] == list(range(1, len(states) + 1))
     assert events[0]["type"] == "job_created" and events[-1]["status"] == "succeeded"
     n = events[1]["seq"]
     assert api.get(f"/training/jobs/{job['id']}/events?since={n}").json() == events[2:]

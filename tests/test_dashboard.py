@@ -203,7 +203,7 @@ def test_page_loads_without_console_errors(
         page,
         "() => document.querySelector('#datasets li .ds-name')?.textContent === 'food-delivery-sample'",
     )
-    assert "300 examples" in page.inner_text("#datasets li")
+    assert "917 examples" in page.inner_text("#datasets li")
     kinds = page.eval_on_selector_all("#start-kind option", "(os) => os.map((o) => o.value)")
     assert {"nlu-train", "simulate", "fine-tune"} <= set(kinds)
     assert page.is_visible("#jobs-empty") and page.is_hidden("#auth")

@@ -8,6 +8,7 @@ Runs in this process or through the in-process app (``api``); what needs a real 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from fastapi.testclient import TestClient
 from trainingdata import TIP_UTTERANCES
 
@@ -108,6 +110,79 @@ def test_fine_tune_base_must_be_a_succeeded_model_job(api: TestClient) -> None:
     assert "simulate" in resp.json()["error"]["message"]
 
 
+UNUSABLE = [
+    # (examples, what the 422 must say)
+    ([{"text": "hi there", "intent": "greet"}, {"text": "hello", "intent": "greet"}], "at least 2 intents"),
+    ([{"text": "a", "intent": "x"}, {"text": "b", "intent": "y"}, {"text": "?", "intent": "y"}], "nothing to learn"),
+    ([{"text": "1", "intent": "x"}, {"text": "!", "intent": "y"}], "nothing to learn"),
+]
+
+
+@pytest.mark.parametrize(("examples", "says"), UNUSABLE, ids=["one-intent", "letters", "symbols"])
+def test_nlu_train_on_data_it_cannot_learn_is_422_naming_the_dataset(
+    api: TestClient, examples: list[dict[str, Any]], says: str
+) -> None:
+    """nlu-train on a dataset with one intent, or with text that yields no feature, is refused
+    when the job is created: 422 naming datasetId, the dataset and what it lacks, in mangwale's
+    words (never scikit-learn's), and no job is created."""
+    ds = api.post("/training/datasets", json={"name": "tiny", "examples": examples}).json()
+    resp = api.post("/training/jobs", json={"kind": "nlu-train", "datasetId": ds["id"]})
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["error"]
+    assert err["field"] == "datasetId" and err["code"] == "unusable_dataset", err
+    assert says in err["message"] and "'tiny'" in err["message"] and ds["id"] in err["message"], err
+    for sklearn_words in ("number of classes", "pruning", "vocabulary", "stop words"):
+        assert sklearn_words not in err["message"]
+    assert api.get("/training/jobs").json() == []
+
+
+def test_features_account_agrees_with_scikit_learn() -> None:
+    """What nlu.features says each feature kind keeps is what scikit-learn's vectorizers keep."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from mangwale_cli.nlu.features import CHAR_MIN_DF, CHAR_NGRAMS, normalize, usable_features
+
+    corpora = [
+        ["a", "b"], ["ab", "cd"], ["a b", "b c"], ["!", "?!"], ["x  y", "y"], ["hello there", "goodbye now"],
+        ["ü", "ü"], ["12", "34"], ["a\tb", "ab"], ["?", "?"], ["ok", "ok ok"], ["abcdefgh", "bcdefghi"],
+    ]
+    for texts in corpora:
+        texts = [normalize(t) for t in texts]
+        kinds = usable_features(texts)
+        for kind, vec in (
+            ("words", TfidfVectorizer()),
+            ("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=CHAR_NGRAMS, min_df=CHAR_MIN_DF)),
+        ):
+            try:
+                vec.fit(texts)
+                fits = True
+            except ValueError:
+                fits = False
+            assert (kind in kinds) == fits, (texts, kind, kinds)
+
+
+def test_nlu_train_learns_from_the_features_the_data_has(tmp_path: Path) -> None:
+    """Two-letter texts that share no character run train on their words alone (scikit-learn
+    alone would stop at "After pruning, no terms remain")."""
+    examples = [{"text": "ab", "intent": "x"}, {"text": "cd", "intent": "y"}] * 3
+    params = NluTrainer().validate_params({"epochs": 2, "validationFraction": 0})
+    train(examples, params, lambda *a, **k: None, tmp_path)
+    assert IntentModel.load(tmp_path).predict("cd")["intent"] == "y"
+
+
+def test_unlearnable_data_fails_the_job_in_mangwale_words() -> None:
+    """Data that changed after the job was created fails it with the same words, alone: the
+    job's error carries no exception class name and no scikit-learn message."""
+    from mangwale_cli.nlu.features import TrainingDataError
+    from mangwale_cli.trainers.process import describe_failure
+
+    params = NluTrainer().validate_params({})
+    with pytest.raises(TrainingDataError) as info:
+        train([{"text": "hello", "intent": "greet"}] * 4, params, lambda *a, **k: None, None)
+    assert describe_failure(info.value) == "the data set has examples only of intent 'greet'; nlu-train needs examples of at least 2 intents"
+    assert describe_failure(KeyError("x")) == "KeyError: 'x'"
+
+
 def test_declared_params_get_defaults() -> None:
     """nlu-train fills in its defaults and keeps the values it was given."""
     out = NluTrainer().validate_params({"epochs": 3})
@@ -154,6 +229,62 @@ def test_nlu_model_learns_the_sample_dataset(tmp_path: Path) -> None:
     pizza = model.predict("I'd like to order a Margherita Pizza please")
     assert {"entity": "dish", "value": "Margherita Pizza"}.items() <= pizza["entities"][0].items()
     assert 0 < pizza["confidence"] <= 1 and pizza["ranking"][0]["intent"] == pizza["intent"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nlu_loss_falls_epoch_by_epoch_on_the_sample(seed: int) -> None:
+    """The reported loss (what SGD minimises) never rises from one epoch to the next on the
+    sample, and ends well below its epoch-3 value."""
+    losses: list[float] = []
+
+    def emit(progress: float, message: str | None = None, **extra: Any) -> None:
+        if extra.get("metrics"):
+            losses.append(extra["metrics"]["loss"])
+
+    train(load_sample_examples(), NluTrainer().validate_params({"seed": seed}), emit, None)
+    assert len(losses) == 8
+    assert all(b <= a * 1.01 for a, b in itertools.pairwise(losses)), losses
+    assert losses[-1] < 0.8 * losses[2], losses
+
+
+def test_nlu_train_writes_its_log(tmp_path: Path) -> None:
+    """train() logs the data, one line per epoch and the final scores through emit.log."""
+    lines: list[str] = []
+
+    class Emit:
+        def __call__(self, progress: float, message: str | None = None, **extra: Any) -> None:
+            pass
+
+        def log(self, line: str, stream: str = "trainer") -> None:
+            lines.append(line)
+
+    final = train(load_sample_examples(), NluTrainer().validate_params({"epochs": 4}), Emit(), tmp_path)
+    assert lines[0].startswith("data: 917 examples of 20 intents (39-50 each), ") and "entity spans (" in lines[0]
+    assert [ln.split(":")[0] for ln in lines[1:5]] == [f"epoch {i}/4" for i in range(1, 5)]
+    assert lines[5] == (
+        f"final: accuracy {final['accuracy']:.4f}, macroF1 {final['macroF1']:.4f} on {final['validationSize']} "
+        f"examples; entities precision {final['entityScores']['precision']:.4f}, recall "
+        f"{final['entityScores']['recall']:.4f}, F1 {final['entityScores']['f1']:.4f}"
+    )
+    assert lines[-1].startswith("done in ") and "model saved" in lines[-1]
+
+
+def test_simulate_writes_its_log(api: TestClient) -> None:
+    """simulate logs its plan and its end, or the step it failed at."""
+    def logs(params: dict[str, Any]) -> list[str]:
+        job = api.post("/training/jobs", json={"kind": "simulate", "params": params}).json()
+        wait_for(
+            lambda: api.get(f"/training/jobs/{job['id']}").json()["status"] in ("succeeded", "failed"),
+            what="the simulate job to end",
+        )
+        return [e["line"] for e in api.get(f"/training/jobs/{job['id']}/logs").json()]
+
+    ok = logs({"steps": 2, "stepMs": 1})
+    assert ok[0] == "simulating 2 steps of 1 ms" and ok[1].startswith("done: 2 steps in ") and len(ok) == 2
+    assert logs({"steps": 3, "stepMs": 1, "failAt": 2}) == [
+        "simulating 3 steps of 1 ms, failing at step 2",
+        "failing at step 2 of 3, as params.failAt asks",
+    ]
 
 
 def test_fine_tune_adds_an_intent_in_process(tmp_path: Path) -> None:

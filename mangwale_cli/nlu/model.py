@@ -5,14 +5,14 @@
 loss and validation accuracy through ``emit``. ``fine_tune`` starts from a trained model and may
 add intents. A model is saved with joblib as ``model.joblib`` beside ``metrics.json``.
 
-Everything here runs in a trainer's child process (or, for ``predict``, in a worker thread); it
-never touches the event loop.
+Everything here runs in a trainer's child process (or, for ``predict``, in the predictor's
+child process, ``predictor.py``); it never touches the event loop, and the server never imports
+it: scikit-learn and numpy stay out of the server's memory.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +22,16 @@ from typing import Any
 import numpy as np
 
 from .entities import EntityExtractor
+from .eta import Eta, save_seconds
+from .features import (
+    CHAR_MIN_DF,
+    CHAR_NGRAMS,
+    WORD_NGRAMS,
+    TrainingDataError,
+    check_examples,
+    normalize,
+    usable_features,
+)
 
 MODEL_FILE = "model.joblib"
 METRICS_FILE = "metrics.json"
@@ -29,12 +39,7 @@ FORMAT_VERSION = 1
 
 Emit = Callable[..., None]
 
-_DIGITS = re.compile(r"\d")
-
-
-def normalize(text: str) -> str:
-    """Lower-case, every digit as 0: intents rarely hinge on which number was said."""
-    return _DIGITS.sub("0", text.lower())
+__all__ = ["IntentModel", "normalize", "train"]
 
 
 @dataclass
@@ -74,27 +79,30 @@ class IntentModel:
     def load(directory: Path) -> IntentModel:
         import joblib
 
-        model = joblib.load(directory / MODEL_FILE)
+        try:
+            model = joblib.load(directory / MODEL_FILE)
+        except (OSError, EOFError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - unpickling garbage raises anything (KeyError: 110)
+            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model ({type(exc).__name__})") from None
         if not isinstance(model, IntentModel):
             raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model")  # noqa: TRY004 - bad file content, not a caller's type error
         return model
 
 
-def _vectorizer() -> Any:
+def _vectorizer(kinds: list[str]) -> Any:
+    """Word and character TF-IDF features; ``kinds`` (from ``features.usable_features``) leaves
+    out a kind that would learn nothing from this data (scikit-learn would refuse to fit it)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.pipeline import FeatureUnion
 
-    return FeatureUnion(
-        [
-            ("words", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32)),
-            (
-                "chars",
-                TfidfVectorizer(
-                    analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, dtype=np.float32
-                ),
-            ),
-        ]
-    )
+    parts = {
+        "words": TfidfVectorizer(ngram_range=WORD_NGRAMS, sublinear_tf=True, dtype=np.float32),
+        "chars": TfidfVectorizer(
+            analyzer="char_wb", ngram_range=CHAR_NGRAMS, sublinear_tf=True, min_df=CHAR_MIN_DF, dtype=np.float32
+        ),
+    }
+    return FeatureUnion([(k, parts[k]) for k in ("words", "chars") if k in kinds])
 
 
 def auto_alpha(n_train: int) -> float:
@@ -122,7 +130,12 @@ def split(
 
 
 def _loss(clf: Any, X: Any, y: np.ndarray, rng: np.random.Generator, cap: int = 4000) -> float:
-    """Mean one-vs-rest modified Huber loss on (a sample of) the training split."""
+    """The objective SGD minimises, on (a sample of) the training split: the mean one-vs-rest
+    modified Huber loss plus the L2 penalty ``alpha / 2 * |w|^2`` (averaged over the classes).
+
+    The penalty belongs in it: without it the figure rises again once the weights have fitted
+    the training split and the regularisation starts shrinking them, which reads as
+    divergence while the model is in fact converging."""
     if X.shape[0] > cap:
         pick = rng.choice(X.shape[0], cap, replace=False)
         X, y = X[pick], y[pick]
@@ -132,7 +145,8 @@ def _loss(clf: Any, X: Any, y: np.ndarray, rng: np.random.Generator, cap: int = 
     target = np.where(clf.classes_[None, :] == y[:, None], 1.0, -1.0)
     z = target * scores
     loss = np.where(z >= 1, 0.0, np.where(z >= -1, (1 - z) ** 2, -4 * z))
-    return float(loss.mean())
+    penalty = 0.5 * clf.alpha * float(np.mean(np.einsum("ij,ij->i", clf.coef_, clf.coef_)))
+    return float(loss.mean()) + penalty
 
 
 def _scores(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, Any]:
@@ -157,9 +171,18 @@ def train(
 ) -> dict[str, Any]:
     """Train (or, with ``base``, fine-tune) and save a model; returns the final metrics.
 
-    ``emit(progress, message, metrics=..., eta=...)`` follows the seed's steps with real work.
+    ``emit(progress, message, metrics=..., eta=...)`` follows the seed's steps with real work;
+    ``emit.log(line)``, where the emitter has it, writes the job's log: the data, one line per
+    epoch, the final scores. Data it cannot learn from raises ``TrainingDataError``.
     """
     from sklearn.linear_model import SGDClassifier
+
+    # The job's log, as its stdout: what the trainer says it did (jobs logs prints it on stdout).
+    emit_log = getattr(emit, "log", None)
+
+    def log(line: str) -> None:
+        if emit_log is not None:
+            emit_log(line, "stdout")
 
     started = time.monotonic()
     epochs: int = params["epochs"]
@@ -167,24 +190,36 @@ def train(
     rng = np.random.default_rng(seed)
 
     emit(5, "Preprocessing data...")
+    if base is None:
+        check_examples(examples)
     texts = [normalize(e["text"]) for e in examples]
     labels = [e["intent"] for e in examples]
     train_idx, val_idx = split(texts, labels, params["validationFraction"], seed)
+    train_texts = [texts[i] for i in train_idx]
     if base is None:
-        vectorizer = _vectorizer()
-        X_train = vectorizer.fit_transform([texts[i] for i in train_idx])
+        kinds = usable_features(train_texts)
+        if not kinds:
+            raise TrainingDataError(
+                "the training split gives nlu-train nothing to learn from: no word of 2 or more "
+                "letters or digits, and no two examples share a run of 2-5 characters"
+            )
+        vectorizer = _vectorizer(kinds)
+        X_train = vectorizer.fit_transform(train_texts)
     else:
         vectorizer = base.vectorizer
-        X_train = vectorizer.transform([texts[i] for i in train_idx])
+        X_train = vectorizer.transform(train_texts)
     y_train = np.array([labels[i] for i in train_idx])
     X_val = vectorizer.transform([texts[i] for i in val_idx]) if val_idx else None
     y_val = [labels[i] for i in val_idx]
     classes = sorted(set(labels) | (set(base.intents) if base is not None else set()))
+    if len(classes) < 2:
+        raise TrainingDataError(f"the data has examples of one intent only ({classes[0]!r}); at least 2 are needed")
     emit(
         15,
         f"Preprocessed {len(examples)} examples: {len(train_idx)} to train, {len(val_idx)} to validate, "
         f"{len(classes)} intents, {X_train.shape[1]} features",
     )
+    log(_describe_data(examples, labels, len(train_idx), len(val_idx), X_train.shape[1], base))
 
     before: dict[str, Any] = {}
     if base is not None and X_val is not None:
@@ -195,20 +230,29 @@ def train(
     if base is not None:
         _warm_start(clf, base.classifier, classes, X_train, y_train)
     history: list[dict[str, Any]] = []
-    t_train = time.monotonic()
+    eta = Eta(epochs)
     for epoch in range(1, epochs + 1):
+        t_epoch = time.monotonic()
         order = rng.permutation(X_train.shape[0])
         clf.partial_fit(X_train[order], y_train[order], classes=np.array(classes))
         metrics: dict[str, Any] = {"epoch": epoch, "epochs": epochs, "loss": round(_loss(clf, X_train, y_train, rng), 5)}
+        t_val = time.monotonic()
         if X_val is not None:
             metrics["valAccuracy"] = round(float(np.mean(clf.predict(X_val) == np.array(y_val))), 4)
+        now = time.monotonic()
+        if epoch == 1:  # the save's cost, once the weights exist (outside the timed epochs)
+            eta.save = save_seconds(vectorizer, clf)
+        eta.epoch_done(now - t_epoch, validation=now - t_val)
         history.append(metrics)
-        per_epoch = (time.monotonic() - t_train) / epoch
+        line = f"epoch {epoch}/{epochs}: loss {metrics['loss']:.5f}"
+        if "valAccuracy" in metrics:
+            line += f", valAccuracy {metrics['valAccuracy']:.4f}"
+        log(f"{line} ({now - t_epoch:.2f} s)")
         emit(
             15 + 55 * epoch / epochs,
             f"Training intent classifier... epoch {epoch}/{epochs}",
             metrics=metrics,
-            eta=round(per_epoch * (epochs - epoch) + 1.0, 2),
+            eta=round(eta.left(), 2),
         )
 
     train_examples = [examples[i] for i in train_idx]
@@ -240,6 +284,8 @@ def train(
         final["after"] = {k: final[k] for k in ("accuracy", "macroF1") if k in final}
         final["newIntents"] = sorted(set(labels) - set(base.intents))
         final["baseJobId"] = params.get("baseJobId")
+    for line in _describe_scores(final):
+        log(line)
 
     emit(95, "Saving model...")
     model = IntentModel(
@@ -253,9 +299,54 @@ def train(
     final["trainSeconds"] = round(time.monotonic() - started, 3)
     if out_dir is not None:
         path = model.save(out_dir)
-        (out_dir / METRICS_FILE).write_text(json.dumps(final, indent=2))
         final["modelBytes"] = path.stat().st_size
+        (out_dir / METRICS_FILE).write_text(json.dumps(final, indent=2))
+    saved = f", model saved ({final['modelBytes'] / 1e6:.1f} MB)" if "modelBytes" in final else ""
+    log(f"done in {time.monotonic() - started:.2f} s{saved}")
     return final
+
+
+def _describe_data(
+    examples: list[dict[str, Any]], labels: list[str], n_train: int, n_val: int, n_features: int, base: IntentModel | None
+) -> str:
+    """The job log's first line: what the model is trained on."""
+    counts: dict[str, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    spans: dict[str, int] = {}
+    for ex in examples:
+        for span in ex.get("entities") or []:
+            spans[span["entity"]] = spans.get(span["entity"], 0) + 1
+    line = (
+        f"data: {len(examples)} examples of {len(counts)} intents "
+        f"({min(counts.values())}-{max(counts.values())} each), {n_train} to train, {n_val} to validate; "
+        f"{n_features} features"
+    )
+    if spans:
+        line += f"; {sum(spans.values())} entity spans ({', '.join(f'{k} {v}' for k, v in sorted(spans.items()))})"
+    if base is not None:
+        new = sorted(set(counts) - set(base.intents))
+        line += f"; base model knows {len(base.intents)} intents, new here: {', '.join(new) or 'none'}"
+    return line
+
+
+def _describe_scores(final: dict[str, Any]) -> list[str]:
+    """The job log's closing lines: the scores on the validation split."""
+    if "accuracy" not in final:
+        return ["final: no validation split (validationFraction 0), so no scores"]
+    line = f"final: accuracy {final['accuracy']:.4f}, macroF1 {final['macroF1']:.4f} on {final['validationSize']} examples"
+    ents = final.get("entityScores")
+    if ents:
+        line += f"; entities precision {ents['precision']:.4f}, recall {ents['recall']:.4f}, F1 {ents['f1']:.4f}"
+    lines = [line]
+    weakest = sorted(final["perIntentF1"].items(), key=lambda kv: kv[1])[:3]
+    if weakest and weakest[0][1] < 1:
+        lines.append("weakest intents (F1): " + ", ".join(f"{k} {v:.2f}" for k, v in weakest))
+    if "before" in final:
+        b, a = final["before"], final["after"]
+        if "accuracy" in b and "accuracy" in a:
+            lines.append(f"fine-tune: accuracy {b['accuracy']:.4f} before, {a['accuracy']:.4f} after")
+    return lines
 
 
 def _warm_start(clf: Any, old: Any, classes: list[str], X: Any, y: np.ndarray) -> None:

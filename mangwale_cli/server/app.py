@@ -23,7 +23,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from .. import __version__
+from .. import __version__, wire
 from ..errors import MangwaleError
 from ..metrics import Metrics
 from ..service import Service
@@ -79,16 +79,62 @@ def _validation_error(exc: RequestValidationError) -> MangwaleError:
             status=400,
         )
     field = _field_from_loc(first.get("loc", ()))
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "missing" and field:
-        msg = f"{field} is required"
-    elif first.get("type") == "extra_forbidden" and field:
-        msg = f"unknown field {field}"
-    elif field:
-        msg = f"{field}: {msg}"
+    msg = describe_invalid(first, field)
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return MangwaleError(msg, field=field, code="invalid", status=422)
+
+
+_KINDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dict_type": "a JSON object",
+    "model_type": "a JSON object",
+    "model_attributes_type": "a JSON object",
+    "list_type": "a JSON array",
+}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def describe_invalid(error: dict[str, Any], field: str | None) -> str:
+    """One of pydantic's validation errors, in mangwale's words: what the field must be, and what
+    came instead (cut short)."""
+    kind = error.get("type", "")
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    name = field or "the request body"
+    if kind == "missing":
+        return f"{name} is required"
+    if kind == "extra_forbidden":
+        return f"unknown field {name}"
+    if kind in _KINDS:
+        return f"{name} must be {_KINDS[kind]}, got {wire.show(value)}"
+    if kind == "finite_number":
+        return f"{name} must be a finite number, got {wire.show(value)}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()), "?")
+        return f"{name} must be {_BOUNDS[kind]} {bound}, got {wire.show(value)}"
+    if kind == "string_too_short":
+        least = ctx.get("min_length", 1)
+        return f"{name} must not be empty" if least == 1 else f"{name} must be at least {least} characters long"
+    if kind == "string_too_long":
+        return f"{name} is {len(value) if isinstance(value, str) else 'too many'} characters long; at most {ctx.get('max_length')} are allowed"
+    if kind == "too_long":
+        return f"{name} has {ctx.get('actual_length')} items; at most {ctx.get('max_length')} are allowed"
+    if kind == "too_short":
+        return f"{name} has {ctx.get('actual_length')} items; at least {ctx.get('min_length')} are needed"
+    if kind in ("literal_error", "enum"):
+        return f"{name} must be one of {ctx.get('expected')}, got {wire.show(value)}"
+    if kind == "value_error":
+        reason = str(ctx.get("error") or error.get("msg", "")).removeprefix("Value error, ")
+        return f"{name} {reason}" if reason.startswith("must") else f"{name}: {reason}"
+    return f"{name}: {error.get('msg', 'invalid value')}"  # a kind not worded above
 
 
 def _allowed_methods(request: Request, fallback: str | None) -> str | None:

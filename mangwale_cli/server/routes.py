@@ -138,7 +138,7 @@ async def list_jobs(
     limit = _int_param(query.get("limit"), "limit", 1, 1000)
     cursor = query.get("cursor")
     if cursor is not None and len(cursor) > 100:
-        raise InvalidInput("cursor: String should have at most 100 characters", field="cursor")
+        raise InvalidInput(f"cursor is {len(cursor)} characters long; at most 100 are allowed", field="cursor")
     jobs = await svc(request).list_jobs(statuses=statuses, limit=limit + 1 if limit else None, cursor=cursor)
     headers = {}
     if limit and len(jobs) > limit:
@@ -156,10 +156,11 @@ def _int_param(raw: str | None, name: str, low: int, high: int) -> int | None:
     if raw is None:
         return None
     if not _INT.fullmatch(raw):
-        raise InvalidInput(f"{name}: Input should be a valid integer, got {raw[:40]!r}", field=name)
+        raise InvalidInput(f"{name} must be an integer, got {raw[:40]!r}", field=name)
     n = int(raw)
     if not low <= n <= high:
-        raise InvalidInput(f"{name}: Input should be between {low} and {high}", field=name)
+        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        raise InvalidInput(f"{name} must be from {low} to {high}, got {shown}", field=name)
     return n
 
 

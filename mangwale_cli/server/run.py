@@ -23,24 +23,64 @@ import os
 import signal
 import socket
 import sys
+from typing import ClassVar
 
 from .. import __version__
 from ..errors import ConfigError
 from ..settings import Settings
 from ..tokens import is_loopback, load_tokens, redact
 
-log = logging.getLogger("mangwale")
+log = logging.getLogger("mangwale.serve")
+
+
+class LogFormatter(logging.Formatter):
+    """``2026-11-25 10:31:02.117 INFO    mangwale.runner: job ... succeeded``: the time to the
+    millisecond, the level, and the part of the server that speaks, by what it is rather than
+    where its code lives: ``mangwale.runner`` for the module ``mangwale_cli.runner``, and
+    ``uvicorn`` for uvicorn's general logger, which it calls ``uvicorn.error`` even when it
+    only says that it started (``uvicorn.access`` is ``http``)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"uvicorn.error": "uvicorn", "uvicorn.access": "http"}
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03d %(levelname)-7s %(component)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name
+        record.component = self.RENAMED.get(name) or (  # a field of the format above
+            "mangwale." + name.removeprefix("mangwale_cli.") if name.startswith("mangwale_cli.") else name
+        )
+        return super().format(record)
+
+
+# What uvicorn says about its own lifecycle, which the banner and "mangwale stopped" already
+# say: shown at debug level only.
+_UVICORN_CHATTER = (
+    "Started server process",
+    "Waiting for application startup",
+    "Application startup complete",
+    "Waiting for application shutdown",
+    "Application shutdown complete",
+    "Finished server process",
+)
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redact_credentials)
-        handler.addFilter(quiet_client_faults)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter())
+    handler.addFilter(redact_credentials)
+    handler.addFilter(quiet_client_faults)
+    handler.addFilter(quiet_uvicorn_lifecycle)
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def quiet_uvicorn_lifecycle(record: logging.LogRecord) -> bool:
+    """uvicorn's start-up and shutdown lines, at debug level (they repeat mangwale's own)."""
+    if record.name == "uvicorn.error" and record.levelno == logging.INFO and str(record.msg).startswith(_UVICORN_CHATTER):
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True
 
 
 def quiet_client_faults(record: logging.LogRecord) -> bool:
@@ -144,11 +184,12 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
         )
         server = Server(config)
         log.info(
-            "mangwale %s serving on %s (WebSocket %s), store %s",
+            "mangwale %s serving on %s (WebSocket %s), store %s, pid %d",
             __version__,
             settings.http_url,
             settings.ws_url,
             service.describe_store(),
+            os.getpid(),
         )
         # uvicorn re-raises the stop signal once it has shut down; with the default handlers that
         # kills the process before ``service.stop()`` below has re-queued jobs and flushed the

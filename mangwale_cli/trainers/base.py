@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from ..errors import InvalidInput
 from ..store.base import Store
-from ..wire import Dataset, Job
+from ..wire import Dataset, Job, show
 
 
 class Reporter(Protocol):
@@ -59,6 +59,11 @@ class Trainer(ABC):
     async def check(self, params: dict[str, Any], store: Store) -> None:
         """Checks that need the store (e.g. a base job); raise ``InvalidInput``."""
 
+    def check_dataset(self, dataset: Dataset) -> None:
+        """Whether this kind can train on ``dataset`` at all, checked when a job is created so
+        that the client hears it at once (a 422 naming the dataset and what it lacks), not
+        from a job that fails later; raise ``InvalidInput`` with ``field="datasetId"``."""
+
     @abstractmethod
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:
         """Train; return final metrics (stored on the job) or None."""
@@ -81,7 +86,7 @@ def validate_declared(params: dict[str, Any], declared: list[Param]) -> dict[str
     for name in params:
         if name not in known:
             allowed = ", ".join(sorted(known)) or "none"
-            raise InvalidInput(f"unknown parameter {name!r} (allowed: {allowed})", field=f"params.{name}")
+            raise InvalidInput(f"unknown parameter {show(name)} (allowed: {allowed})", field=f"params.{name[:100]}")
     out: dict[str, Any] = {}
     for p in declared:
         value = params.get(p.name, p.default)
@@ -91,24 +96,24 @@ def validate_declared(params: dict[str, Any], declared: list[Param]) -> dict[str
             continue
         if p.kind is bool:
             if not isinstance(value, bool):
-                raise InvalidInput(f"{field} must be true or false, got {value!r}", field=field)
+                raise InvalidInput(f"{field} must be true or false, got {show(value)}", field=field)
         elif p.kind is int:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 isinstance(value, float) and not value.is_integer()
             ):
-                raise InvalidInput(f"{field} must be an integer, got {value!r}", field=field)
+                raise InvalidInput(f"{field} must be an integer, got {show(value)}", field=field)
             value = int(value)
         elif p.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidInput(f"{field} must be a number, got {value!r}", field=field)
+                raise InvalidInput(f"{field} must be a number, got {show(value)}", field=field)
             if not math.isfinite(value):
-                raise InvalidInput(f"{field} must be finite", field=field)
+                raise InvalidInput(f"{field} must be a finite number, got {show(value)}", field=field)
             value = float(value)
         elif p.kind is str and not isinstance(value, str):
-            raise InvalidInput(f"{field} must be a string, got {value!r}", field=field)
+            raise InvalidInput(f"{field} must be a string, got {show(value)}", field=field)
         if p.minimum is not None and value < p.minimum:
-            raise InvalidInput(f"{field} must be >= {p.minimum}, got {value!r}", field=field)
+            raise InvalidInput(f"{field} must be >= {show(p.minimum)}, got {show(value)}", field=field)
         if p.maximum is not None and value > p.maximum:
-            raise InvalidInput(f"{field} must be <= {p.maximum}, got {value!r}", field=field)
+            raise InvalidInput(f"{field} must be <= {show(p.maximum)}, got {show(value)}", field=field)
         out[p.name] = value
     return out

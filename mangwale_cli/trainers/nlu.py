@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import InvalidInput, NotFound
+from ..nlu.features import TrainingDataError, check_examples
 from ..store.base import Store
-from ..wire import JobStatus
+from ..wire import Dataset, JobStatus
 from .base import Param, Trainer, TrainingContext, validate_declared
 from .process import Emit, run_in_process
 
@@ -43,6 +44,14 @@ class NluTrainer(Trainer):
     def validate_params(self, params: dict[str, Any]) -> dict[str, Any]:
         return validate_declared(params, self.params)
 
+    def check_dataset(self, dataset: Dataset) -> None:
+        """At least 2 intents with examples, and text with something to learn from (no
+        scikit-learn here: ``nlu.features`` knows what the model keeps)."""
+        try:
+            check_examples(dataset.examples, what=f"dataset {dataset.name!r} ({dataset.id})")
+        except TrainingDataError as exc:
+            raise InvalidInput(str(exc), field="datasetId", code="unusable_dataset") from None
+
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:
         assert ctx.dataset is not None
         payload = {
@@ -64,6 +73,9 @@ class FineTuneTrainer(NluTrainer):
         if not out.get("baseJobId"):
             raise InvalidInput("fine-tune needs params.baseJobId (a succeeded nlu-train job)", field="params.baseJobId")
         return out
+
+    def check_dataset(self, dataset: Dataset) -> None:
+        """Any examples do: the base model brings its intents and its vocabulary."""
 
     async def check(self, params: dict[str, Any], store: Store) -> None:
         base_id = params["baseJobId"]

@@ -29,7 +29,8 @@ Work = Callable[[dict[str, Any], Emit], dict[str, Any] | None]
 _ctx: Any = None
 
 
-def _context() -> Any:
+def mp_context() -> Any:
+    """The forkserver context every child of the server comes from (trainers, predictions)."""
     global _ctx
     if _ctx is None:
         _ctx = mp.get_context("forkserver")
@@ -63,6 +64,14 @@ def _watch_lifeline(lifeline: Connection) -> None:
     os._exit(70)
 
 
+def describe_failure(exc: BaseException) -> str:
+    """A failed job's error line. An exception written for users (``plain_message = True``, like
+    ``nlu.features.TrainingDataError``) is its message; anything else names its class too."""
+    if getattr(exc, "plain_message", False):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _child(work: Work, payload: dict[str, Any], progress: Connection, lifeline: Connection) -> None:
     threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the server's terminal is the server's
@@ -78,7 +87,7 @@ def _child(work: Work, payload: dict[str, Any], progress: Connection, lifeline: 
     try:
         result = work(payload, emit)
     except BaseException as exc:  # noqa: BLE001 - report every failure, including SystemExit
-        progress.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        progress.send(("error", describe_failure(exc), traceback.format_exc()))
     else:
         progress.send(("result", result))
     finally:
@@ -95,7 +104,7 @@ async def run_in_process(
     """Run ``work(payload, emit)`` in a child; ``emit(progress, message, metrics=..., eta=...)``
     becomes ``reporter.progress``. Cancelling this coroutine terminates the child (SIGTERM,
     then SIGKILL after ``kill_grace`` seconds)."""
-    ctx = _context()
+    ctx = mp_context()
     prog_r, prog_w = ctx.Pipe(duplex=False)
     life_r, life_w = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(work, payload, prog_w, life_r), daemon=True)

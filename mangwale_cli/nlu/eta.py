@@ -1,0 +1,67 @@
+"""How long a training run has left, from what the run itself has measured so far.
+
+Three parts: the epochs still to go, at the pace of the last few epochs; the validation at the
+end, about one epoch's validation pass; and the save, which on a small data set takes longer than all the epochs together. The save is
+estimated from the model's size, at this machine's present speed: ``SaveCost`` times a small
+sample of what ``joblib.dump`` will do (pickling vocabulary entries, compressing the weights).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+import zlib
+from typing import Any
+
+FINISH_SECONDS = 0.08  # after the save: metrics.json, the child's exit, the runner's last write
+PROBE_ENTRIES = 1000
+PROBE_BYTES = 1 << 20
+
+
+class Eta:
+    """Seconds left in a run of ``epochs`` epochs; feed it each epoch's duration."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.durations: list[float] = []
+        self.validation = 0.0  # one validation pass, as measured in the last epoch
+        self.save = 0.0
+
+    def epoch_done(self, seconds: float, validation: float = 0.0) -> None:
+        self.durations.append(seconds)
+        self.validation = validation
+
+    def left(self) -> float:
+        done = len(self.durations)
+        if not done:
+            return 0.0
+        recent = self.durations[-3:]  # the pace of now: a machine's load changes as a run goes on
+        pace = sum(recent) / len(recent)
+        return pace * (self.epochs - done) + 1.5 * self.validation + self.save + FINISH_SECONDS
+
+
+def save_seconds(vectorizer: Any, classifier: Any) -> float:
+    """About how long ``joblib.dump(model, compress=3)`` will take: joblib pickles the
+    vocabularies entry by entry in Python, then zlib compresses the weight arrays. Both rates
+    are measured on a sample here, so a busy machine gets a longer estimate."""
+    import joblib
+    import numpy as np
+
+    vocabs = [t.vocabulary_ for _, t in vectorizer.transformer_list if hasattr(t, "vocabulary_")]
+    entries = sum(len(v) for v in vocabs)
+    seconds = 0.0
+    if entries:
+        sample = dict(itertools.islice(max(vocabs, key=len).items(), PROBE_ENTRIES))
+        t0 = time.perf_counter()
+        joblib.dump(sample, io.BytesIO(), compress=3)
+        seconds += (time.perf_counter() - t0) / len(sample) * entries
+    coef = np.ascontiguousarray(classifier.coef_).ravel()
+    arrays = classifier.coef_.nbytes + sum(
+        t.idf_.nbytes for _, t in vectorizer.transformer_list if hasattr(t, "idf_")
+    )
+    chunk = coef[: max(1, PROBE_BYTES // coef.itemsize)].tobytes()
+    t0 = time.perf_counter()
+    zlib.compress(chunk, 3)
+    seconds += (time.perf_counter() - t0) / max(len(chunk), 1) * arrays
+    return seconds
