@@ -126,14 +126,15 @@ class EventRing:
             if r.is_log:
                 self.logs.append(r)
                 if hot is not None and r._text is not None:
-                    self._warm_logs += 1
+                    # Trimming takes records from the other end: never more warm than there are.
+                    self._warm_logs = min(self._warm_logs + 1, len(self.logs))
                     if self._warm_logs > hot:  # the oldest record still holding its text
                         self.logs[-hot - 1].spill()
                         self._warm_logs -= 1
             else:
                 self.ring.append(r)
                 if hot is not None and r._text is not None:
-                    self._warm += 1
+                    self._warm = min(self._warm + 1, len(self.ring))
                     if self._warm > hot:
                         self.ring[-hot - 1].spill()
                         self._warm -= 1

@@ -194,3 +194,17 @@ def test_unsubscribe_and_stop_end_waiting_readers() -> None:
         assert await asyncio.wait_for(waiting_b, 5) == []
 
     run(main)
+
+
+def test_a_ring_smaller_than_its_hot_window_keeps_taking_events() -> None:
+    """With retention below the hot window (events.retention 1000 < 4096), trimming takes texts away
+    from the old end: keeping more events never fails, and only what is beyond the window spills."""
+    ring = EventRing(retention=3, log_retention=2, hot=4)
+    ring.reset("e", 0)
+    for seq in range(1, 50):
+        ring.keep([Record(seq, "a", seq, f"t{seq}"), Record(seq + 1000, "a", None, f"l{seq}", True)][: 1 + seq % 2])
+    assert [r.seq for r in ring.ring] == [47, 48, 49] and all(r._text is not None for r in ring.ring)
+    hot = EventRing(retention=10, hot=2)
+    hot.reset("e", 0)
+    hot.keep([Record(seq, "a", seq, f"t{seq}") for seq in range(1, 6)])
+    assert [r._text is None for r in hot.ring] == [False] * 5  # nothing placed in a log: nothing to spill to

@@ -484,6 +484,11 @@ class TinyDBStore(Store):
                         if not p.future.done():
                             p.future.set_exception(Unavailable("the store is closing"))
                     raise
+                except Exception:  # a bug: say so loudly, answer the batch, keep writing
+                    log.exception("the store's writer failed on a batch of %d; they are answered with an error", len(batch))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(MangwaleError("internal error in the store's writer (see the server log)"))
 
     async def _commit(self, batch: list[_Pending]) -> None:
         view = _View(self)
@@ -567,7 +572,10 @@ class TinyDBStore(Store):
         if records:
             self.ring.keep(records)
             if self.on_events is not None:
-                self.on_events(records)
+                try:
+                    self.on_events(records)
+                except Exception:  # a subscriber's bug must not stop the store's writer
+                    log.exception("delivering events %d..%d failed", records[0].seq, records[-1].seq)
         for p, st, _ in staged:
             if not p.future.done():
                 p.future.set_result(st.result)
