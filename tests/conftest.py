@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
+from ports import free_port
 from redisserver import RedisServer
 
 from mangwale_cli.store.tinydb_store import Inspection, inspect
 
 BANNER = re.compile(r"serving on (http://\S+) ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 BINARY = "redis-server"
 MISSING = "redis-server not installed: the Redis backend tests need it (apt install redis-server)"
@@ -36,12 +37,6 @@ def redis_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1, restartable on the same port and dir."""
 
@@ -50,7 +45,7 @@ class RedisServer:
         self.dir = Path(base)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
