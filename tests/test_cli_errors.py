@@ -273,9 +273,10 @@ def test_a_path_in_a_job_id_never_leaves_the_jobs(live: ServerProcess) -> None:
 
 
 def test_a_huge_number_in_an_error_is_cut(live: ServerProcess) -> None:
-    """A bound error about a 310-digit value prints a short line, not the number."""
+    """A bound error about a 310-digit value prints a short line, not the number (the server cuts
+    long values in its messages; the client cuts what it prints too)."""
     line = error_line(cli("jobs", "create", "simulate", "-p", "steps=1" + "0" * 309, url=live.url), 2)
-    assert "params.steps" in line and "310 digits" in line and len(line) < 200
+    assert "params.steps" in line and "digits" in line and "0" * 60 not in line and len(line) < 200
 
 
 def test_logs_follow_of_a_job_that_fails_says_so(live: ServerProcess) -> None:
