@@ -1170,3 +1170,19 @@ def test_redact_drops_only_the_password() -> None:
     assert redact("redis://u:pw@h:6390/2") == "redis://u@h:6390/2"
     assert redact("redis://:pw@h/0") == "redis://h/0"
     assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_redis_a_burst_of_writes_waits_for_connections_instead_of_failing(
+    redis_server_module: RedisServer, tmp_path: Path
+) -> None:
+    """Hundreds of writes at once (a burst of POSTs) share the client's pool: past its size they wait
+    for a connection, none fails (redis-py's default pool refused the 101st: 'Too many connections')."""
+
+    async def main() -> None:
+        async with Backend("redis", tmp_path, redis_server_module).open() as store:
+            jobs = [make_job(n) for n in range(300)]
+            results = await asyncio.gather(*(store.create_job(job) for job in jobs), return_exceptions=True)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+            assert (await store.count_jobs())["queued"] == 300
+
+    run(main)

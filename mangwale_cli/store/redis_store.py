@@ -184,6 +184,9 @@ class _SendKeepsCancellation:
 _SAFE_CLASSES: dict[type, type] = {}
 
 
+POOL_SIZE = 64  # connections per client to Redis (commands in flight at once)
+
+
 def _keep_cancellation(client: aioredis.Redis) -> aioredis.Redis:
     """Give the client's pool connections whose send keeps a cancellation (Python < 3.12)."""
     if sys.version_info >= (3, 12):
@@ -283,8 +286,13 @@ class RedisStore(Store):
         """A new client (its own pool) to this store's Redis, configured as the store's own.
         The event stream and the job queue use one with ``extra_timeout`` added to the socket
         timeout for their blocking reads (``XREAD BLOCK``)."""
-        client = aioredis.Redis.from_url(
+        # A blocking pool: past POOL_SIZE commands in flight a request waits for a connection
+        # (up to the socket timeout) instead of failing: redis-py's default pool refuses the
+        # 101st with "Too many connections", a 503 for a burst of requests Redis would serve.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=POOL_SIZE,
+            timeout=self.socket_timeout,
             decode_responses=False,  # artifacts are bytes
             socket_timeout=self.socket_timeout + extra_timeout,
             socket_connect_timeout=self.connect_timeout,
@@ -296,7 +304,7 @@ class RedisStore(Store):
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (rexc.ConnectionError,)),
             client_name="mangwale",
         )
-        return _keep_cancellation(client)
+        return _keep_cancellation(aioredis.Redis.from_pool(pool))
 
     @property
     def client(self) -> aioredis.Redis:
