@@ -187,3 +187,9 @@ class EventBus:
 
     def history(self, since: int = 0, jobs: set[str] | None = None) -> list[Record]:
         return list(self.log.after(since, jobs))
+
+    async def texts(self, records: list[Record]) -> list[str]:
+        """The records' texts, as clients get them. Old ring records keep only where their text
+        is (the embedded store reads it back from its log); a shared bus fetches it from the
+        shared stream, which is why this is a coroutine. Callers pass chunks of a replay."""
+        return [r.text for r in records]

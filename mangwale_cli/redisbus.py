@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Any
 
 from redis.asyncio import Redis
@@ -34,6 +35,22 @@ from .events import EventBus
 from .store.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
+
+
+HOT_EVENTS = 4096  # newest mirrored events whose text stays in memory; older ones are re-read
+LOAD_PAGE = 2000  # stream entries read per command when the mirror is filled at start-up
+FETCH_SPAN = 1000  # at most this many seqs per XRANGE when texts are fetched back
+
+
+class _StreamText:
+    """Where a spilled mirror record's text is: the shared stream, read asynchronously by
+    ``RedisEventBus.texts`` (a property cannot wait for Redis)."""
+
+    def read(self, offset: int, size: int) -> str:
+        raise RuntimeError("a mirrored event's text is fetched with RedisEventBus.texts()")
+
+
+STREAM = _StreamText()
 
 
 class MirrorRing(EventRing):
@@ -57,7 +74,8 @@ class RedisEventBus(EventBus):
         block: float = 1.0,
         retry: float = 0.5,
     ) -> None:
-        super().__init__(MirrorRing(retention=store.retention, log_retention=store.log_retention), queue_size=queue_size)
+        ring = MirrorRing(retention=store.retention, log_retention=store.log_retention, hot=HOT_EVENTS)
+        super().__init__(ring, queue_size=queue_size)
         self.log: MirrorRing
         store.ring = self.log  # the store's epoch checks start above what this instance saw
         self.store = store
@@ -91,17 +109,34 @@ class RedisEventBus(EventBus):
         return self._reader_ok
 
     async def _load(self, epoch: str) -> None:
-        """Fill the mirror with the newest kept events of ``epoch``."""
-        entries: Any = await self.r.xrevrange(self.k.events, count=self.maxlen)
-        records = [r for r in (_record(e) for e in reversed(entries)) if r[1] == epoch]
+        """Fill the mirror with the newest kept events of ``epoch``, newest first, a page at a
+        time; beyond the hot window only their place is kept (no text, no reply of 100k)."""
+        pages: list[list[Record]] = []
+        kept = 0
+        end = "+"
+        while kept < self.maxlen:
+            entries: Any = await self.r.xrevrange(self.k.events, max=end, count=min(LOAD_PAGE, self.maxlen - kept))
+            if not entries:
+                break
+            page = []
+            for entry in entries:
+                rec, rec_epoch = _record(entry, text=kept < HOT_EVENTS)
+                if rec_epoch != epoch:
+                    break
+                page.append(rec)
+                kept += 1
+            pages.append(page)
+            if len(page) < len(entries):
+                break
+            end = "(" + _text(entries[-1][0])
+        records = [r for page in reversed(pages) for r in reversed(page)]
         if records:
-            head, base = records[-1][0].seq, records[0][0].seq - 1
+            base = records[0].seq - 1
         else:
-            head = base = int(await self.r.get(self.k.seq) or 0)
+            base = int(await self.r.get(self.k.seq) or 0)
         self.log.reset(epoch, base)
         self.log.floor = base
-        self.log.keep([r for r, _ in records])
-        assert self.log.head == head or not records
+        self.log.keep(records)
 
     async def _read_loop(self) -> None:
         down_since: float | None = None
@@ -189,6 +224,27 @@ class RedisEventBus(EventBus):
         for sub in list(self.subscribers):
             sub.close(reason)
 
+    async def texts(self, records: list[Record]) -> list[str]:
+        """Texts of mirrored records; those beyond the hot window are read back from the stream
+        (by seq, which is the entry id), a range at a time. One the stream trimmed meanwhile
+        cannot be sent: ``Unavailable`` ends that replay, and the client resumes and resyncs."""
+        missing = sorted({r.seq for r in records if r._text is None})
+        fetched: dict[int, str] = {}
+        for lo, hi in _spans(missing):
+            try:
+                entries: Any = await self.r.xrange(self.k.events, min=f"{lo}-1", max=f"{hi}-1")
+            except (RedisError, OSError) as exc:
+                raise Unavailable(f"the event stream at {self.url} is unreachable: {exc}", code="store_unavailable") from None
+            for entry_id, f in entries:
+                fetched[int(entry_id.split(b"-", 1)[0])] = f[b"d"].decode()
+        out = []
+        for r in records:
+            text = r._text if r._text is not None else fetched.get(r.seq)
+            if text is None:
+                raise Unavailable(f"event {r.seq} is no longer in the stream at {self.url}", code="history_trimmed")
+            out.append(text)
+        return out
+
     async def catch_up(self, since: int | None) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + max(2.0, 2 * self.block)
@@ -204,21 +260,38 @@ class RedisEventBus(EventBus):
                 break
 
 
-def _record(entry: Any) -> tuple[Record, str]:
+def _spans(seqs: list[int]) -> list[tuple[int, int]]:
+    """Ranges of seqs to read with one XRANGE each (no range wider than FETCH_SPAN)."""
+    spans: list[tuple[int, int]] = []
+    for seq in seqs:
+        if spans and seq - spans[-1][0] < FETCH_SPAN:
+            spans[-1] = (spans[-1][0], seq)
+        else:
+            spans.append((seq, seq))
+    return spans
+
+
+def _record(entry: Any, *, text: bool = True) -> tuple[Record, str]:
     """A stream entry: fields ``j`` (job id), ``k`` (0 state, 1 job_log, d job_deleted), ``s``
-    (jobSeq), ``e`` (epoch), ``d`` (the event's JSON text, as clients get it)."""
+    (jobSeq), ``e`` (epoch), ``d`` (the event's JSON text, as clients get it). Without ``text``
+    the record keeps only its place (it is re-read from the stream when replayed)."""
     entry_id, f = entry
     seq = int(entry_id.split(b"-", 1)[0])
     job = f.get(b"j") or b""
     js = f.get(b"s") or b""
     kind = f.get(b"k")
-    text = f[b"d"].decode()
+    body = f[b"d"].decode() if text or kind == b"d" else None
     rec = Record(
         seq,
-        job.decode() if job else None,
+        sys.intern(job.decode()) if job else None,
         int(js) if js else None,
-        text,
+        body if text else None,
         kind == b"1",
-        frozenset(wire.loads(text).get("jobIds") or ()) if kind == b"d" else None,
+        frozenset(wire.loads(body).get("jobIds") or ()) if kind == b"d" and body else None,
     )
+    rec.place(STREAM, seq, 0)
     return rec, (f.get(b"e") or b"").decode()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

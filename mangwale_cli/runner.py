@@ -280,7 +280,7 @@ class Runner:
         """Embedded store: jobs running when the server stopped have no runner any more."""
         for job in reversed(await self.store.list_jobs(statuses=[JobStatus.RUNNING, JobStatus.QUEUED])):
             if job.status is JobStatus.RUNNING:
-                job.progress = max(job.progress, self._logged_progress(job))
+                job.progress = max(job.progress, await self._logged_progress(job))
                 if job.attempt >= self.max_attempts:
                     job.status = JobStatus.FAILED
                     job.error = job.message = f"abandoned after {job.attempt} attempts: the server stopped while it ran"
@@ -298,11 +298,11 @@ class Runner:
             if job.status is JobStatus.QUEUED:
                 await self.queue.put(job.id)
 
-    def _logged_progress(self, job: Job) -> float:
+    async def _logged_progress(self, job: Job) -> float:
         """The highest progress the event log still holds for the job's current attempt."""
         best = 0.0
-        for rec in self.bus.history(0, {job.id}):
-            event = wire.loads(rec.text)
+        for text in await self.bus.texts(self.bus.history(0, {job.id})):
+            event = wire.loads(text)
             if event.get("type") == wire.MsgType.TRAINING_UPDATE and event.get("attempt") == job.attempt:
                 best = max(best, float(event.get("progress") or 0))
         return best
@@ -517,7 +517,7 @@ class Runner:
         """A shared queue handed us a job still marked running: its instance stopped. Fail it
         when its attempts are used up, else go on with a new attempt. False: nothing to run."""
         self.takeovers += 1
-        job.progress = max(job.progress, self._logged_progress(job))
+        job.progress = max(job.progress, await self._logged_progress(job))
         if job.attempt >= self.max_attempts:
             job.error = f"abandoned after {job.attempt} attempts: the instance running it stopped"
             expect = Expect(attempt=job.attempt, statuses=frozenset({"running"}))

@@ -22,7 +22,6 @@ from typing import Any
 
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, MangwaleError, NotFound, StoreError
-from .eventlog import Record
 from .events import EventBus
 from .nlu.predictor import Predictor
 from .runner import Runner
@@ -445,10 +444,11 @@ class Service:
 
     # --- events ---------------------------------------------------------------------------
 
-    async def job_events(self, job_id: str, since: int = 0) -> list[Record]:
+    async def job_events(self, job_id: str, since: int = 0) -> list[str]:
+        """The texts of the job's kept events with ``seq > since``, oldest first."""
         await self.get_job(job_id)
         assert self.bus is not None
-        return self.bus.history(since, {job_id})
+        return await self.bus.texts(self.bus.history(since, {job_id}))
 
     async def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
         """The job's stored log lines with ``lineNo > since``."""

@@ -1186,3 +1186,38 @@ def test_redis_a_burst_of_writes_waits_for_connections_instead_of_failing(
             assert (await store.count_jobs())["queued"] == 300
 
     run(main)
+
+
+def test_redis_mirror_keeps_old_texts_in_the_stream_and_replays_them_exactly(
+    redis_server_module: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance's mirror of the stream keeps texts only for its newest events (a tiny hot window
+    here); replay reads the older ones back from the stream, byte for byte, both for events read
+    live and for those loaded at start-up."""
+    from mangwale_cli import redisbus, wire
+
+    monkeypatch.setattr(redisbus, "HOT_EVENTS", 3)
+
+    async def main() -> None:
+        async with Backend("redis", tmp_path, redis_server_module).open() as store:
+            bus = redisbus.RedisEventBus(store, store.connect(extra_timeout=0.2), block=0.2)
+            await bus.open()
+            for n in range(1, 8):
+                await store.create_job(make_job(n))
+            await store.create_dataset(make_dataset(1))
+            expected = [wire.dumps(e) for e in await store.events_after(0)]
+            await asyncio.wait_for(bus.catch_up(len(expected)), 5)
+            ring = list(bus.log.ring)
+            assert [r._text is None for r in ring] == [True] * (len(ring) - 3) + [False] * 3
+            assert await bus.texts(bus.history(0)) == expected
+            await bus.stop()
+            await bus.reader.aclose()
+            again = redisbus.RedisEventBus(store, store.connect(extra_timeout=0.2), block=0.2)
+            await again.open()
+            assert sum(r._text is not None for r in again.log.ring) == 3
+            assert await again.texts(again.history(0)) == expected
+            assert await again.texts(again.history(0, {"job-03"})) == [expected[2]]
+            await again.stop()
+            await again.reader.aclose()
+
+    run(main)

@@ -238,8 +238,8 @@ async def job_events(
     since: Annotated[int, Query(ge=0, description="only events with seq > since")] = 0,
 ) -> Response:
     """The job's logged events still kept by the event log, oldest first."""
-    records = await svc(request).job_events(job_id, since)
-    return JSONOut("[" + ",".join(r.text for r in records) + "]")
+    texts = await svc(request).job_events(job_id, since)
+    return JSONOut("[" + ",".join(texts) + "]")
 
 
 @router.get("/training/jobs/{job_id}/logs", responses=ERRORS, tags=["jobs"])

@@ -48,6 +48,7 @@ log = logging.getLogger("mangwale.stream")
 router = APIRouter()
 
 CLOSE_GOING_AWAY = 1001
+REPLAY_CHUNK = 512  # replayed events whose texts are fetched at once (from the log or the stream)
 CLOSE_SERVICE_RESTART = 1012  # the shared store went away or lost its data: resume with since
 CLOSE_UNSUPPORTED = 1003
 CLOSE_BAD_REQUEST = 4400
@@ -322,9 +323,11 @@ class Connection:
         try:
             async with asyncio.timeout(None) as timer:
                 replay, self.sub.replay = self.sub.replay, []
-                for rec in replay:
-                    timer.reschedule(loop.time() + deadline)
-                    await ws.send_text(rec.text)
+                bus = ws.app.state.service.bus
+                for i in range(0, len(replay), REPLAY_CHUNK):
+                    for text in await bus.texts(replay[i : i + REPLAY_CHUNK]):
+                        timer.reschedule(loop.time() + deadline)
+                        await ws.send_text(text)
                 delivered["websocket"] += len(replay)
                 while not subscriber.overflowed and not subscriber.closed:
                     batch = subscriber.buffer
@@ -503,8 +506,10 @@ async def sse_events(
             yield _sse(wire.MsgType.CONNECTED, wire.dumps(wire.connected(sub.head, sub.epoch)))
             if sub.resync:
                 yield _sse(wire.MsgType.RESYNC, wire.dumps(wire.resync(sub.resync, sub.head, sub.epoch)))
-            for rec in sub.replay:
-                yield _sse(_type_of(rec.text), rec.text, rec.seq)
+            for i in range(0, len(sub.replay), REPLAY_CHUNK):
+                chunk = sub.replay[i : i + REPLAY_CHUNK]
+                texts = await bus.texts(chunk)
+                yield b"".join(_sse(_type_of(text), text, rec.seq) for rec, text in zip(chunk, texts, strict=True))
             metrics.delivered["sse"] += len(sub.replay)
             sub.replay = []
             while True:
