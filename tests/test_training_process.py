@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ServerProcess, wait_for
-from trainingdata import TIP_UTTERANCES
+from trainingdata import TIP_UTTERANCES, synthetic_examples
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -353,25 +352,41 @@ def test_fine_tune_adds_a_new_intent(http: httpx.Client, trained: dict[str, Any]
     assert tip["intent"] == "tip_driver"
 
 
-def eta_error_after_epoch_2(http: httpx.Client, dataset_id: str) -> tuple[float, float]:
-    """Run nlu-train with the defaults; return (eta, real) at the epoch-2 report: the ETA it
-    gave and the seconds until the job's succeeded event."""
-    job_id = wait_job(http, post_job(http, "nlu-train", dataset_id), timeout=60)["id"]
+def eta_error_after_epoch_2(http: httpx.Client, dataset_id: str, epochs: int) -> tuple[float, float]:
+    """Run nlu-train; return (eta, real) at the epoch-2 report: the ETA it gave and the seconds
+    until the job's succeeded event."""
+    job_id = wait_job(http, post_job(http, "nlu-train", dataset_id, epochs=epochs), timeout=60)["id"]
     events = http.get(f"/training/jobs/{job_id}/events").json()
     epoch2 = next(e for e in events if (e.get("metrics") or {}).get("epoch") == 2)
     end = next(e for e in events if e.get("status") == "succeeded")
     return float(epoch2["eta"]), (end["timestamp"] - epoch2["timestamp"]) / 1000
 
 
-def test_nlu_train_eta_after_epoch_2_is_within_half_of_the_real_remaining_time(
-    http: httpx.Client, sample_id: str
-) -> None:
-    """After epoch 2 on the sample, the ETA is within +-50 % of the time the job really took
-    to end (the median of three runs: about 0.2-0.5 s to go, much of it the model's save)."""
-    runs = [eta_error_after_epoch_2(http, sample_id) for _ in range(3)]
+def test_the_eta_counts_the_epochs_to_go_the_validation_and_the_save() -> None:
+    """The estimator alone, with known durations: the epochs still to go at the recent pace, one
+    more validation pass, the save and the finish; it follows a pace that changes."""
+    from mangwale_cli.nlu.eta import FINISH_SECONDS, Eta
+
+    eta = Eta(epochs=10)
+    assert eta.left() == 0.0
+    eta.save = 0.3
+    eta.epoch_done(0.2, validation=0.02)
+    eta.epoch_done(0.2, validation=0.02)
+    assert eta.left() == pytest.approx(8 * 0.2 + 1.5 * 0.02 + 0.3 + FINISH_SECONDS)
+    for _ in range(3):  # the machine got twice as slow: the estimate follows within three epochs
+        eta.epoch_done(0.4, validation=0.04)
+    assert eta.left() == pytest.approx(5 * 0.4 + 1.5 * 0.04 + 0.3 + FINISH_SECONDS)
+
+
+def test_nlu_train_eta_after_epoch_2_is_within_half_of_the_real_remaining_time(http: httpx.Client) -> None:
+    """After epoch 2 the ETA is within +-50 % of the time the job really took to end (the median of
+    five runs of 40 epochs on 6,000 examples: about a second to go, mostly epochs, so what is
+    measured is the estimate, not the jitter of a 0.1 s tail on a busy machine)."""
+    ds = http.post("/training/datasets", json={"name": "eta", "examples": synthetic_examples(6000, intents=20)}).json()
+    runs = [eta_error_after_epoch_2(http, ds["id"], epochs=40) for _ in range(5)]
     ratios = sorted(eta / real for eta, real in runs)
     print(f"\n(eta, real) after epoch 2: {runs}")
-    assert 0.5 <= ratios[1] <= 1.5, runs
+    assert 0.5 <= ratios[2] <= 1.5, runs
 
 
 # --- command trainers ----------------------------------------------------------------------------
@@ -558,16 +573,6 @@ def test_kill_9_of_the_server_leaves_no_command_running(
 
 
 # --- responsiveness ------------------------------------------------------------------------------
-
-
-def synthetic_examples(n: int, intents: int = 40, seed: int = 0) -> list[dict[str, str]]:
-    """``n`` random utterances over ``intents`` labels: enough to make nlu-train take seconds."""
-    rnd = random.Random(seed)
-    words = [f"w{i}" for i in range(2000)]
-    return [
-        {"text": " ".join(rnd.choices(words, k=12)), "intent": f"intent{rnd.randrange(intents)}"}
-        for _ in range(n)
-    ]
 
 
 def test_events_stay_prompt_while_nlu_train_computes(
