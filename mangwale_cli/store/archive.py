@@ -15,14 +15,13 @@ one ``pread`` (the page cache holds the hot ones).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import wire
 from ..errors import StoreError
-from .datadir import TMP_MARK, fsync_dir
+from .datadir import TMP_MARK, atomic_write, fsync_dir
 
 
 @dataclass(slots=True)
@@ -42,23 +41,6 @@ def idx_path(root: Path, n: int) -> Path:
     return root / f"{n:08d}.idx"
 
 
-def _write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for data in chunks:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
 def write_segment(root: Path, n: int, docs: list[dict[str, Any]]) -> list[Written]:
     """Write segment ``n`` (documents, then their index) durably. Runs in a worker thread: each
     document is serialized on its own, so the event loop gets the GIL back in between."""
@@ -74,8 +56,8 @@ def write_segment(root: Path, n: int, docs: list[dict[str, Any]]) -> list[Writte
         rows.append([doc["id"], doc.get("createdAt", 0), doc["status"], doc.get("finishedAt") or doc.get("updatedAt") or 0,
                      offset, len(data) - 1])  # fmt: skip
         offset += len(data)
-    _write_atomic(seg_path(root, n), chunks)
-    _write_atomic(idx_path(root, n), [wire.dumps(rows).encode()])
+    atomic_write(seg_path(root, n), chunks, sync_dir=False)
+    atomic_write(idx_path(root, n), wire.dumps(rows).encode(), sync_dir=False)
     fsync_dir(root)
     return out
 

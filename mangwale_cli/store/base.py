@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from ..errors import StaleWrite
 from ..eventlog import EventRing, Record
 from ..wire import ACTIVE, TERMINAL, Dataset, Job, JobStatus
+from .datadir import fsync_path
 
 SCHEMA_VERSION = 2
 IDEMPOTENCY_TTL = 24 * 3600.0  # seconds an Idempotency-Key is remembered (store.idempotency_ttl)
@@ -316,25 +317,10 @@ class Store(ABC):
 def _fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` and the directories holding them (a model must survive
     a power loss once its job is recorded as succeeded)."""
-    import os
-
     if not root.is_dir():
         return
     for path in sorted(root.rglob("*"), reverse=True):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
+    fsync_path(root)
 
 

@@ -24,7 +24,7 @@ from .. import faults, wire
 from ..errors import StoreError
 from . import archive
 from .base import SCHEMA_VERSION
-from .datadir import TMP_MARK, fsync_dir
+from .datadir import TMP_MARK, fsync_dir, fsync_path, write_all
 
 NAME = "snapshot.json"
 KEY = "mangwaleSnapshot"
@@ -81,7 +81,7 @@ def write(plan: Plan, root: Path, artifacts: Path) -> Done:
     if plan.datasets:
         fsync_dir(datasets_dir)
     for job_id, name in plan.lines:  # log lines are as durable as the snapshot that covers them
-        fsync_file(artifacts / job_id / f"{name}.jsonl")
+        fsync_path(artifacts / job_id / f"{name}.jsonl")
     segments = [s for s in plan.segments if s not in plan.merge] + ([plan.segment] if docs else [])
     doc = {
         KEY: SCHEMA_VERSION,
@@ -155,10 +155,7 @@ def write_json(path: Path, doc: Any) -> None:
     Large lists are serialized in pieces so the event loop's thread gets the GIL back."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for chunk in _chunks(doc):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
+        write_all(fd, _chunks(doc))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -184,18 +181,3 @@ def _chunks(doc: Any, depth: int = 0) -> Iterable[bytes]:
 
 def _big(value: Any) -> bool:
     return isinstance(value, (list, dict)) and len(value) > 64
-
-
-def fsync_file(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
