@@ -349,6 +349,36 @@ def test_hung_instance_loses_its_lease_and_its_late_writes(
     assert get(frozen, "/healthz")["running"] == 0
 
 
+def test_an_instance_cut_off_from_redis_past_its_lease_stops_its_copy(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path,
+    netproxy: Callable[[int], NetProxy],  # noqa: F811 - the fixture imported above
+) -> None:
+    """Redis unreachable from the instance running a job (a cut link, Redis itself fine): its
+    trainer keeps running and its reports wait; once the cut outlasts the lease it stops its copy
+    as a stale holder and another instance takes the job over; nothing it held gets through."""
+    proxy = netproxy(redis_server.port)
+    a = server_factory(data_dir=tmp_path / "a", env={**CLUSTER_ENV, "MANGWALE_RUNNER_CONCURRENCY": "1"},
+                       args=["--store", f"redis://127.0.0.1:{proxy.port}/0"])  # fmt: skip
+    job = simulate(a, steps=300, stepMs=50)
+    wait_for(lambda: get(a, f"/training/jobs/{job}")["progress"] > 0, 10, 0.02, "the job to run on A")
+    (b,) = start_instances(server_factory, redis_server.url, tmp_path / "b", 1, MANGWALE_RUNNER_CONCURRENCY="1")
+    proxy.blackhole()
+    try:
+        wait_for(lambda: "its reports wait" in a.output(), 10, 0.05, "A's runner to hold its reports")
+        wait_for(lambda: get(b, f"/training/jobs/{job}")["attempt"] == 2, 20, 0.1, "B to take the job over")
+        wait_for(lambda: "stopping this copy" in a.output(), 10, 0.05, "A to stop its copy as a stale holder")
+    finally:
+        proxy.restore()
+    httpx.post(f"{b.url}/training/jobs/{job}/cancel", timeout=30)
+    wait_for(lambda: status(b, job) in TERMINAL, 30, 0.1, "the job to end")
+    events = server_events(b, job)
+    start2 = next(e["seq"] for e in events if e.get("attempt") == 2)
+    assert all(e.get("attempt") != 1 for e in events if e["seq"] > start2), "a held report of A got through"
+    states = [e for e in events if "jobSeq" in e]
+    assert [e["jobSeq"] for e in states] == list(range(1, len(states) + 1))
+    wait_for(lambda: get(a, "/healthz")["running"] == 0, 10, 0.05, "A to run nothing")
+
+
 def test_sigterm_hands_running_jobs_to_another_instance_at_once(
     server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
 ) -> None:
