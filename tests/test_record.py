@@ -477,6 +477,52 @@ def test_deleted_archived_jobs_stay_deleted_and_sparse_segments_merge(tmp_path: 
     run(main)
 
 
+def test_inspect_reads_a_live_store_that_a_snapshot_overtakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inspect`` of a running store, aimed at its worst window: it has read the snapshot and is
+    about to read a job segment when the server's next snapshot merges that segment away and
+    deletes it. The read starts over on the new snapshot and sees the store as it is."""
+    import threading
+
+    from mangwale_cli.store import archive
+
+    reading, merged = threading.Event(), threading.Event()
+    original = archive.Reader.read
+    seen: dict[str, Any] = {}
+
+    def read(self: archive.Reader, n: int, offset: int, size: int) -> dict[str, Any]:
+        if threading.current_thread().name == "inspect" and not reading.is_set():
+            reading.set()
+            assert merged.wait(10)
+        return original(self, n, offset, size)
+
+    monkeypatch.setattr(archive.Reader, "read", read)
+
+    def look() -> None:
+        try:
+            seen["jobs"] = sorted(inspect(tmp_path).jobs)
+        except StoreError as exc:
+            seen["error"] = exc
+
+    async def main() -> None:
+        async with opened(tmp_path, snapshot_records=10**9) as store:
+            for n in range(1, 31):
+                await finish(store, await start(store, (await store.create_job(make_job(n)))[0]))
+            await store.snapshot()
+            first = sorted((tmp_path / "jobs").glob("*.seg"))
+            reader = threading.Thread(target=look, name="inspect")
+            reader.start()
+            assert await asyncio.to_thread(reading.wait, 10)
+            await store.delete_jobs([f"job-{n:05d}" for n in range(1, 22)])
+            await store.snapshot()  # two thirds dead: segment 1 is merged into a new one and deleted
+            assert not first[0].exists()
+            merged.set()
+            await asyncio.to_thread(reader.join, 10)
+
+    run(main)
+    assert "error" not in seen, seen.get("error")
+    assert seen["jobs"] == [f"job-{n:05d}" for n in range(22, 31)]
+
+
 def test_cursor_pages_go_on_across_deletes(tmp_path: Path) -> None:
     """A cursor is a position, not a job: deleting the job it names (a prune) keeps paging exact."""
 

@@ -944,7 +944,38 @@ class Inspection:
 
 def inspect(root: Path) -> Inspection:
     """Fold a data dir's snapshot and log as start-up would, read-only. The server may be
-    running (or dead): this takes no lock and writes nothing."""
+    running (or dead): this takes no lock and writes nothing.
+
+    A running server replaces ``snapshot.json`` and only then deletes the files the new one no
+    longer needs (merged job segments, log segments it covers). So a read is consistent when
+    ``snapshot.json`` is the same file before and after it; a read that a snapshot overtook
+    (a file it needed vanished, or the snapshot changed under it) starts again."""
+    for _ in range(_INSPECT_TRIES):
+        before = _snapshot_identity(root)
+        try:
+            seen = _inspect_once(root)
+        except (StoreError, FileNotFoundError):
+            if _snapshot_identity(root) != before:
+                continue
+            raise
+        if _snapshot_identity(root) == before:
+            return seen
+    raise StoreError(f"the store in {root} took {_INSPECT_TRIES} snapshots while it was being read; try again",
+                     code="busy")  # fmt: skip
+
+
+_INSPECT_TRIES = 20
+
+
+def _snapshot_identity(root: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(root / snapshot.NAME)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _inspect_once(root: Path) -> Inspection:
     store = TinyDBStore(DataDir(root))
     store._read_only = True
     store._db = _DB(storage=LiveStorage, tables=store._raw)
