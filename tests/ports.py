@@ -4,6 +4,8 @@ Each pytest-xdist worker hands out ports from a range of its own, below Linux's 
 (32768-60999, where the OS picks ports for outgoing connections), walking through it instead of
 asking the OS for "any free port": so two workers never pick the same port between choosing it
 and binding it, and a port a test is about to bind is never one the OS just gave a client.
+``MANGWALE_TEST_PORT_BASE`` moves the ranges, for two suites running side by side on one machine
+(two checkouts): give each its own base, 1,500 ports per pytest-xdist worker apart, below 32768.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import itertools
 import os
 import socket
 
-BASE = 20_000
+BASE = int(os.environ.get("MANGWALE_TEST_PORT_BASE", "20000"))
 PER_WORKER = 1_500
 
 
