@@ -171,7 +171,7 @@ SPECS: list[Spec] = [
     Spec("store_prefix", "store", str, "prefix of every Redis key (several deployments can share one Redis)"),
     Spec("events_retention", "events", int, "events the log keeps for replay", 10),
     Spec("events_fsync_interval", "events", float, "embedded store: seconds between fsyncs of progress (creates, cancels and final states are fsynced before they are answered); what a power loss can cost at most", 0),
-    Spec("runner_concurrency", "runner", int, "jobs run at once", 1),
+    Spec("runner_concurrency", "runner", int, "jobs this instance runs at once (0: it runs none and only serves; workers run them)", 0),
     Spec("runner_max_attempts", "runner", int, "attempts before an interrupted job fails", 1),
     Spec("runner_kill_grace", "runner", float, "seconds a cancelled trainer gets before SIGKILL", 0),
     Spec("runner_sample_dataset", "runner", bool, "load the sample dataset into an empty store"),

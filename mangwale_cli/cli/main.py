@@ -129,7 +129,7 @@ def serve(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", metavar="DIR", help="where the store lives [default: $MANGWALE_HOME or ~/.local/share/mangwale]")
     ] = None,
-    concurrency: Annotated[int | None, typer.Option(metavar="N", help="jobs run at once [default: 2]")] = None,
+    concurrency: Annotated[int | None, typer.Option(metavar="N", help="jobs run at once; 0 runs none and only serves [default: 2]")] = None,
     store: Annotated[
         str | None,
         typer.Option("--store", metavar="STORE", help="tinydb (embedded) or redis://host:6379/0, shared by several instances [default: tinydb]"),
