@@ -296,7 +296,7 @@ def test_sigterm_closes_websockets_with_1001_and_watch_resumes(
         readers = [threading.Thread(target=read, args=(ws,), daemon=True) for ws in clients]
         for t in readers:
             t.start()
-        wait_for(lambda: streams(srv) >= 51, what="51 subscribers")
+        wait_for(lambda: streams(srv) >= 51, 30, what="51 subscribers (the watch process starts slowly on a loaded machine)")
         wait_for(
             lambda: http.get(f"/training/jobs/{job}").json()["progress"] >= 20,
             what="the job to be under way",

@@ -1179,7 +1179,9 @@ def test_redis_a_burst_of_writes_waits_for_connections_instead_of_failing(
     for a connection, none fails (redis-py's default pool refused the 101st: 'Too many connections')."""
 
     async def main() -> None:
-        async with Backend("redis", tmp_path, redis_server_module).open() as store:
+        # The default command timeout (5 s), which is also how long a write waits for a pooled
+        # connection: the suite's 0.5 s is for noticing a dead Redis fast, not for a burst.
+        async with Backend("redis", tmp_path, redis_server_module).open(socket_timeout=5.0) as store:
             jobs = [make_job(n) for n in range(300)]
             results = await asyncio.gather(*(store.create_job(job) for job in jobs), return_exceptions=True)
             assert [r for r in results if isinstance(r, BaseException)] == []

@@ -408,7 +408,10 @@ def test_never_reached_server_exits_8_when_retries_run_out() -> None:
 def test_server_that_went_away_gives_up_with_exit_7(server: ServerProcess, watches: Any) -> None:
     """A server reached once and then gone is retried past --connect-timeout, and --give-up-after ends it with 7."""
     job = create_job(server, steps=1000, stepMs=50)
-    w = watches(job, "--output", "plain", "--connect-timeout", "0.2", "--give-up-after", "1", "--url", server.url)
+    # --connect-timeout bounds the first connection (REST + WebSocket) of a watch process that a
+    # loaded test machine may start slowly: 1 s, and giving up after 1.5 s without the server still
+    # retries past it.
+    w = watches(job, "--output", "plain", "--connect-timeout", "1", "--give-up-after", "1.5", "--url", server.url)
     wait_for(lambda: any("Simulating step" in line for line in w.out), 30, what="watch to show progress")
     server.kill()
     assert w.wait_exit(15) == 7, w.stderr()
