@@ -256,10 +256,13 @@ def test_sigterm_closes_websockets_with_1001_and_watch_resumes(
 ) -> None:
     """W5: SIGTERM with 50 clients: every one gets 1001 well within close_timeout, the running job is left
     re-queued, and `mangwale watch` follows it across the restart with no event missing or repeated."""
-    srv = server_factory()
+    # One runner slot, held by a blocker until every client is attached: the job cannot finish
+    # before a slowly starting watch process subscribes, however loaded the machine is.
+    srv = server_factory(env={"MANGWALE_RUNNER_CONCURRENCY": "1"})
     http = srv.client()
+    blocker = http.post("/training/jobs", json={"kind": "simulate", "params": {"steps": 1000, "stepMs": 100}}).json()["id"]
     job = http.post(
-        "/training/jobs", json={"kind": "simulate", "params": {"steps": 20, "stepMs": 100}}
+        "/training/jobs", json={"kind": "simulate", "params": {"steps": 20, "stepMs": 200}}
     ).json()["id"]
     env = {**os.environ, "MANGWALE_BACKOFF_INITIAL": "0.2", "MANGWALE_BACKOFF_MAX": "0.5"}
     watch = subprocess.Popen(
@@ -296,7 +299,8 @@ def test_sigterm_closes_websockets_with_1001_and_watch_resumes(
         readers = [threading.Thread(target=read, args=(ws,), daemon=True) for ws in clients]
         for t in readers:
             t.start()
-        wait_for(lambda: streams(srv) >= 51, 30, what="51 subscribers (the watch process starts slowly on a loaded machine)")
+        wait_for(lambda: streams(srv) >= 51, 30, what="51 subscribers")
+        assert http.post(f"/training/jobs/{blocker}/cancel").status_code == 200
         wait_for(
             lambda: http.get(f"/training/jobs/{job}").json()["progress"] >= 20,
             what="the job to be under way",
