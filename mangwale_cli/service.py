@@ -23,6 +23,7 @@ from typing import Any
 from . import __version__, wire
 from .errors import Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .events import EventBus
+from .nlu import modelfile
 from .nlu.predictor import Predictor
 from .runner import Runner
 from .settings import Settings
@@ -36,7 +37,7 @@ from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, 
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET_NAME = "food-delivery-sample"
-MODEL_FILE = "model.joblib"
+MODEL_FILE = modelfile.MODEL_FILE
 PRUNE_BATCH = 1000  # jobs per job_deleted event (and per store write) when pruning
 
 
@@ -419,11 +420,15 @@ class Service:
     # --- models ---------------------------------------------------------------------------
 
     async def model_path(self, job_id: str) -> Path:
-        """The saved model of a succeeded nlu-train / fine-tune job."""
+        """The saved model of a succeeded nlu-train / fine-tune job. A model this server would
+        refuse to load (an old pickle, another format or scikit-learn version) is 409
+        ``incompatible_model`` / ``legacy_model`` here already, naming the problem."""
         job = await self.get_job(job_id)
         path = self.store.artifact_dir(job_id) / MODEL_FILE
         if job.status is JobStatus.SUCCEEDED and not path.is_file():
             path = await self.store.load_artifacts(job_id) / MODEL_FILE  # from the shared store
+        if job.status is JobStatus.SUCCEEDED and not path.is_file():
+            modelfile.model_file(path.parent)  # an old model.joblib: say so, and how to get out
         if job.status is not JobStatus.SUCCEEDED or not path.is_file():
             raise NotFound(
                 f"job {job_id} has no model ({job.kind}, {job.status.value}); "
@@ -438,6 +443,7 @@ class Service:
         which keeps recent models loaded while predictions come and exits when they stop, so
         scikit-learn never stays in the server's memory."""
         path = await self.model_path(job_id)
+        await asyncio.to_thread(modelfile.check_file, path)
         result = await self.predictor.predict(job_id, path.parent, text)
         result["jobId"] = job_id
         return result

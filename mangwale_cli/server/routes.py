@@ -266,14 +266,16 @@ async def predict(request: Request, job_id: str, body: wire.PredictRequest) -> R
 
 @router.get(
     "/training/jobs/{job_id}/artifact",
-    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the model (joblib)"}},
+    responses={**ERRORS, 200: {"content": {"application/zip": {}}, "description": "the model (skops)"}},
     response_class=FileResponse,
     tags=["models"],
 )
 async def download_artifact(request: Request, job_id: str) -> Response:
-    """Download the trained model (a joblib file; load it with mangwale_cli.nlu.model.IntentModel.load)."""
+    """Download the trained model: a skops file (``model.skops``; load it with
+    ``mangwale_cli.nlu.model.IntentModel.load`` on a directory holding it). 409
+    ``legacy_model`` for a model an older mangwale saved as a pickle: retrain it."""
     path = await svc(request).model_path(job_id)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-model.joblib")
+    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-model.skops")
 
 
 __all__ = ["hot", "router"]
