@@ -297,3 +297,30 @@ def test_a_50_mb_upload_streams_without_growing_the_server(server: ServerProcess
         print(f"server peak RSS {before:.1f} MB before, {after:.1f} MB after a 50 MB upload")
         assert after - before < 16, (before, after)
         http.post(f"/training/jobs/{job['id']}/cancel")
+
+
+def test_on_redis_uploads_go_to_the_shared_artifacts_dir(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """Two instances on one Redis with artifacts.dir: a file uploaded through either lands on
+    the shared directory (Redis holds a small manifest); an instance without artifacts.dir
+    answers 409 naming the setting instead of putting a file in a Redis hash."""
+    shared = tmp_path / "shared-artifacts"
+    env = {"MANGWALE_ARTIFACTS_DIR": str(shared), "MANGWALE_RUNNER_LEASE": "5"}
+    a = server_factory(data_dir=tmp_path / "a", env=env, args=["--store", redis_server.url])
+    b = server_factory(data_dir=tmp_path / "b", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
+    data = os.urandom(300_000)
+    with a.client() as http_a, b.client() as http_b:
+        job = running_job(http_a)
+        for http in (http_a, http_b):
+            resp = put(http, job, f"via-{http is http_b}.bin", data)
+            assert resp.status_code == 201, resp.text
+        assert sorted(p.name for p in (shared / job["id"]).iterdir()) == ["via-False.bin", "via-True.bin"]
+        http_a.post(f"/training/jobs/{job['id']}/cancel")
+    c = server_factory(data_dir=tmp_path / "c", env={"MANGWALE_RUNNER_LEASE": "5"},
+                       args=["--store", redis_server.url, "--concurrency", "0"])  # fmt: skip
+    with c.client() as http_c, a.client() as http_a:
+        job = running_job(http_a)
+        body = error(put(http_c, job, "x.bin", data), 409)
+        assert body["code"] == "no_shared_artifacts_dir" and "artifacts.dir" in body["message"], body
+        http_a.post(f"/training/jobs/{job['id']}/cancel")
