@@ -37,7 +37,7 @@ from typing import Any
 from ..errors import ModelRefused
 
 MODEL_FILE = "model.skops"
-LEGACY_FILE = "model.joblib"  # mangwale before 0.3: a pickle, never loaded any more
+LEGACY_FILE = "model.joblib"  # what earlier versions saved: a pickle, never loaded any more
 HEADER = "mangwale.json"
 FORMAT = "mangwale-intent-model"
 FORMAT_VERSION = 2  # 1 was the joblib pickle
