@@ -324,3 +324,26 @@ def test_on_redis_uploads_go_to_the_shared_artifacts_dir(
         body = error(put(http_c, job, "x.bin", data), 409)
         assert body["code"] == "no_shared_artifacts_dir" and "artifacts.dir" in body["message"], body
         http_a.post(f"/training/jobs/{job['id']}/cancel")
+
+
+def test_uploads_need_the_worker_route_scope(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """The upload's scope is decided by worker_route_scope (write today): a read token is 403
+    before the body is read, a write token reaches the lease check."""
+    from tokentools import new_token, write_config
+
+    from mangwale_cli.server.auth import required_scope, worker_route_scope
+    from mangwale_cli.tokens import Scope
+
+    assert required_scope("PUT", "/training/jobs/j/artifacts/model.skops") is worker_route_scope() is Scope.WRITE
+    reader, writer = new_token(), new_token()
+    cfg = write_config(tmp_path / "c.toml", {"r": (reader, ["read"]), "w": (writer, ["read", "write"])})
+    server = server_factory(args=["--config", str(cfg)])
+    with server.client() as http:
+        http.headers["Authorization"] = f"Bearer {writer}"
+        job = running_job(http)
+        http.headers["Authorization"] = f"Bearer {reader}"
+        assert error(put(http, job, "a.bin", b"x"), 403)["code"] == "insufficient_scope"
+        http.headers["Authorization"] = f"Bearer {writer}"
+        stale = wire.format_lease("nobody", 1)
+        assert error(put(http, job, "a.bin", b"x", lease=stale), 409)["code"] == "stale"
+        http.post(f"/training/jobs/{job['id']}/cancel")
