@@ -33,10 +33,11 @@ from .errors import (
     PayloadTooLarge,
     StaleWrite,
     StoreError,
+    Unavailable,
 )
 from .events import EventBus
 from .nlu import modelfile
-from .nlu.predictor import Predictor
+from .nlu.predictor import Predictor, PredictorFailed
 from .runner import Runner
 from .settings import Settings
 from .store.base import Cursor, Store
@@ -57,8 +58,12 @@ UPLOAD_CHUNK = 1 << 20  # bytes gathered before one write to the temp file
 
 
 def _looks_pickled(head: bytes) -> bool:
-    """A pickle of protocol 2 or later starts with PROTO (0x80) and the protocol number."""
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    """A pickle of protocol 2 or later starts with PROTO (0x80) and the protocol number; 4 and
+    5 go on with a FRAME (0x95). (Protocols 0 and 1 have no header: a model.skops audit catches
+    them, since they are no zip.)"""
+    if len(head) < 3 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    return head[1] < 4 or head[2] == 0x95
 
 
 async def _receive(path: Path, body: AsyncIterator[bytes], limit: int) -> tuple[int, str, bytes]:
@@ -573,7 +578,14 @@ class Service:
                     field=wire.SHA256_HEADER,
                     code="sha256_mismatch",
                 )
-            if name == wire.MODEL_ARTIFACT or _looks_pickled(head):
+            if _looks_pickled(head):
+                raise InvalidInput(
+                    f"{name} is a pickle; pickles are never accepted (loading one runs code): "
+                    f"models are uploaded as {wire.MODEL_ARTIFACT} (skops)",
+                    field="body",
+                    code="untrusted_artifact",
+                )
+            if name == wire.MODEL_ARTIFACT:
                 await self._audit(tmp, name)
             await self._check_lease(job_id, held)  # still its holder after the transfer
             await self.store.put_artifact(job_id, name, tmp, size, actual)
@@ -609,6 +621,8 @@ class Service:
             await self.predictor.audit(path)
         except ModelRefused as exc:
             raise InvalidInput(f"{name} refused: {exc}", field="body", code="untrusted_artifact") from None
+        except PredictorFailed as exc:  # nothing is kept: a file that kills the checker never gets in
+            raise Unavailable(f"{name} could not be checked ({exc}); nothing was kept", field="body") from None
 
     # --- events ---------------------------------------------------------------------------
 

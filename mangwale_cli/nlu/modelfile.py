@@ -10,7 +10,9 @@ One file holds a model:
   "classifier": SGDClassifier}``, the only scikit-learn objects an ``IntentModel`` has;
 * ``mangwale.json``, plain JSON that needs nothing to read: the format version, the
   scikit-learn and skops versions the model was built with, and the rest of the model (intents,
-  the entity extractor's gazetteer and patterns, training metadata).
+  the entity extractor's gazetteer and patterns, training metadata);
+* ``vocabulary.json``, plain JSON: each vectorizer's ``vocabulary_`` (term to column), kept out
+  of the skops tree because skops writes one schema node per term (slow to read and audit).
 
 ``read_header`` and ``check_header`` use only ``zipfile`` and ``json``, so the server can
 refuse a model of another format or scikit-learn version (409 ``incompatible_model``) without
@@ -39,6 +41,7 @@ from ..errors import ModelRefused
 MODEL_FILE = "model.skops"
 LEGACY_FILE = "model.joblib"  # what earlier versions saved: a pickle, never loaded any more
 HEADER = "mangwale.json"
+VOCABULARY = "vocabulary.json"  # the vectorizers' term -> column maps, by feature kind
 FORMAT = "mangwale-intent-model"
 FORMAT_VERSION = 2  # 1 was the joblib pickle
 
@@ -129,35 +132,40 @@ def check_file(path: Path) -> dict[str, Any]:
     return header
 
 
-def dump(parts: dict[str, Any], header: dict[str, Any], path: Path) -> None:
-    """Write ``parts`` (scikit-learn objects) and ``header`` (JSON) to ``path`` atomically and
-    durably: a temp file, fsynced, renamed in."""
+def dump(parts: dict[str, Any], header: dict[str, Any], path: Path, members: dict[str, str] | None = None) -> None:
+    """Write ``parts`` (scikit-learn objects), ``header`` and ``members`` (JSON texts by member
+    name) to ``path`` atomically and durably: a temp file, fsynced, renamed in."""
     import skops.io
 
     tmp = path.with_name(path.name + ".tmp")
     skops.io.dump(parts, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=3)
     full = {"format": FORMAT, "formatVersion": FORMAT_VERSION, **versions(), **header}
-    with zipfile.ZipFile(tmp, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(tmp, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=3) as zf:
+        for name, text in (members or {}).items():
+            zf.writestr(name, text)
         zf.writestr(HEADER, json.dumps(full))
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
 
 
-def audit(path: Path) -> dict[str, Any]:
-    """Everything but building the objects: the header checks and skops's type audit. Refuses
-    a file naming any type outside ``TRUSTED`` and skops's defaults. Returns the header."""
+def audit(path: Path, *, skops_audit: bool = True) -> dict[str, Any]:
+    """Everything but building the objects: the header checks, the types the schema names
+    (only ``ALLOWED``) and, with ``skops_audit``, skops's own audit (``load_parts`` leaves it to
+    ``skops.io.load``, which runs it again). Returns the header."""
     import skops.io
 
     header = check_file(path)
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
         named = schema_types(path)
+        untrusted = skops.io.get_untrusted_types(file=path) if skops_audit else []
     except Exception as exc:  # noqa: BLE001 - a malformed schema raises anything
         raise ModelRefused(f"{path.name} is not a readable skops file ({type(exc).__name__}: {exc})") from None
     unknown = sorted((set(untrusted) | named) - ALLOWED)
     if unknown:
         raise ModelRefused(f"{path.name} holds types a mangwale model never has: {', '.join(unknown)}")
+    if skops_audit:
+        read_vocabularies(path)
     return header
 
 
@@ -178,11 +186,27 @@ def schema_types(path: Path) -> set[str]:
     return found
 
 
+def read_vocabularies(path: Path) -> dict[str, dict[str, int]]:
+    """The ``vocabulary.json`` member: ``{kind: {term: column}}``, checked to be just that."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            data = json.loads(zf.read(VOCABULARY))
+    except (KeyError, zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError):
+        raise ModelRefused(f"{path.name} has no readable {VOCABULARY}") from None
+    ok = isinstance(data, dict) and all(
+        isinstance(v, dict) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(v) for i in v.values())
+        for v in data.values()
+    )
+    if not ok:
+        raise ModelRefused(f"{path.name}: {VOCABULARY} is not a map of terms to columns")
+    return data
+
+
 def load_parts(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The scikit-learn parts and the header of a model file, after ``audit``."""
     import skops.io
 
-    header = audit(path)
+    header = audit(path, skops_audit=False)
     try:
         parts = skops.io.load(path, trusted=TRUSTED)
     except Exception as exc:  # noqa: BLE001 - skops refuses with several exception types

@@ -5,7 +5,7 @@ keep for good after its first ``/predict``. Instead, ``Predictor`` starts one ch
 trainers' forkserver, ``trainers.process``) on the first prediction, keeps it while predictions
 come, and lets it go after ``idle`` seconds without one; its memory goes with it. Repeated
 predictions meet a warm child that holds the last few models; the first one after a quiet
-spell pays for starting it (about a second, most of it importing scikit-learn).
+spell pays for starting it (about 2 s of CPU, most of it importing scikit-learn and skops).
 
 One pipe carries requests and answers, one exchange at a time. It is also the child's
 lifeline: when the server exits, even by kill -9, the child reads end-of-file and exits.
