@@ -7,7 +7,8 @@ The tree::
     │   └── PayloadTooLarge          (exit 2)  HTTP 413
     ├── NotFound                     (exit 4)  HTTP 404: unknown dataset, job, route
     ├── Conflict                     (exit 1)  HTTP 409: cancel a finished job, delete a used dataset
-    │   └── StaleWrite               (exit 1)  HTTP 409: a job save lost to a newer one (shared store)
+    │   ├── StaleWrite               (exit 1)  HTTP 409: a job save lost to a newer one (shared store)
+    │   └── ModelRefused             (exit 1)  HTTP 409: a model file of another format/scikit-learn, or a pickle
     ├── Unauthorized                 (exit 5)  HTTP 401
     │   └── Forbidden                (exit 5)  HTTP 403
     ├── Unavailable                  (exit 1)  HTTP 503: the store is failing, the server is full
@@ -129,6 +130,15 @@ class StaleWrite(Conflict):
         super().__init__(message, field=field)
         self.stored_status = stored_status
         self.stored_attempt = stored_attempt
+
+
+class ModelRefused(Conflict):
+    """A model file mangwale will not load: not a skops model, a type outside the trusted list,
+    another format version or scikit-learn version, or an old pickle (``model.joblib``).
+    Nothing in the file was run. ``plain_message``: a failed job's error is this message."""
+
+    code = "incompatible_model"
+    plain_message = True
 
 
 class Unauthorized(MangwaleError):

@@ -17,12 +17,21 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from . import __version__, wire
-from .errors import Conflict, InvalidInput, MangwaleError, NotFound, StoreError
+from .errors import (
+    ConfigError,
+    Conflict,
+    InvalidInput,
+    MangwaleError,
+    NotFound,
+    StoreError,
+)
 from .events import EventBus
+from .nlu import modelfile
 from .nlu.predictor import Predictor
 from .runner import Runner
 from .settings import Settings
@@ -31,12 +40,13 @@ from .store.datadir import DataDir
 from .store.tinydb_store import TinyDBStore
 from .trainers import Registry, builtin
 from .trainers.command import command_trainers
+from .uploads import Uploads
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
 
 log = logging.getLogger(__name__)
 
 SAMPLE_DATASET_NAME = "food-delivery-sample"
-MODEL_FILE = "model.joblib"
+MODEL_FILE = modelfile.MODEL_FILE
 PRUNE_BATCH = 1000  # jobs per job_deleted event (and per store write) when pruning
 
 
@@ -65,8 +75,15 @@ class Service:
                 lease=settings.runner_lease,
                 retention=settings.events_retention,
                 log_retention=settings.events_log_retention,
+                shared_dir=Path(settings.artifacts_dir).expanduser() if settings.artifacts_dir else None,
             )
         else:
+            if settings.artifacts_dir:
+                raise ConfigError(
+                    "artifacts.dir is for a Redis store (a directory every instance mounts); "
+                    "the embedded store keeps job files in its data dir",
+                    field="artifacts.dir",
+                )
             self.store = TinyDBStore(
                 self.datadir,
                 retention=settings.events_retention,
@@ -82,6 +99,7 @@ class Service:
         self._last_created = 0
         # Models are loaded and run in a child process, never here (see nlu/predictor.py).
         self.predictor = Predictor()
+        self.uploads = Uploads(self.store, self.predictor, self.get_job, settings.artifacts_max_size)
         self._started = False
         self._retention: asyncio.Task[None] | None = None
 
@@ -419,11 +437,15 @@ class Service:
     # --- models ---------------------------------------------------------------------------
 
     async def model_path(self, job_id: str) -> Path:
-        """The saved model of a succeeded nlu-train / fine-tune job."""
+        """The saved model of a succeeded nlu-train / fine-tune job. A model this server would
+        refuse to load (an old pickle, another format or scikit-learn version) is 409
+        ``incompatible_model`` / ``legacy_model`` here already, naming the problem."""
         job = await self.get_job(job_id)
         path = self.store.artifact_dir(job_id) / MODEL_FILE
         if job.status is JobStatus.SUCCEEDED and not path.is_file():
             path = await self.store.load_artifacts(job_id) / MODEL_FILE  # from the shared store
+        if job.status is JobStatus.SUCCEEDED and not path.is_file():
+            modelfile.model_file(path.parent)  # an old model.joblib: say so, and how to get out
         if job.status is not JobStatus.SUCCEEDED or not path.is_file():
             raise NotFound(
                 f"job {job_id} has no model ({job.kind}, {job.status.value}); "
@@ -438,9 +460,25 @@ class Service:
         which keeps recent models loaded while predictions come and exits when they stop, so
         scikit-learn never stays in the server's memory."""
         path = await self.model_path(job_id)
+        await asyncio.to_thread(modelfile.check_file, path)
         result = await self.predictor.predict(job_id, path.parent, text)
         result["jobId"] = job_id
         return result
+
+    # --- uploaded artifacts -------------------------------------------------------------
+
+    async def upload_artifact(
+        self,
+        job_id: str,
+        name: str,
+        body: AsyncIterator[bytes],
+        *,
+        lease: str | None,
+        sha256: str | None,
+        length: str | None,
+    ) -> dict[str, Any]:
+        """Store a file of a running job, uploaded by the holder of its lease (``uploads``)."""
+        return await self.uploads.receive(job_id, name, body, lease=lease, sha256=sha256, length=length)
 
     # --- events ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir):
     [events]      retention, log_retention, fsync_interval
     [runner]      concurrency, max_attempts, kill_grace, sample_dataset, stall_after, log_lines, lease
     [retention]   max_age_days, max_finished, interval
+    [artifacts]   max_size, dir
 
 Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it. Their
 scalar keys that have a spec here (``auth.tokens_file``) are settings like any other; the rest of
@@ -119,6 +120,8 @@ class Settings:
     runner_log_lines: int = 10_000
     events_log_retention: int = 10_000
     runner_lease: float = 30.0
+    artifacts_max_size: int = 1024**3
+    artifacts_dir: str = ""
     process_index: int = 0  # serve --processes: which of the forked instances this is (1..N)
     config_file: Path | None = None
     # Sections later issues add (trainers, auth) are kept raw here until they are read.
@@ -182,12 +185,14 @@ SPECS: list[Spec] = [
     Spec("retention_max_age_days", "retention", float, "delete finished jobs (with their events, logs and files) this many days after they finished (0 = keep)", 0),
     Spec("retention_max_finished", "retention", int, "keep at most this many finished jobs, deleting the oldest (0 = no limit)", 0),
     Spec("retention_interval", "retention", float, "seconds between retention passes", 1),
+    Spec("artifacts_max_size", "artifacts", int, "largest artifact upload in bytes (PUT .../artifacts/{name}; HTTP 413 above it)", 1),
+    Spec("artifacts_dir", "artifacts", str, "Redis store: a directory every instance mounts, where job files live (Redis keeps a manifest); needed for uploads. Empty: files are published into Redis"),
 ]
 _BY_NAME = {s.name: s for s in SPECS}
 _BY_TOML = {s.toml_key: s for s in SPECS}
 OPEN_SECTIONS = ("trainers", "auth")  # owned by later modules, validated there
 # File settings: a relative path in a config file is relative to that file's directory.
-PATH_SETTINGS = frozenset({"tokens_file", "ssl_certfile", "ssl_keyfile"})
+PATH_SETTINGS = frozenset({"tokens_file", "ssl_certfile", "ssl_keyfile", "artifacts_dir"})
 
 
 _TOML_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), bool: (bool,), str: (str,), list: (list,)}

@@ -286,6 +286,71 @@ class PredictOut(BaseModel):
     entities: list[dict[str, Any]]
 
 
+# --- artifact upload (docs/protocol.md, "Uploading an artifact") ---------------------------
+
+#: ``PUT /training/jobs/{id}/artifacts/{name}``: the body is the file, streamed.
+SHA256_HEADER = "X-Content-SHA256"  # the body's sha256, 64 hex digits
+LEASE_HEADER = "X-Mangwale-Lease"  # HOLDER:TOKEN of the job's current lease (Job.lease)
+#: an artifact name: a letter or digit, then letters, digits, ``.``, ``_``, ``-``; no path
+#: separators, no leading dot, nothing the server keeps itself (``RESERVED_ARTIFACTS``)
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_ARTIFACTS = frozenset({"logs.jsonl", "metrics.jsonl"})
+#: the model file (audited by the server's model loader at upload: a skops zip of trusted types)
+MODEL_ARTIFACT = "model.skops"
+#: names that say "pickle": refused whatever they hold (models are skops files)
+PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle", ".pt", ".pth")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def artifact_name_problem(name: str) -> str | None:
+    """Why ``name`` is not an artifact name an upload may use (None: it may)."""
+    if not ARTIFACT_NAME.fullmatch(name) or ".." in name:
+        return (
+            f"artifact name {show(name)} is not allowed: 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no path separators)"
+        )
+    if name in RESERVED_ARTIFACTS:
+        return f"artifact name {name!r} is kept by the server itself"
+    return None
+
+
+def parse_sha256(value: str | None) -> str | None:
+    """The lower-case hex digest of an ``X-Content-SHA256`` header, or None when it is malformed."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    return value if _SHA256.fullmatch(value) else None
+
+
+def parse_lease(value: str | None) -> tuple[str, int] | None:
+    """``(holder, token)`` of an ``X-Mangwale-Lease: HOLDER:TOKEN`` header (the holder may hold
+    colons: the token is after the last), or None when it is malformed."""
+    if not value or ":" not in value:
+        return None
+    holder, _, token = value.strip().rpartition(":")
+    if not holder or not token.isdigit():
+        return None
+    return holder, int(token)
+
+
+def format_lease(holder: str, token: int) -> str:
+    """The ``X-Mangwale-Lease`` value for a lease (``Job.lease``)."""
+    return f"{holder}:{token}"
+
+
+class ArtifactOut(BaseModel):
+    """An artifact stored by ``PUT /training/jobs/{id}/artifacts/{name}``."""
+
+    jobId: str
+    name: str
+    size: int = Field(description="bytes stored")
+    sha256: str = Field(description="hex digest of the stored bytes")
+
+
+def artifact_out(job_id: str, name: str, size: int, sha256: str) -> dict[str, Any]:
+    return {"jobId": job_id, "name": name, "size": size, "sha256": sha256}
+
+
 # --- documents ----------------------------------------------------------------------------
 
 

@@ -163,7 +163,7 @@ def test_artifact_refuses_to_replace_a_file_without_force(live: ServerProcess, t
     """`jobs artifact -o FILE` exits 2 in one line when FILE exists, and leaves it; --force replaces it."""
     job = next(j for j in ok_json("jobs", "list", url=live.url) if j["kind"] == "nlu-train")
     assert wait_done(live.url, job["id"], timeout=60)["status"] == "succeeded"
-    target = tmp_path / "model.joblib"
+    target = tmp_path / "model.skops"
     target.write_text("mine")
     line = error_line(cli("jobs", "artifact", job["id"], "-o", str(target), url=live.url), 2)
     assert str(target) in line and "--force" in line
@@ -172,7 +172,7 @@ def test_artifact_refuses_to_replace_a_file_without_force(live: ServerProcess, t
     forced = cli("jobs", "artifact", job["id"], "-o", str(target), "--force", url=live.url)
     assert forced.returncode == 0, forced.stderr
     assert target.stat().st_size > 100
-    fresh = tmp_path / "new.joblib"
+    fresh = tmp_path / "new.skops"
     assert cli("jobs", "artifact", job["id"], "-o", str(fresh), url=live.url).returncode == 0
     assert fresh.read_bytes() == target.read_bytes()
 

@@ -119,7 +119,9 @@ def test_instances_share_jobs_events_and_models(
     answers = []
     for s in (a, b, c):
         with s.client() as cl:
-            r = cl.post(f"/training/jobs/{job}/predict", json={"text": "where is my order"})
+            # Each instance's first predict starts its predictor child (scikit-learn and skops
+            # imports): seconds of CPU, far more on a loaded machine.
+            r = cl.post(f"/training/jobs/{job}/predict", json={"text": "where is my order"}, timeout=90)
             assert r.status_code == 200, r.text
             answers.append(r.json()["intent"])
     assert len(set(answers)) == 1

@@ -708,6 +708,48 @@ def test_artifacts_published_are_loaded_by_another_instance(backend: Backend) ->
     run(main)
 
 
+def test_an_uploaded_file_is_put_in_place_for_every_instance(backend: Backend) -> None:
+    """put_artifact renames a complete upload in as the job's file, durably, and another
+    instance sees it (Redis: on artifacts.dir, shared, with a name/size/sha256 manifest in
+    Redis, never the bytes). Redis without artifacts.dir refuses uploads, saying why."""
+    shared = backend.tmp_path / "shared-artifacts"
+    options: dict[str, Any] = {"shared_dir": shared} if backend.shared else {}
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            writer = await stack.enter_async_context(backend.open(0, **options))
+            reader = await stack.enter_async_context(backend.open(1, **options)) if backend.shared else writer
+            assert writer.uploads_refused() is None
+            root = writer.artifact_dir("job-01")
+            root.mkdir(parents=True)
+            tmp = root / ".upload.tmp-1"
+            tmp.write_bytes(b"weights" * 1000)
+            dest = await writer.put_artifact("job-01", "weights.bin", tmp, 7000, "ab" * 32)
+            assert dest == root / "weights.bin" and not tmp.exists()
+            got = await reader.load_artifacts("job-01")
+            assert (got / "weights.bin").read_bytes() == b"weights" * 1000
+            if backend.shared:
+                assert got.parent == shared
+                assert isinstance(writer, RedisStore)
+                async with writer._redis() as r:
+                    manifest = await r.hgetall(writer.keys.artifact("job-01"))
+                assert wire.loads(manifest[b"weights.bin"]) == {"size": 7000, "sha256": "ab" * 32}
+                await writer.save_artifacts("job-01")  # the job's end: the manifest of the whole set
+                async with writer._redis() as r:
+                    entry = await r.hget(writer.keys.artifact("job-01"), "weights.bin")
+                assert wire.loads(entry)["size"] == 7000
+                assert max(len(v) for v in manifest.values()) < 200  # a manifest, not the bytes
+            await writer.delete_artifacts("job-01")
+            assert not root.exists()
+        if backend.shared:
+            async with backend.open(2) as plain:
+                assert "artifacts.dir" in (plain.uploads_refused() or "")
+                with pytest.raises(Conflict):
+                    await plain.put_artifact("job-02", "x.bin", tmp, 1, "ab" * 32)
+
+    run(main)
+
+
 def test_a_second_instance_sees_durable_writes(backend: Backend) -> None:
     """What one store wrote durably, another store on the same backend reads, events included
     (Redis: while the first is still open; TinyDB: after it closed)."""

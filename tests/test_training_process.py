@@ -315,8 +315,9 @@ def test_saved_model_predicts_and_downloads(
     assert first["ranking"][0] == {"intent": first["intent"], "confidence": first["confidence"]}
 
     resp = http.get(f"/training/jobs/{trained['id']}/artifact")
-    assert resp.status_code == 200 and resp.headers["content-type"] == "application/octet-stream"
-    (tmp_path / "model.joblib").write_bytes(resp.content)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/zip"
+    assert f'filename="{trained["id"]}-model.skops"' in resp.headers["content-disposition"]
+    (tmp_path / "model.skops").write_bytes(resp.content)
     model = IntentModel.load(tmp_path)
     local = model.predict(examples[0]["text"])
     assert (local["intent"], local["confidence"]) == (first["intent"], first["confidence"])
@@ -699,7 +700,7 @@ def test_cli_predict_and_artifact(
     proc = cli("jobs", "predict", trained["id"], text, "--json", url=lab.url)
     assert json.loads(proc.stdout) == expected
 
-    out = tmp_path / "dl" / "model.joblib"
+    out = tmp_path / "dl" / "model.skops"
     out.parent.mkdir()
     proc = cli("jobs", "artifact", trained["id"], "-o", str(out), url=lab.url)
     assert proc.returncode == 0, proc.stderr
@@ -707,6 +708,6 @@ def test_cli_predict_and_artifact(
 
     sim = post_job(http, "simulate", steps=1, stepMs=0)
     wait_job(http, sim)
-    proc = cli("jobs", "artifact", sim, "-o", str(tmp_path / "dl" / "none.joblib"), url=lab.url)
+    proc = cli("jobs", "artifact", sim, "-o", str(tmp_path / "dl" / "none.skops"), url=lab.url)
     assert proc.returncode == 4 and proc.stderr.count("\n") == 1 and "has no model" in proc.stderr
-    assert sorted(p.name for p in out.parent.iterdir()) == ["model.joblib"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.skops"]

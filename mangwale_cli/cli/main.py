@@ -511,8 +511,10 @@ def jobs_artifact(
 ) -> None:
     """Download a job's trained model.
 
-    The file is a joblib dump of mangwale_cli.nlu.model.IntentModel (joblib.load reads it).
-    An existing FILE is kept (exit 2) unless --force.
+    The file is a skops zip (model.skops): scikit-learn parts plus JSON metadata, never a
+    pickle. Load it with mangwale_cli.nlu.model.IntentModel.load on a directory holding it
+    as model.skops; skops.io.load reads the parts. An existing FILE is kept (exit 2) unless
+    --force.
     """
     size = _client(url, token).download_artifact(job_id, output, overwrite=force)
     typer.echo(f"saved the model of {job_id} to {output} ({size} bytes)", err=True)

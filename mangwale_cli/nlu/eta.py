@@ -3,13 +3,13 @@
 Three parts: the epochs still to go, at the pace of the last few epochs; the validation at the
 end, about one epoch's validation pass; and the save, which on a small data set takes longer than all the epochs together. The save is
 estimated from the model's size, at this machine's present speed: ``SaveCost`` times a small
-sample of what ``joblib.dump`` will do (pickling vocabulary entries, compressing the weights).
+sample of what ``modelfile.dump`` will do (writing vocabulary entries as JSON, compressing the weights).
 """
 
 from __future__ import annotations
 
-import io
 import itertools
+import json
 import time
 import zlib
 from typing import Any
@@ -42,10 +42,9 @@ class Eta:
 
 
 def save_seconds(vectorizer: Any, classifier: Any) -> float:
-    """About how long ``joblib.dump(model, compress=3)`` will take: joblib pickles the
-    vocabularies entry by entry in Python, then zlib compresses the weight arrays. Both rates
+    """About how long saving the model (``modelfile.dump``) will take: the vocabularies are
+    written as JSON and compressed, then zlib compresses the weight arrays. Both rates
     are measured on a sample here, so a busy machine gets a longer estimate."""
-    import joblib
     import numpy as np
 
     vocabs = [t.vocabulary_ for _, t in vectorizer.transformer_list if hasattr(t, "vocabulary_")]
@@ -54,7 +53,7 @@ def save_seconds(vectorizer: Any, classifier: Any) -> float:
     if entries:
         sample = dict(itertools.islice(max(vocabs, key=len).items(), PROBE_ENTRIES))
         t0 = time.perf_counter()
-        joblib.dump(sample, io.BytesIO(), compress=3)
+        zlib.compress(json.dumps({w: int(i) for w, i in sample.items()}).encode(), 3)
         seconds += (time.perf_counter() - t0) / len(sample) * entries
     coef = np.ascontiguousarray(classifier.coef_).ravel()
     arrays = classifier.coef_.nbytes + sum(

@@ -3,7 +3,8 @@
 ``train`` fits the model epoch by epoch (``SGDClassifier.partial_fit``, modified Huber loss, so
 ``predict_proba`` gives a confidence) on a stratified training split and reports each epoch's
 loss and validation accuracy through ``emit``. ``fine_tune`` starts from a trained model and may
-add intents. A model is saved with joblib as ``model.joblib`` beside ``metrics.json``.
+add intents. A model is saved with skops as ``model.skops`` beside ``metrics.json``
+(``modelfile``: no pickle, so a model file can never run code on the machine that loads it).
 
 Everything here runs in a trainer's child process (or, for ``predict``, in the predictor's
 child process, ``predictor.py``); it never touches the event loop, and the server never imports
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ModelRefused
+from . import modelfile
 from .entities import EntityExtractor
 from .eta import Eta, save_seconds
 from .features import (
@@ -32,10 +35,9 @@ from .features import (
     normalize,
     usable_features,
 )
+from .modelfile import FORMAT_VERSION, MODEL_FILE
 
-MODEL_FILE = "model.joblib"
 METRICS_FILE = "metrics.json"
-FORMAT_VERSION = 1
 
 Emit = Callable[..., None]
 
@@ -66,28 +68,57 @@ class IntentModel:
         }
 
     def save(self, directory: Path) -> Path:
-        import joblib
-
+        """Write ``model.skops`` (``modelfile``): the scikit-learn parts through skops, the rest
+        as plain JSON. Nothing of it is pickled, so loading it runs no code from the file."""
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (MODEL_FILE + ".tmp")
-        joblib.dump(self, tmp, compress=3)
         path = directory / MODEL_FILE
-        tmp.replace(path)
+        header = {
+            "intents": self.intents,
+            "trainedAt": self.trained_at,
+            "entities": {
+                "values": self.entities.values,
+                "patterns": self.entities.patterns,
+                "counts": self.entities.counts,
+            },
+            "meta": self.meta,
+        }
+        # The vocabularies (term -> column, most of a model) go in as plain JSON: as skops nodes,
+        # one per term, they made the file 5 MB of schema and its load 10x slower than joblib's.
+        fitted = [t for _, t in self.vectorizer.transformer_list]
+        vocabularies = {name: t.__dict__.pop("vocabulary_") for name, t in self.vectorizer.transformer_list}
+        try:
+            members = {modelfile.VOCABULARY: json.dumps({k: {w: int(i) for w, i in v.items()} for k, v in vocabularies.items()})}
+            modelfile.dump({"vectorizer": self.vectorizer, "classifier": self.classifier}, header, path, members)
+        finally:
+            for t, vocab in zip(fitted, vocabularies.values()):
+                t.vocabulary_ = vocab
         return path
 
     @staticmethod
     def load(directory: Path) -> IntentModel:
-        import joblib
-
-        try:
-            model = joblib.load(directory / MODEL_FILE)
-        except (OSError, EOFError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - unpickling garbage raises anything (KeyError: 110)
-            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model ({type(exc).__name__})") from None
-        if not isinstance(model, IntentModel):
-            raise ValueError(f"{directory / MODEL_FILE} is not a mangwale intent model")  # noqa: TRY004 - bad file content, not a caller's type error
-        return model
+        """Rebuild a model from ``directory/model.skops``. ``ModelRefused`` (nothing in the file
+        was run) for a pickle, a type outside ``modelfile.TRUSTED``, another format or
+        scikit-learn version."""
+        path = modelfile.model_file(directory)
+        parts, header = modelfile.load_parts(path)
+        vocabularies = modelfile.read_vocabularies(path)
+        for name, t in getattr(parts["vectorizer"], "transformer_list", None) or []:
+            if name not in vocabularies:
+                raise ModelRefused(f"{path.name} has no vocabulary for its {name!r} features")
+            t.vocabulary_ = vocabularies[name]
+        ents = header.get("entities") or {}
+        return IntentModel(
+            vectorizer=parts["vectorizer"],
+            classifier=parts["classifier"],
+            entities=EntityExtractor(
+                values=dict(ents.get("values") or {}),
+                patterns=dict(ents.get("patterns") or {}),
+                counts=dict(ents.get("counts") or {}),
+            ),
+            intents=list(header.get("intents") or []),
+            trained_at=int(header.get("trainedAt") or 0),
+            meta=dict(header.get("meta") or {}),
+        )
 
 
 def _vectorizer(kinds: list[str]) -> Any:
@@ -175,6 +206,7 @@ def train(
     ``emit.log(line)``, where the emitter has it, writes the job's log: the data, one line per
     epoch, the final scores. Data it cannot learn from raises ``TrainingDataError``.
     """
+    import skops.io  # noqa: F401 - the save needs it: its import (~1 s) is paid before any ETA is given
     from sklearn.linear_model import SGDClassifier
 
     # The job's log, as its stdout: what the trainer says it did (jobs logs prints it on stdout).

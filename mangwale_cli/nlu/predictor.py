@@ -5,7 +5,7 @@ keep for good after its first ``/predict``. Instead, ``Predictor`` starts one ch
 trainers' forkserver, ``trainers.process``) on the first prediction, keeps it while predictions
 come, and lets it go after ``idle`` seconds without one; its memory goes with it. Repeated
 predictions meet a warm child that holds the last few models; the first one after a quiet
-spell pays for starting it (about a second, most of it importing scikit-learn).
+spell pays for starting it (about 2 s of CPU, most of it importing scikit-learn and skops).
 
 One pipe carries requests and answers, one exchange at a time. It is also the child's
 lifeline: when the server exits, even by kill -9, the child reads end-of-file and exits.
@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelRefused
 from ..trainers.process import describe_failure, mp_context
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,11 @@ class PredictorFailed(RuntimeError):
 
 
 def _serve(conn: Connection, cache_size: int) -> None:
-    """The child: answer ``("predict", key, model_dir, text)`` and ``("forget", key)`` until
-    the server closes the pipe (or dies)."""
+    """The child: answer ``("predict", key, model_dir, text)``, ``("audit", path)`` and
+    ``("forget", key)`` until the server closes the pipe (or dies). A model refused by
+    ``modelfile`` answers ``("refused", message)``: nothing of it was run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the server's terminal is the server's
+    from . import modelfile
     from .model import IntentModel
 
     models: OrderedDict[str, IntentModel] = OrderedDict()
@@ -49,6 +52,19 @@ def _serve(conn: Connection, cache_size: int) -> None:
         if request[0] == "forget":
             models.pop(request[1], None)
             continue
+        answer: tuple[str, Any]
+        if request[0] == "audit":
+            try:
+                answer = ("ok", modelfile.audit(Path(request[1])))
+            except ModelRefused as exc:
+                answer = ("refused", str(exc))
+            except Exception as exc:  # noqa: BLE001 - the server reports it; the child serves on
+                answer = ("error", describe_failure(exc))
+            try:
+                conn.send(answer)
+            except (BrokenPipeError, OSError):
+                return
+            continue
         _, key, directory, text = request
         try:
             model = models.get(key)
@@ -59,7 +75,9 @@ def _serve(conn: Connection, cache_size: int) -> None:
                     models.popitem(last=False)
             else:
                 models.move_to_end(key)
-            answer: tuple[str, Any] = ("ok", model.predict(text))
+            answer = ("ok", model.predict(text))
+        except ModelRefused as exc:
+            answer = ("refused", str(exc))
         except Exception as exc:  # noqa: BLE001 - the server reports it; the child serves on
             answer = ("error", describe_failure(exc))
         try:
@@ -92,6 +110,11 @@ class Predictor:
         # for the next request to read.
         return await asyncio.shield(self._exchange(("predict", key, str(model_dir), text)))
 
+    async def audit(self, path: Path) -> dict[str, Any]:
+        """Check that ``path`` is a model this server would load (``modelfile.audit``: header,
+        versions, skops's type audit; no object is built). ``ModelRefused`` when it is not."""
+        return await asyncio.shield(self._exchange(("audit", str(path))))
+
     async def forget(self, key: str) -> None:
         """Drop a model from the child's cache (its job was deleted)."""
         async with self._lock:
@@ -123,6 +146,8 @@ class Predictor:
                 self._last_used = time.monotonic()
                 if self._conn is not None:
                     self._timer = asyncio.get_running_loop().call_later(self.idle, self._idle)
+        if status == "refused":
+            raise ModelRefused(body)
         if status != "ok":
             raise PredictorFailed(body)
         result: dict[str, Any] = body

@@ -31,7 +31,7 @@ from ..tokens import (
     token_from_authorization,
     token_from_subprotocols,
 )
-from .limits import ASGIApp, Receive, Send
+from .limits import ASGIApp, Receive, Send, is_artifact_upload
 from .limits import Scope as ASGIScope
 from .responses import error_response
 
@@ -39,6 +39,13 @@ log = logging.getLogger("mangwale.auth")
 
 TOKEN_KEY = "mangwale.token"  # scope key: the accepted Token, for handlers that want the name
 REALM = 'Bearer realm="mangwale"'
+
+
+def worker_route_scope() -> Scope:
+    """The scope of the routes a remote worker uses to report on a job it holds (today the
+    artifact upload, ``is_artifact_upload``). The one place that decides it: a write token (or
+    admin) until a narrower worker scope exists; the lease header fences who may report."""
+    return Scope.WRITE
 
 
 def required_scope(method: str, path: str) -> Scope | None:
@@ -49,6 +56,8 @@ def required_scope(method: str, path: str) -> Scope | None:
         return Scope.READ
     if not path.startswith("/training"):
         return None
+    if is_artifact_upload(method, path):
+        return worker_route_scope()
     if method in ("GET", "HEAD", "OPTIONS"):
         return Scope.READ
     if method == "POST" and path.endswith("/predict"):  # classifies a text, changes nothing

@@ -1,7 +1,8 @@
 """Limits on what a client can make the server hold: request bodies, message rates, stuck sockets.
 
 * ``BodyLimit`` answers 413 (JSON) for a request body over ``server.max_body_size``: at once when
-  ``Content-Length`` says so, else as soon as the streamed body passes the limit.
+  ``Content-Length`` says so, else as soon as the streamed body passes the limit. An artifact
+  upload streams to disk and has its own bound (``artifacts.max_size``, in the service).
 * ``RateLimit`` is a per-connection token bucket for WebSocket client messages
   (``websocket.message_rate`` / ``websocket.message_burst``; the connection closes with 4429).
 * ``ExposeTransport`` puts the connection's asyncio transport in the WebSocket scope
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -33,6 +35,15 @@ TRANSPORT_KEY = "mangwale.transport"
 PROTOCOL_KEY = "mangwale.ws_protocol"  # uvicorn's websockets-sansio protocol object, when it is that
 
 
+_UPLOAD = re.compile(r"/training/jobs/[^/]+/artifacts/.+")
+
+
+def is_artifact_upload(method: str, path: str) -> bool:
+    """``PUT /training/jobs/{id}/artifacts/{name}``: a file streamed to disk, bounded by
+    ``artifacts.max_size`` in the route instead of ``server.max_body_size``."""
+    return method == "PUT" and _UPLOAD.fullmatch(path) is not None
+
+
 def _too_large(limit: int) -> str:
     return f"the request body is larger than {limit} bytes (server.max_body_size)"
 
@@ -45,7 +56,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_artifact_upload(scope.get("method", ""), scope["path"]):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):

@@ -266,14 +266,51 @@ async def predict(request: Request, job_id: str, body: wire.PredictRequest) -> R
 
 @router.get(
     "/training/jobs/{job_id}/artifact",
-    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the model (joblib)"}},
+    responses={**ERRORS, 200: {"content": {"application/zip": {}}, "description": "the model (skops)"}},
     response_class=FileResponse,
     tags=["models"],
 )
 async def download_artifact(request: Request, job_id: str) -> Response:
-    """Download the trained model (a joblib file; load it with mangwale_cli.nlu.model.IntentModel.load)."""
+    """Download the trained model: a skops file (``model.skops``; load it with
+    ``mangwale_cli.nlu.model.IntentModel.load`` on a directory holding it). 409
+    ``legacy_model`` for a model an older mangwale saved as a pickle: retrain it."""
     path = await svc(request).model_path(job_id)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-model.joblib")
+    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-model.skops")
+
+
+@router.put(
+    "/training/jobs/{job_id}/artifacts/{name:path}",
+    status_code=201,
+    response_model=wire.ArtifactOut,
+    responses={
+        **ERRORS,
+        413: {"model": wire.ErrorOut, "description": "Larger than artifacts.max_size"},
+    },
+    openapi_extra={
+        "parameters": [
+            {"name": wire.SHA256_HEADER, "in": "header", "required": True, "schema": {"type": "string"},
+             "description": "sha256 of the body, 64 hex digits"},
+            {"name": wire.LEASE_HEADER, "in": "header", "required": True, "schema": {"type": "string"},
+             "description": "HOLDER:TOKEN, the job's current lease (its lease field)"},
+        ],
+        "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    },
+    tags=["jobs"],
+)
+async def upload_artifact(request: Request, job_id: str, name: str) -> Response:
+    """Store a file of a running job, streamed (docs/protocol.md, "Uploading an artifact"):
+    201 stored; 400 bad name or headers; 409 not the job's live lease, or not running; 413
+    over ``artifacts.max_size``; 422 sha256 mismatch, or a pickle / a model this server would
+    not load. Nothing is kept unless it answers 201."""
+    out = await svc(request).upload_artifact(
+        job_id,
+        name,
+        request.stream(),
+        lease=request.headers.get(wire.LEASE_HEADER),
+        sha256=request.headers.get(wire.SHA256_HEADER),
+        length=request.headers.get("content-length"),
+    )
+    return JSONOut(out, status_code=201)
 
 
 __all__ = ["hot", "router"]

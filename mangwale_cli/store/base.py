@@ -313,6 +313,24 @@ class Store(ABC):
         """Remove the job's files (after ``delete_jobs``), here and wherever they were published."""
         await asyncio.to_thread(shutil.rmtree, self.artifact_dir(job_id), True)
 
+    def uploads_refused(self) -> str | None:
+        """Why this store cannot take uploaded artifacts (``put_artifact``), or None when it can."""
+        return None
+
+    async def put_artifact(self, job_id: str, name: str, src: Path, size: int, sha256: str) -> Path:
+        """Put an uploaded file in place as ``name`` among the job's files. ``src`` is complete,
+        checked (``size`` bytes, ``sha256`` hex) and fsynced, in ``artifact_dir(job_id)`` (so
+        the rename is atomic); the rename and the directory's fsync make it durable before the
+        caller answers, hence before the job can be recorded terminal. Returns the new path."""
+        dest = self.artifact_dir(job_id) / name
+        await asyncio.to_thread(_rename_durably, src, dest)
+        return dest
+
+
+def _rename_durably(src: Path, dest: Path) -> None:
+    src.replace(dest)
+    fsync_path(dest.parent)
+
 
 def _fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` and the directories holding them (a model must survive

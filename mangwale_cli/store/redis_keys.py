@@ -17,7 +17,9 @@ The record (``RedisStore``; each change is one Lua script, ``redis_scripts``)::
     datasets             zset    dataset ids scored by createdAt
     meta                 hash    small metadata, JSON values; field ``schema`` holds the version
     lines:{job}:{name}   list    JSON lines of a job's ``logs`` or ``metrics``
-    artifact:{job}       hash    relative file name -> raw bytes, plus ``ARTIFACT_DIGEST_FIELD``
+    artifact:{job}       hash    relative file name -> raw bytes, plus ``ARTIFACT_DIGEST_FIELD``;
+                                 with ``artifacts.dir``: name -> JSON {size, sha256} (the files
+                                 are on the shared disk), plus ``MANIFEST_FIELD``
     events               stream  the event log: entry ``<seq>-1`` per event
     seq                  string  the last seq issued
     epoch                string  the event log's id
@@ -45,6 +47,8 @@ DEFAULT_PREFIX = "mangwale:"
 WORKERS_GROUP = "workers"  # the queue's consumer group: a name inside ``queue``, not a key
 #: a field of ``artifact:{job}`` that no relative file name can be: the digest of the set
 ARTIFACT_DIGEST_FIELD = "/digest"
+#: a field of ``artifact:{job}`` saying the hash is a manifest of files on ``artifacts.dir``
+MANIFEST_FIELD = "/manifest"
 #: the ``lines:{job}:{name}`` lists a job can have (deleted with the job)
 LINE_NAMES = ("logs", "metrics")
 WRITE_TTL = 600  # seconds a write's reply is kept for a retry at least (the store keeps it 2 leases if longer)

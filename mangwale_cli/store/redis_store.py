@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -53,9 +54,16 @@ from .. import faults, wire
 from ..errors import Conflict, MangwaleError, StoreError, Unavailable
 from ..eventlog import EventRing, new_epoch
 from ..wire import Dataset, Job, JobStatus
-from .base import IDEMPOTENCY_TTL, SCHEMA_VERSION, Cursor, Expect, Store, stale_write
+from .base import IDEMPOTENCY_TTL, SCHEMA_VERSION, Cursor, Expect, Store, _fsync_tree, stale_write
 from .datadir import TMP_MARK
-from .redis_keys import ARTIFACT_DIGEST_FIELD, DEFAULT_PREFIX, LINE_NAMES, WRITE_TTL, RedisKeys
+from .redis_keys import (
+    ARTIFACT_DIGEST_FIELD,
+    DEFAULT_PREFIX,
+    LINE_NAMES,
+    MANIFEST_FIELD,
+    WRITE_TTL,
+    RedisKeys,
+)
 from .redis_scripts import (
     APPEND_LOG,
     CLAIM_META,
@@ -126,6 +134,14 @@ def _digest(files: dict[str, bytes]) -> str:
         data = files[name]
         h.update(f"{name}\0{len(data)}\0".encode())
         h.update(data)
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -227,11 +243,15 @@ class RedisStore(Store):
         retention: int = 100_000,
         log_retention: int = 10_000,
         idempotency_ttl: float = IDEMPOTENCY_TTL,
+        shared_dir: Path | None = None,
     ) -> None:
         self.url = url
         self.safe_url = redact(url)
         self.keys = RedisKeys(prefix)
-        self.artifacts_dir = Path(cache_dir)
+        # ``artifacts.dir``: a directory every instance mounts. Files stay there and Redis keeps
+        # only a manifest; without it, files are published into Redis (small built-in models).
+        self.shared_dir = Path(shared_dir) if shared_dir is not None else None
+        self.artifacts_dir = self.shared_dir if self.shared_dir is not None else Path(cache_dir)
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
         self.health_check_interval = health_check_interval
@@ -659,10 +679,33 @@ class RedisStore(Store):
                 files[rel] = path.read_bytes()
         return files
 
+    def _manifest(self, job_id: str) -> dict[str, str]:
+        """``artifacts.dir``: each published file's ``{"size", "sha256"}`` (JSON), by name."""
+        root = self.artifact_dir(job_id)
+        out: dict[str, str] = {}
+        if not root.is_dir():
+            return out
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and rel not in NOT_PUBLISHED and TMP_MARK not in path.name and not path.name.startswith("."):
+                out[rel] = json.dumps({"size": path.stat().st_size, "sha256": _file_sha256(path)})
+        return out
+
     async def save_artifacts(self, job_id: str) -> None:
+        if self.shared_dir is not None:
+            # The files are on the shared disk already: make them durable, publish the manifest.
+            await asyncio.to_thread(_fsync_tree, self.artifact_dir(job_id))
+            manifest = await asyncio.to_thread(self._manifest, job_id)
+            mapping: dict[EncodableT, EncodableT] = {MANIFEST_FIELD: "1"}
+            mapping.update(manifest)
+            async with self._redis() as r, r.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.artifact(job_id))
+                pipe.hset(self.keys.artifact(job_id), mapping=mapping)
+                await pipe.execute()
+            return
         files = await asyncio.to_thread(self._read_local, job_id)
         digest = _digest(files)
-        mapping: dict[EncodableT, EncodableT] = {ARTIFACT_DIGEST_FIELD: digest}
+        mapping = {ARTIFACT_DIGEST_FIELD: digest}
         mapping.update(files)
         # One transaction: readers see the old set or the new one, never a mix.
         async with self._redis() as r, r.pipeline(transaction=True) as pipe:
@@ -675,6 +718,8 @@ class RedisStore(Store):
 
     async def load_artifacts(self, job_id: str) -> Path:
         root = self.artifact_dir(job_id)
+        if self.shared_dir is not None:
+            return root  # every instance mounts the same files
         key = self.keys.artifact(job_id)
         async with self._redis() as r:
             digest = await r.hget(key, ARTIFACT_DIGEST_FIELD)
@@ -697,6 +742,22 @@ class RedisStore(Store):
 
         await asyncio.to_thread(fill)
         return root
+
+    def uploads_refused(self) -> str | None:
+        if self.shared_dir is None:
+            return (
+                "this server keeps job files in Redis, which is no place for large uploaded files: "
+                "set artifacts.dir (MANGWALE_ARTIFACTS_DIR) to a directory every instance mounts"
+            )
+        return None
+
+    async def put_artifact(self, job_id: str, name: str, src: Path, size: int, sha256: str) -> Path:
+        if self.shared_dir is None:
+            raise Conflict(self.uploads_refused() or "", code="no_shared_artifacts_dir")
+        dest = await super().put_artifact(job_id, name, src, size, sha256)
+        async with self._redis() as r:
+            await r.hset(self.keys.artifact(job_id), mapping={MANIFEST_FIELD: "1", name: json.dumps({"size": size, "sha256": sha256})})
+        return dest
 
     @staticmethod
     def _cached_digest(root: Path) -> bytes | None:

@@ -6,10 +6,12 @@ artifact directory and served by ``POST /training/jobs/{id}/predict``.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, ModelRefused, NotFound
+from ..nlu import modelfile
 from ..nlu.features import TrainingDataError, check_examples
 from ..store.base import Store
 from ..wire import Dataset, JobStatus
@@ -89,9 +91,15 @@ class FineTuneTrainer(NluTrainer):
                 "it must be a succeeded nlu-train or fine-tune job",
                 field="params.baseJobId",
             )
-        # A shared store keeps models in Redis: fetch the base model into this instance's cache.
-        if not ((await store.load_artifacts(base_id)) / "model.joblib").is_file():
-            raise InvalidInput(f"params.baseJobId: job {base_id} has no saved model", field="params.baseJobId")
+        # A shared store publishes models: fetch the base model into this instance's cache.
+        directory = await store.load_artifacts(base_id)
+        try:
+            path = modelfile.model_file(directory)
+            if not path.is_file():
+                raise InvalidInput(f"params.baseJobId: job {base_id} has no saved model", field="params.baseJobId")
+            await asyncio.to_thread(modelfile.check_file, path)
+        except ModelRefused as exc:  # refused now, not after the job waited in the queue
+            raise ModelRefused(f"params.baseJobId: {exc}", field="params.baseJobId", code=exc.code) from None
 
     async def run(self, ctx: TrainingContext) -> dict[str, Any] | None:
         assert ctx.dataset is not None
