@@ -18,6 +18,7 @@ and an accepted request is logged (at debug level) by token name.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -41,11 +42,18 @@ TOKEN_KEY = "mangwale.token"  # scope key: the accepted Token, for handlers that
 REALM = 'Bearer realm="mangwale"'
 
 
+_ARTIFACT_UPLOAD = re.compile(r"^/training/jobs/[^/]+/artifacts/[^/]+$")
+
+
 def required_scope(method: str, path: str) -> Scope | None:
     """The scope a request needs; None for public paths (/healthz, the API docs, the dashboard).
     ``/metrics`` needs ``read``: it shows job counts and kinds, which a read token sees anyway,
     so a Prometheus scraper needs no more than that."""
-    if path.startswith("/ws/") or path == "/metrics":
+    if path == "/ws/workers" or path.startswith("/workers/"):
+        return Scope.WORKER  # a worker's connection, and what the jobs it holds need
+    if method == "PUT" and _ARTIFACT_UPLOAD.match(path):
+        return Scope.WORKER  # a worker uploads its job's artifacts (the lease header says which)
+    if path.startswith("/ws/") or path == "/metrics" or path == "/workers":
         return Scope.READ
     if not path.startswith("/training"):
         return None
@@ -143,7 +151,7 @@ def document(schema: dict[str, Any], tokens: TokenSet) -> None:
     components.setdefault("securitySchemes", {})["bearer"] = {
         "type": "http",
         "scheme": "bearer",
-        "description": "an API token (`mangwale tokens create`); scopes: read, write, admin",
+        "description": "an API token (`mangwale tokens create`); scopes: read, write, worker, admin",
     }
     error_ref = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
