@@ -25,6 +25,6 @@ def waiting_for(job: Job, takers: Iterable[tuple[Collection[str], Collection[str
     wants = []
     if job.labels:
         wants.append(f"labels {', '.join(job.labels)}")
-    if not any(job.kind in kinds for _, kinds in takers):
+    if not job.labels and not any(job.kind in kinds for _, kinds in takers):
         wants.append(f"kind {job.kind}")
     return "waiting for a worker with " + " and ".join(wants or ["room"])

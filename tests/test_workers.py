@@ -1,0 +1,259 @@
+"""Remote workers (``mangwale worker``) against real servers on loopback: routing by labels and
+kinds, fenced leases, kill -9, network cuts, server restarts, cancel, SIGTERM hand-back, and the
+worker scope. Timings are shrunk through settings (lease, heartbeat, backoff)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, wait_for
+
+LEASE = 2.0  # seconds: runner.lease for these servers
+FAST = {"MANGWALE_RUNNER_LEASE": str(LEASE), "MANGWALE_RUNNER_SAMPLE_DATASET": "false"}
+WORKER_ENV = {"MANGWALE_BACKOFF_INITIAL": "0.1", "MANGWALE_BACKOFF_MAX": "0.3",
+              "MANGWALE_WATCH_PING_INTERVAL": "1", "MANGWALE_WATCH_PING_TIMEOUT": "1"}  # fmt: skip
+
+# A command trainer that reports progress and writes its pid (to find orphans).
+TRAINER = """\
+import json, os, sys, time
+steps = int(os.environ.get("STEPS", "40"))
+with open(os.environ["PID_FILE"], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+for i in range(1, steps + 1):
+    time.sleep(0.1)
+    print(json.dumps({"progress": 100 * i / steps, "message": f"step {i}/{steps}"}), flush=True)
+"""
+
+
+class WorkerProcess:
+    """A real ``mangwale worker`` process."""
+
+    def __init__(self, url: str, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
+        self.args = list(args)
+        self.env = {**os.environ, **WORKER_ENV, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+
+    def start(self) -> WorkerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mangwale_cli", "worker", "--url", self.url, *self.args],
+            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        threading.Thread(target=self._drain, daemon=True).start()
+        wait_for(lambda: "registered with" in self.output() or self._dead(), 20, what="worker to register")
+        assert not self._dead(), self.output()
+        return self
+
+    def _dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with open(self.log_path, "a") as f:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                f.write(line)
+
+    def output(self) -> str:
+        return "".join(self.log)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def make(url: str, *args: str, env: dict[str, str] | None = None) -> WorkerProcess:
+        w = WorkerProcess(url, tmp_path, *args, env=env)
+        started.append(w)
+        return w.start()
+
+    yield make
+    for w in started:
+        w.kill()
+
+
+@pytest.fixture
+def only_serves(server_factory: Callable[..., ServerProcess]) -> ServerProcess:
+    """``serve --concurrency 0`` on the embedded store: it runs no job itself."""
+    return server_factory(env=FAST, args=["--concurrency", "0"])
+
+
+def create(url: str, kind: str = "simulate", labels: list[str] | None = None, **params: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": kind, "params": params}
+    if labels:
+        body["labels"] = labels
+    resp = httpx.post(url + "/training/jobs", json=body, timeout=10)
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def job(url: str, job_id: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/training/jobs/{job_id}", timeout=10).json()
+
+
+def wait_status(url: str, job_id: str, *statuses: str, timeout: float = 30) -> dict[str, Any]:
+    return wait_for(lambda: (j := job(url, job_id))["status"] in statuses and j, timeout, 0.05,
+                    f"job {job_id} to be {'/'.join(statuses)}")  # fmt: skip
+
+
+def events(url: str, job_id: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{url}/training/jobs/{job_id}/events", timeout=10).json()
+
+
+def trainer_config(tmp_path: Path, steps: int = 40) -> tuple[Path, Path]:
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER)
+    pids = tmp_path / "pids.txt"
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        "[trainers.steps]\n"
+        f"command = [{json.dumps(sys.executable)}, {json.dumps(str(script))}]\n"
+        "requires_dataset = false\n"
+        f"env = {{ PID_FILE = {json.dumps(str(pids))}, STEPS = \"{steps}\" }}\n"
+    )
+    return config, pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --- routing -------------------------------------------------------------------------------------
+
+
+def test_routing_by_labels_and_no_head_of_line_blocking(only_serves: ServerProcess, workers: Callable[..., WorkerProcess]) -> None:
+    """serve --concurrency 0 with a cpu worker and a gpu worker: each labelled job runs on the
+    worker with its labels, an unlabelled one anywhere, and a job no worker can run stays queued
+    saying what it waits for, without holding up the jobs queued after it."""
+    url = only_serves.url
+    stuck = create(url, labels=["tpu"], steps=2, stepMs=10)
+    assert stuck["message"] == "waiting for a worker with labels tpu"
+    workers(url, "--label", "cpu", "--name", "cpu-box")
+    workers(url, "--label", "gpu", "--label", "cuda", "--name", "gpu-box")
+    gpu = create(url, labels=["gpu"], steps=3, stepMs=20)
+    cpu = create(url, labels=["cpu"], steps=3, stepMs=20)
+    anywhere = create(url, steps=3, stepMs=20)
+    for j, where in ((gpu, "gpu-box"), (cpu, "cpu-box"), (anywhere, None)):
+        done = wait_status(url, j["id"], "succeeded", "failed")
+        assert done["status"] == "succeeded", done
+        assert done["lease"] is None and (where is None or done["worker"] == where)
+        updates = [e for e in events(url, j["id"]) if e["type"] == "training_update"]
+        assert updates[-1]["status"] == "succeeded" and updates[-1]["worker"] == done["worker"]
+        assert [e["jobSeq"] for e in events(url, j["id"]) if "jobSeq" in e] == list(range(1, done["jobSeq"] + 1))
+    assert job(url, stuck["id"])["status"] == "queued"
+    listed = httpx.get(url + "/workers", timeout=5).json()
+    assert sorted(w["name"] for w in listed) == ["cpu-box", "gpu-box"]
+    gpu_box = next(w for w in listed if w["name"] == "gpu-box")
+    assert gpu_box["labels"] == ["cuda", "gpu"] and "simulate" in gpu_box["kinds"] and gpu_box["state"] == "up"
+    assert "python" in gpu_box["versions"] and gpu_box["lastHeartbeat"] > 0
+
+
+def test_a_kind_only_workers_provide(only_serves: ServerProcess, workers: Callable[..., WorkerProcess], tmp_path: Path) -> None:
+    """A [trainers.*] kind from a worker's own config is accepted by POST and listed in
+    GET /training/kinds while the worker is registered; its job runs there, in a child process."""
+    url = only_serves.url
+    refused = httpx.post(url + "/training/jobs", json={"kind": "steps"}, timeout=5)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_kind"
+    config, _ = trainer_config(tmp_path, steps=5)
+    workers(url, "--config", str(config), "--name", "cmd-box")
+    kinds = [k["kind"] for k in httpx.get(url + "/training/kinds", timeout=5).json()]
+    assert "steps" in kinds
+    j = create(url, "steps")
+    done = wait_status(url, j["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded" and done["worker"] == "cmd-box", done
+    logs = httpx.get(f"{url}/training/jobs/{j['id']}/logs", timeout=5).json()
+    assert logs == [] or all(e["attempt"] == 1 for e in logs)
+
+
+# --- cancel, SIGTERM, kill -9 ---------------------------------------------------------------------
+
+
+def test_cancel_reaches_the_worker_within_a_second(only_serves: ServerProcess, workers: Callable[..., WorkerProcess],
+                                                   tmp_path: Path) -> None:  # fmt: skip
+    """jobs cancel of a job a worker runs: recorded at once, and the trainer's process is gone
+    within 1 s."""
+    url = only_serves.url
+    config, pids = trainer_config(tmp_path, steps=400)
+    workers(url, "--config", str(config))
+    j = create(url, "steps")
+    wait_for(lambda: job(url, j["id"])["progress"] > 0, 20, what="progress")
+    pid = int(pids.read_text().split()[0])
+    t0 = time.monotonic()
+    resp = httpx.post(f"{url}/training/jobs/{j['id']}/cancel", timeout=10)
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    wait_for(lambda: not alive(pid), 1.0, 0.01, "the trainer to be killed")
+    elapsed = time.monotonic() - t0
+    print(f"cancel -> trainer gone: {elapsed * 1000:.0f} ms")
+    assert elapsed < 1.0
+    time.sleep(0.3)
+    assert job(url, j["id"])["status"] == "cancelled"
+
+
+def test_sigterm_hands_jobs_back_and_kill_9_leaves_no_trainer(only_serves: ServerProcess,
+                                                              workers: Callable[..., WorkerProcess], tmp_path: Path) -> None:  # fmt: skip
+    """SIGTERM of a worker re-queues its job at once (not after the lease); the next worker
+    takes it, and kill -9 of that one leaves no trainer behind; the job then finishes on a
+    third worker as a later attempt, and a watcher sees each event once."""
+    url = only_serves.url
+    config, pids = trainer_config(tmp_path, steps=30)
+    first = workers(url, "--config", str(config), "--name", "first")
+    j = create(url, "steps")
+    wait_for(lambda: job(url, j["id"])["progress"] > 0, 20, what="progress")
+    t0 = time.monotonic()
+    assert first.proc is not None
+    first.proc.send_signal(signal.SIGTERM)
+    back = wait_status(url, j["id"], "queued", timeout=LEASE)
+    print(f"SIGTERM -> job re-queued: {(time.monotonic() - t0) * 1000:.0f} ms")
+    assert time.monotonic() - t0 < LEASE and "handed it back" in back["message"]
+    assert first.proc.wait(10) == 0
+    second = workers(url, "--config", str(config), "--name", "second")
+    wait_for(lambda: (x := job(url, j["id"]))["attempt"] == 2 and x["progress"] > 0, 20, what="attempt 2")
+    pid = int(pids.read_text().split()[-1])
+    assert alive(pid)
+    second.kill()
+    t_kill = time.monotonic()
+    wait_for(lambda: not alive(pid), 5, 0.02, "no orphan trainer after kill -9")
+    workers(url, "--config", str(config), "--name", "third")
+    wait_for(lambda: job(url, j["id"])["attempt"] == 3, LEASE * 3, 0.05, "attempt 3 after the lease")
+    requeued_after = time.monotonic() - t_kill
+    print(f"kill -9 -> attempt 3 started: {requeued_after:.2f} s (lease {LEASE} s)")
+    done = wait_status(url, j["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded" and done["worker"] == "third" and done["attempt"] == 3
+    evs = events(url, j["id"])
+    assert [e["jobSeq"] for e in evs if "jobSeq" in e] == list(range(1, done["jobSeq"] + 1))
+    assert len({e["seq"] for e in evs}) == len(evs)
+    assert sum(e["type"] == "training_update" and e["status"] == "succeeded" for e in evs) == 1
+    assert not any(alive(int(p)) for p in pids.read_text().split())
