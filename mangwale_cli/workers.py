@@ -76,14 +76,16 @@ class Worker:
     def holder(self) -> str:
         return holder_of(self.id)
 
+    silent_after: float = 30.0  # seconds without a message after which it counts as lost
+
     @property
     def state(self) -> str:
-        if self.session is None:
-            return "lost"
+        if self.session is None or now_ms() - self.last_heartbeat > self.silent_after * 1000:
+            return "lost"  # gone, or silent for a lease (a dead link keeps a socket open)
         return "busy" if len(self.running) >= self.concurrency else "up"
 
     def free(self) -> int:
-        return 0 if self.session is None else self.concurrency - len(self.running)
+        return 0 if self.state == "lost" else self.concurrency - len(self.running)
 
     def to_dict(self, instance: str) -> dict[str, Any]:
         return {
@@ -182,7 +184,7 @@ class WorkerHub:
             worker_id = f"wk-{now_ms()}-{secrets.token_hex(3)}"
         old = self.workers.get(worker_id)
         worker = Worker(worker_id, msg.name, frozenset(msg.labels), {k.kind: k for k in msg.kinds}, dict(msg.versions),
-                        msg.concurrency, session, last_heartbeat=now_ms())  # fmt: skip
+                        msg.concurrency, session, last_heartbeat=now_ms(), silent_after=self.lease)  # fmt: skip
         if old is not None and old.session is not None and old.session is not session:
             log.info("worker %s (%s) connected again; the older connection is dropped", worker_id, msg.name)
         kept: dict[str, bool] = {}
@@ -223,7 +225,7 @@ class WorkerHub:
     # --- what workers offer ---------------------------------------------------------------
 
     def live(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.session is not None]
+        return [w for w in self.workers.values() if w.state != "lost"]
 
     def kinds(self) -> dict[str, wire.WorkerKind]:
         """Kinds the live workers advertise."""

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.conftest import ServerProcess, wait_for
+from conftest import ServerProcess, wait_for
+from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
 
 LEASE = 2.0  # seconds: runner.lease for these servers
 FAST = {"MANGWALE_RUNNER_LEASE": str(LEASE), "MANGWALE_RUNNER_SAMPLE_DATASET": "false"}
@@ -257,3 +257,145 @@ def test_sigterm_hands_jobs_back_and_kill_9_leaves_no_trainer(only_serves: Serve
     assert len({e["seq"] for e in evs}) == len(evs)
     assert sum(e["type"] == "training_update" and e["status"] == "succeeded" for e in evs) == 1
     assert not any(alive(int(p)) for p in pids.read_text().split())
+
+
+# --- leases and fencing at the protocol level ---------------------------------------------------
+
+
+class FakeWorker:
+    """A worker speaking the protocol by hand, to send what a real one would not."""
+
+    def __init__(self, server: ServerProcess, name: str, token: str | None = None, again: FakeWorker | None = None,
+                 running: dict[str, int] | None = None) -> None:  # fmt: skip
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.ws = connect(f"ws://127.0.0.1:{server.port}/ws/workers", additional_headers=headers).__enter__()
+        who = {"id": again.id, "secret": again.registered["secret"]} if again is not None else {}
+        self.ws.send(json.dumps({"type": "register", "name": name, "concurrency": 1, "running": running or {},
+                                 "kinds": [{"kind": "simulate", "requiresDataset": False}], **who}))  # fmt: skip
+        self.registered = self.recv("registered")
+        self.id = self.registered["id"]
+
+    def recv(self, kind: str, timeout: float = 10) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while True:
+            msg = json.loads(self.ws.recv(max(0.01, end - time.monotonic())))
+            if msg["type"] == kind:
+                return msg
+
+    def report(self, job_id: str, token: int, n: int, what: str, **fields: Any) -> dict[str, Any]:
+        self.ws.send(json.dumps({"type": "report", "jobId": job_id, "token": token, "n": n, "what": what, **fields}))
+        while True:
+            msg = json.loads(self.ws.recv(10))
+            if msg["type"] in ("ack", "refused", "error"):
+                return msg
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def test_a_stale_workers_late_succeeded_is_refused(only_serves: ServerProcess) -> None:
+    """A worker that stops renewing loses its lease: the job is re-queued as the next attempt,
+    another worker takes it, and the first one's late succeeded (and any report for a job it
+    does not hold, whatever token it names) is refused with 409 and changes nothing."""
+    url = only_serves.url
+    a = FakeWorker(only_serves, "stale")
+    j = create(url, steps=2, stepMs=10)
+    offer = a.recv("offer")
+    assert offer["job"]["id"] == j["id"] and offer["lease"] == {"holder": f"worker:{a.id}", "token": 1}
+    assert a.report(j["id"], 1, 1, "progress", progress=50, message="half")["type"] == "ack"
+    assert a.report(j["id"], 1, 1, "progress", progress=50, message="half")["type"] == "ack"  # a resend
+    a.close()  # cut off: no more heartbeats
+    t0 = time.monotonic()
+    requeued = wait_status(url, j["id"], "queued", timeout=LEASE * 3)
+    print(f"lease expired -> re-queued: {time.monotonic() - t0:.2f} s (lease {LEASE} s)")
+    assert "stopped renewing its lease" in requeued["message"] and requeued["attempt"] == 1
+    b = FakeWorker(only_serves, "fresh")
+    assert b.recv("offer")["lease"] == {"holder": f"worker:{b.id}", "token": 2}
+    a = FakeWorker(only_serves, "stale", again=a, running={j["id"]: 1})  # back, as the same worker
+    assert a.registered["running"] == {j["id"]: False}
+    late = a.report(j["id"], 1, 2, "finish", status="succeeded", metrics={"accuracy": 1.0})
+    assert late["type"] == "refused" and late["status"] == 409 and late["code"] == "stale"
+    stolen = a.report(j["id"], 2, 3, "finish", status="succeeded")  # the right token, not its lease
+    assert stolen["type"] == "refused" and stolen["status"] == 409
+    assert job(url, j["id"])["status"] == "running"
+    assert b.report(j["id"], 2, 1, "finish", status="succeeded", metrics={"steps": 2})["type"] == "ack"
+    done = job(url, j["id"])
+    assert done["status"] == "succeeded" and done["worker"] == "fresh" and done["metrics"] == {"steps": 2}
+    updates = [e for e in events(url, j["id"]) if e["type"] == "training_update"]
+    assert [u["progress"] for u in updates if u["attempt"] == 1 and u["status"] == "running"] == [0, 50]
+    assert sum(u["status"] == "succeeded" for u in updates) == 1
+    a.close()
+    b.close()
+
+
+# --- network cuts and server restarts --------------------------------------------------------------
+
+
+def test_a_cut_shorter_than_the_lease_loses_nothing(server_factory: Callable[..., ServerProcess],
+                                                    workers: Callable[..., WorkerProcess],
+                                                    netproxy: Callable[[int], NetProxy]) -> None:  # noqa: F811 - the fixture imported above  # fmt: skip
+    """While the link is dead for less than the lease, the worker holds its reports; after it
+    reconnects they arrive once each, in order, and the job finishes as attempt 1."""
+    server = server_factory(env={**FAST, "MANGWALE_RUNNER_LEASE": "5"}, args=["--concurrency", "0"])
+    proxy = netproxy(server.port)
+    workers(proxy.url)
+    j = create(server.url, steps=40, stepMs=50)
+    wait_for(lambda: job(server.url, j["id"])["progress"] >= 10, 20, what="progress")
+    proxy.blackhole()
+    time.sleep(1.5)
+    proxy.cut()
+    proxy.restore()
+    done = wait_status(server.url, j["id"], "succeeded", "failed", "queued")
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done
+    updates = [e for e in events(server.url, j["id"]) if e["type"] == "training_update"]
+    progress = [u["progress"] for u in updates if u["status"] == "running"]
+    assert progress == sorted(progress) and len(progress) == len(set(progress)), progress
+    assert progress[-1] >= 97  # every step arrived: 2.5 %, 5 %, ... (the last report says 99)
+    assert len(progress) == 41  # the start, then one per step
+    logs = httpx.get(f"{server.url}/training/jobs/{j['id']}/logs", timeout=5).json()
+    assert [e["lineNo"] for e in logs] == list(range(1, len(logs) + 1))
+
+
+def test_a_cut_longer_than_the_lease_requeues_the_job(only_serves: ServerProcess, workers: Callable[..., WorkerProcess],
+                                                      netproxy: Callable[[int], NetProxy]) -> None:  # noqa: F811 - the fixture imported above  # fmt: skip
+    """A worker cut off for longer than the lease stops its trainer; the server re-queues the job
+    as the next attempt, which runs (here, on the same worker once it is back) to the end."""
+    proxy = netproxy(only_serves.port)
+    workers(proxy.url, "--name", "far")
+    url = only_serves.url
+    j = create(url, steps=60, stepMs=50)
+    wait_for(lambda: job(url, j["id"])["progress"] > 0, 20, what="progress")
+    proxy.blackhole()
+    requeued = wait_status(url, j["id"], "queued", timeout=LEASE * 3)
+    assert "stopped renewing its lease during attempt 1" in requeued["message"]
+    proxy.cut()
+    proxy.restore()
+    done = wait_status(url, j["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done
+    finals = [e for e in events(url, j["id"]) if e["type"] == "training_update" and e["status"] == "succeeded"]
+    assert len(finals) == 1 and finals[0]["attempt"] == 2
+
+
+def test_a_server_restart_does_not_stop_remote_training(only_serves: ServerProcess, workers: Callable[..., WorkerProcess],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    """SIGTERM and then kill -9 of the server while a worker trains: start-up leaves the job to
+    its worker, which reconnects and carries on; it succeeds as attempt 1."""
+    only_serves.stop()
+    only_serves.env["MANGWALE_RUNNER_LEASE"] = "8"  # longer than a restart takes on a busy machine
+    only_serves.start()
+    url = only_serves.url
+    config, pids = trainer_config(tmp_path, steps=60)
+    workers(url, "--config", str(config))
+    j = create(url, "steps")
+    wait_for(lambda: job(url, j["id"])["progress"] > 0, 20, what="progress")
+    pid = int(pids.read_text().split()[0])
+    assert only_serves.stop() == 0
+    only_serves.start()
+    assert job(url, j["id"])["status"] == "running"
+    wait_for(lambda: job(url, j["id"])["progress"] > 20, 20, what="progress after the restart")
+    only_serves.restart()  # kill -9
+    done = wait_status(url, j["id"], "succeeded", "failed", "queued")
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done
+    assert pids.read_text().split() == [str(pid)]  # the one trainer ran throughout
