@@ -281,7 +281,7 @@ class Service:
         """Validate and queue a job. Returns (job, created); a replayed key returns False.
         A kind only workers provide is accepted while a live worker advertises it; its params
         are the worker's to check."""
-        remote = self.hub.kinds().get(body.kind) if not self.trainers.has(body.kind) else None
+        remote = (await self.hub.all_kinds()).get(body.kind) if not self.trainers.has(body.kind) else None
         if remote is not None:
             return await self._create_remote_job(body, remote, idempotency_key)
         trainer = self.trainers.get(body.kind)

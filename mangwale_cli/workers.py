@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 HOLDER_PREFIX = "worker:"
 KEY_META = "workerKey"
+KINDS_META = "workerKinds"  # shared store: kind -> {description, requiresDataset, seen}
 
 
 def holder_of(worker_id: str) -> str:
@@ -196,6 +197,8 @@ class WorkerHub:
             else:
                 self._remotes.pop(job_id, None)
         self.workers[worker_id] = worker
+        if self.store.shared:
+            await self._advertise(worker)
         log.info("worker %s (%s) registered: labels %s, kinds %s, concurrency %d, %d running",
                  worker_id, worker.name, sorted(worker.labels) or "-", ", ".join(sorted(worker.kinds)),
                  worker.concurrency, len(worker.running))  # fmt: skip
@@ -233,6 +236,28 @@ class WorkerHub:
         for w in self.live():
             for kind, spec in w.kinds.items():
                 out.setdefault(kind, spec)
+        return out
+
+    async def _advertise(self, worker: Worker) -> None:
+        """Shared store: note the worker's kinds where every instance sees them, so a job of a
+        kind only workers provide is accepted through any instance."""
+        known = await self.store.get_meta(KINDS_META)
+        kinds = dict(known) if isinstance(known, dict) else {}
+        for kind, spec in worker.kinds.items():
+            kinds[kind] = {"description": spec.description, "requiresDataset": spec.requiresDataset, "seen": now_ms()}
+        await self.store.set_meta(KINDS_META, kinds)
+
+    async def all_kinds(self) -> dict[str, wire.WorkerKind]:
+        """Kinds the live workers advertise: here, and (shared store) through any instance
+        within ``workers.forget_after``."""
+        out = self.kinds()
+        if self.store.shared:
+            known = await self.store.get_meta(KINDS_META)
+            cutoff = now_ms() - self.forget_after * 1000
+            for kind, spec in (known if isinstance(known, dict) else {}).items():
+                if kind not in out and isinstance(spec, dict) and spec.get("seen", 0) >= cutoff:
+                    out[kind] = wire.WorkerKind(kind=kind, description=str(spec.get("description") or ""),
+                                                requiresDataset=bool(spec.get("requiresDataset", True)))  # fmt: skip
         return out
 
     def takers(self) -> list[tuple[frozenset[str], frozenset[str]]]:

@@ -399,3 +399,94 @@ def test_a_server_restart_does_not_stop_remote_training(only_serves: ServerProce
     done = wait_status(url, j["id"], "succeeded", "failed", "queued")
     assert done["status"] == "succeeded" and done["attempt"] == 1, done
     assert pids.read_text().split() == [str(pid)]  # the one trainer ran throughout
+
+
+# --- the worker scope ------------------------------------------------------------------------------
+
+
+def test_the_worker_scope_takes_jobs_and_nothing_else(server_factory: Callable[..., ServerProcess],
+                                                      workers: Callable[..., WorkerProcess], tmp_path: Path) -> None:  # fmt: skip
+    """A worker token runs jobs through /ws/workers and reads what its jobs need, and is refused
+    (403) everywhere else: listing and creating jobs, the event stream, datasets; a read or
+    write token cannot act as a worker; a worker asking for a dataset of a job it does not hold
+    gets 409."""
+    from tokentools import new_token, write_config
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    keys = {"box": new_token(), "ci": new_token()}
+    cfg = write_config(tmp_path / "auth.toml", {"box": (keys["box"], ["worker"]), "ci": (keys["ci"], ["read", "write"])})
+    server = server_factory(env=FAST, args=["--concurrency", "0", "--config", str(cfg)])
+    url = server.url
+    box = {"Authorization": f"Bearer {keys['box']}"}
+    ci = {"Authorization": f"Bearer {keys['ci']}"}
+    for method, path in (("GET", "/training/jobs"), ("POST", "/training/jobs"), ("GET", "/training/datasets"),
+                         ("GET", "/training/events"), ("GET", "/workers"), ("GET", "/metrics"),
+                         ("POST", "/training/jobs/prune")):  # fmt: skip
+        resp = httpx.request(method, url + path, headers=box, json={}, timeout=5)
+        assert resp.status_code == 403, (method, path, resp.status_code)
+        assert resp.json()["error"]["code"] == "insufficient_scope"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{server.port}/ws/training", additional_headers=box).__enter__()
+    assert refused.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{server.port}/ws/workers", additional_headers=ci).__enter__()
+    assert refused.value.response.status_code == 403
+    assert httpx.get(url + "/workers", headers=ci, timeout=5).status_code == 200
+
+    ds = httpx.post(url + "/training/datasets", headers=ci, timeout=5,
+                    json={"name": "d", "examples": [{"text": "hi", "intent": "greet"}]}).json()  # fmt: skip
+    other = httpx.post(url + "/training/jobs", headers=ci, json={"kind": "simulate", "datasetId": ds["id"]}, timeout=5).json()
+    fake = FakeWorker(server, "probe", token=keys["box"])
+    offer = fake.recv("offer")
+    assert offer["job"]["id"] == other["id"]
+    secret = {"X-Mangwale-Worker-Secret": fake.registered["secret"], **box}
+    got = httpx.get(f"{url}/workers/{fake.id}/jobs/{other['id']}/dataset", headers=secret, timeout=5)
+    assert got.status_code == 200 and got.json()["id"] == ds["id"]
+    assert fake.report(other["id"], 1, 1, "finish", status="succeeded")["type"] == "ack"
+    after = httpx.get(f"{url}/workers/{fake.id}/jobs/{other['id']}/dataset", headers=secret, timeout=5)
+    assert after.status_code == 409 and after.json()["error"]["code"] == "stale"
+    wrong = httpx.get(f"{url}/workers/{fake.id}/jobs/{other['id']}/dataset", timeout=5,
+                      headers={**box, "X-Mangwale-Worker-Secret": "0" * 64})  # fmt: skip
+    assert wrong.status_code == 401
+    fake.close()
+
+    workers(url, "--token", keys["box"], "--name", "scoped")
+    j = httpx.post(url + "/training/jobs", headers=ci, json={"kind": "simulate", "params": {"steps": 2, "stepMs": 10}},
+                   timeout=5).json()  # fmt: skip
+    done = wait_for(lambda: (x := httpx.get(f"{url}/training/jobs/{j['id']}", headers=ci, timeout=5).json())["status"]
+                    == "succeeded" and x, 20, what="the job to succeed")  # fmt: skip
+    assert done["worker"] == "scoped"
+
+
+# --- two Redis instances -----------------------------------------------------------------------------
+
+
+def test_redis_killing_the_instance_that_handed_the_job_out(server_factory: Callable[..., ServerProcess],
+                                                            redis_server: Any, workers: Callable[..., WorkerProcess],
+                                                            netproxy: Callable[[int], NetProxy], tmp_path: Path) -> None:  # noqa: F811 - the fixture imported above  # fmt: skip
+    """Two instances on one Redis, neither running jobs itself; a gpu worker reaches them through
+    a proxy (a load balancer). kill -9 of the instance that handed out its job does not disturb
+    the worker: it reconnects through the balancer to the other instance and the job succeeds
+    as attempt 1; a job for labels no worker has stays queued meanwhile, and the next gpu job runs."""
+    env = {**FAST, "MANGWALE_RUNNER_LEASE": "4", "MANGWALE_STORE_TIMEOUT": "1"}
+    a, b = (server_factory(data_dir=tmp_path / "shared", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
+            for _ in range(2))  # fmt: skip
+    balancer = netproxy(a.port)
+    config, pids = trainer_config(tmp_path, steps=50)
+    workers(balancer.url, "--label", "gpu", "--config", str(config), "--name", "gpu-box")
+    stuck = create(a.url, "steps", labels=["tpu"])
+    j = create(b.url, "steps", labels=["gpu"])
+    wait_for(lambda: job(b.url, j["id"])["progress"] > 0, 20, what="progress")
+    assert job(b.url, j["id"])["worker"] == "gpu-box"
+    a.kill()
+    balancer.target = ("127.0.0.1", b.port)
+    balancer.cut()
+    done = wait_status(b.url, j["id"], "succeeded", "failed", "queued", timeout=40)
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done
+    assert len(pids.read_text().split()) == 1
+    evs = events(b.url, j["id"])
+    assert [e["jobSeq"] for e in evs if "jobSeq" in e] == list(range(1, done["jobSeq"] + 1))
+    nxt = create(b.url, "steps", labels=["gpu"])
+    assert wait_status(b.url, nxt["id"], "succeeded", "failed")["status"] == "succeeded"
+    assert job(b.url, stuck["id"])["status"] == "queued"

@@ -63,7 +63,7 @@ async def list_kinds(request: Request) -> Response:
     service = svc(request)
     out = {t.kind: {"kind": t.kind, "description": t.description, "requiresDataset": t.requires_dataset}
            for t in service.trainers.kinds()}  # fmt: skip
-    for kind, spec in service.hub.kinds().items():
+    for kind, spec in (await service.hub.all_kinds()).items():
         out.setdefault(kind, {"kind": kind, "description": spec.description, "requiresDataset": spec.requiresDataset})
     return JSONOut([out[k] for k in sorted(out)])
 
