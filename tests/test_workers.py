@@ -490,3 +490,10 @@ def test_redis_killing_the_instance_that_handed_the_job_out(server_factory: Call
     nxt = create(b.url, "steps", labels=["gpu"])
     assert wait_status(b.url, nxt["id"], "succeeded", "failed")["status"] == "succeeded"
     assert job(b.url, stuck["id"])["status"] == "queued"
+
+
+def test_dashboard_has_a_workers_panel(api: Any) -> None:
+    """The dashboard ships a workers panel that reads GET /workers; with no worker the list is empty."""
+    assert 'id="workers-card"' in api.get("/").text
+    assert "api.workers()" in api.get("/static/workers.js").text
+    assert api.get("/workers").json() == []
