@@ -420,8 +420,6 @@ class WorkerHub:
             elif worker.running.pop(job_id, None) is not None:
                 self._remotes.pop(job_id, None)
                 self._wake.set()
-        for job_id in [j for j in worker.running if j not in msg.jobs]:
-            worker.running.pop(job_id, None)  # it finished or was handed back meanwhile
         return wire.worker_renewed(out)
 
     async def release(self, worker: Worker, msg: wire.WorkerRelease) -> None:
@@ -453,8 +451,9 @@ class WorkerHub:
 
     async def notify_cancel(self, job_id: str, worker_id: str | None = None) -> bool:
         """Tell the worker running ``job_id`` (if it is connected here) to stop it."""
-        for w in self.workers.values():
-            if (worker_id is None or w.id == worker_id) and job_id in w.running and w.session is not None:
+        named = self.workers.get(worker_id) if worker_id else None
+        for w in [named] if named is not None else list(self.workers.values()):
+            if (named is not None or job_id in w.running) and w.session is not None:
                 w.running.pop(job_id, None)
                 self._wake.set()
                 try:

@@ -497,3 +497,20 @@ def test_dashboard_has_a_workers_panel(api: Any) -> None:
     assert 'id="workers-card"' in api.get("/").text
     assert "api.workers()" in api.get("/static/workers.js").text
     assert api.get("/workers").json() == []
+
+
+def test_watch_names_the_worker() -> None:
+    """watch's step text says which worker runs a job ("on gpu-box: ..."), and nothing for a local run."""
+    from mangwale_cli.cli.watchview import step_text
+    from mangwale_cli.followitems import JobView
+
+    v = JobView("job-1")
+    v.apply_event({"type": "training_update", "status": "running", "progress": 40, "message": "step 4/10",
+                   "attempt": 1, "worker": "gpu-box", "timestamp": 1})  # fmt: skip
+    assert step_text(v) == "on gpu-box: step 4/10"
+    v.apply_event({"type": "training_update", "status": "running", "progress": 10, "message": "step 1/10",
+                   "attempt": 2, "worker": "cpu-box", "timestamp": 2})  # fmt: skip
+    assert step_text(v) == "attempt 2 on cpu-box: step 1/10"
+    v.apply_event({"type": "training_update", "status": "running", "progress": 10, "message": "step 1/10",
+                   "attempt": 3, "timestamp": 3})  # fmt: skip
+    assert step_text(v) == "attempt 3: step 1/10"
