@@ -514,3 +514,40 @@ def test_watch_names_the_worker() -> None:
     v.apply_event({"type": "training_update", "status": "running", "progress": 10, "message": "step 1/10",
                    "attempt": 3, "timestamp": 3})  # fmt: skip
     assert step_text(v) == "attempt 3: step 1/10"
+
+
+def test_workers_list_states_and_forget_after(api: Any) -> None:
+    """GET /workers shows a registered worker as up; once its connection is gone it is lost, and a
+    sweep after workers.forget_after drops it. A bad first message closes with 4400; an id the
+    server did not issue with 4401."""
+    from starlette.websockets import WebSocketDisconnect
+
+    hub = api.app.state.service.hub
+    register = {"type": "register", "name": "box", "labels": ["gpu"], "concurrency": 2,
+                "kinds": [{"kind": "simulate", "requiresDataset": False}], "versions": {"python": "3"}}  # fmt: skip
+    with api.websocket_connect("/ws/workers") as ws:
+        ws.send_text(json.dumps(register))
+        reg = json.loads(ws.receive_text())
+        assert reg["type"] == "registered" and reg["id"].startswith("wk-") and reg["lease"] > reg["heartbeat"] > 0
+        (row,) = api.get("/workers").json()
+        assert row["id"] == reg["id"] and row["state"] == "up" and row["labels"] == ["gpu"] and row["concurrency"] == 2
+        ws.send_text(json.dumps({"type": "heartbeat", "jobs": {"job-x": 1}}))
+        assert json.loads(ws.receive_text()) == {"type": "renewed", "jobs": {"job-x": False}}
+        ws.send_text("{not json")
+        assert json.loads(ws.receive_text())["type"] == "error"
+    assert api.get("/workers").json()[0]["state"] == "lost"
+    hub.forget_after = 0
+    api.portal.call(hub.sweep)
+    assert api.get("/workers").json() == []
+    with api.websocket_connect("/ws/workers") as ws:
+        ws.send_text(json.dumps({"type": "heartbeat"}))
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+            ws.receive_text()
+        assert closed.value.code == 4400
+    with api.websocket_connect("/ws/workers") as ws:
+        ws.send_text(json.dumps({**register, "id": "wk-1-abcdef", "secret": "0" * 64}))
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+            ws.receive_text()
+        assert closed.value.code == 4401
