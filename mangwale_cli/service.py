@@ -281,7 +281,8 @@ class Service:
         """Validate and queue a job. Returns (job, created); a replayed key returns False.
         A kind only workers provide is accepted while a live worker advertises it; its params
         are the worker's to check."""
-        remote = (await self.hub.all_kinds()).get(body.kind) if not self.trainers.has(body.kind) else None
+        hub = getattr(self, "hub", None)  # None until start()
+        remote = (await hub.all_kinds()).get(body.kind) if hub is not None and not self.trainers.has(body.kind) else None
         if remote is not None:
             return await self._create_remote_job(body, remote, idempotency_key)
         trainer = self.trainers.get(body.kind)
@@ -320,7 +321,8 @@ class Service:
         """What a queued job waits for when no taker (this runner, a live worker) can run it."""
         assert self.runner is not None
         local = [(self.runner.labels, self.trainers.names())] if self.runner.concurrency > 0 else []
-        return routing.waiting_for(job, [*local, *self.hub.takers()])
+        hub = getattr(self, "hub", None)
+        return routing.waiting_for(job, [*local, *(hub.takers() if hub is not None else [])])
 
     async def _store_job(self, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
         t = self._stamp()
