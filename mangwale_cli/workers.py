@@ -150,8 +150,6 @@ class WorkerHub:
         return max(0.05, self.lease / 5)
 
     async def start(self) -> None:
-        await self.store.claim_meta(KEY_META, secrets.token_hex(32))
-        self._key = str(await self.store.get_meta(KEY_META)).encode()
         self.bus.add_listener(self._on_events)
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="workers-dispatch"),
@@ -168,15 +166,28 @@ class WorkerHub:
 
     # --- identity -------------------------------------------------------------------------
 
+    async def _load_key(self) -> None:
+        """The key worker secrets are derived from: made (once, in the store, so every instance
+        of a shared store has it) when the first worker registers; a server no worker ever
+        joined writes nothing."""
+        if self._key:
+            return
+        known = await self.store.get_meta(KEY_META)
+        if known is None:
+            await self.store.claim_meta(KEY_META, secrets.token_hex(32))
+            known = await self.store.get_meta(KEY_META)
+        self._key = str(known).encode()
+
     def _secret(self, worker_id: str) -> str:
         return hmac.new(self._key, worker_id.encode(), hashlib.sha256).hexdigest()
 
     def verify(self, worker_id: str, secret: str) -> bool:
-        return bool(worker_id) and hmac.compare_digest(self._secret(worker_id), secret or "")
+        return bool(worker_id and self._key) and hmac.compare_digest(self._secret(worker_id), secret or "")
 
     async def register(self, session: Session, msg: wire.WorkerRegister) -> tuple[Worker, dict[str, Any]]:
         """A worker connected: the ``registered`` reply names its id (kept from an earlier
         registration when ``id``/``secret`` match) and which of its running jobs are still its own."""
+        await self._load_key()
         if msg.id and msg.secret:
             if not msg.id.startswith("wk-") or not self.verify(msg.id, msg.secret):
                 raise Unauthorized("this worker id was not issued by this server", code="invalid_worker")
@@ -216,8 +227,9 @@ class WorkerHub:
     def describe(self) -> list[dict[str, Any]]:
         return [w.to_dict(self.instance) for w in sorted(self.workers.values(), key=lambda w: (w.name, w.id))]
 
-    def worker(self, worker_id: str, secret: str) -> Worker:
+    async def worker(self, worker_id: str, secret: str) -> Worker:
         """The registered worker a REST call names (its id and secret), or 401/404."""
+        await self._load_key()
         if not self.verify(worker_id, secret):
             raise Unauthorized("unknown worker or wrong worker secret", code="invalid_worker")
         w = self.workers.get(worker_id)

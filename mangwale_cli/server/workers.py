@@ -125,7 +125,7 @@ async def list_workers(request: Request) -> Response:
 async def _held_job(request: Request, worker_id: str, job_id: str, secret: str) -> tuple[Service, wire.Job]:
     """A job the worker holds now (409 otherwise): what its scope lets it read."""
     service: Service = request.app.state.service
-    worker = _hub(service).worker(worker_id, secret)
+    worker = await _hub(service).worker(worker_id, secret)
     job = await service.get_job(job_id)
     lease = job.lease or {}
     if job.status is not JobStatus.RUNNING or lease.get("holder") != worker.holder:
