@@ -77,12 +77,12 @@ class Worker:
     def holder(self) -> str:
         return holder_of(self.id)
 
-    silent_after: float = 30.0  # seconds without a message after which it counts as lost
+    silent_after: float = 15.0  # seconds without a message (half a lease) after which it counts as lost
 
     @property
     def state(self) -> str:
         if self.session is None or now_ms() - self.last_heartbeat > self.silent_after * 1000:
-            return "lost"  # gone, or silent for a lease (a dead link keeps a socket open)
+            return "lost"  # gone, or silent for half a lease (a dead link keeps a socket open)
         return "busy" if len(self.running) >= self.concurrency else "up"
 
     def free(self) -> int:
@@ -196,7 +196,7 @@ class WorkerHub:
             worker_id = f"wk-{now_ms()}-{secrets.token_hex(3)}"
         old = self.workers.get(worker_id)
         worker = Worker(worker_id, msg.name, frozenset(msg.labels), {k.kind: k for k in msg.kinds}, dict(msg.versions),
-                        msg.concurrency, session, last_heartbeat=now_ms(), silent_after=self.lease)  # fmt: skip
+                        msg.concurrency, session, last_heartbeat=now_ms(), silent_after=self.lease / 2)  # fmt: skip
         if old is not None and old.session is not None and old.session is not session:
             log.info("worker %s (%s) connected again; the older connection is dropped", worker_id, msg.name)
         kept: dict[str, bool] = {}
@@ -289,7 +289,11 @@ class WorkerHub:
     async def _dispatch_loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.2, self.lease / 3))
+                # asyncio.timeout, not wait_for: before Python 3.12 wait_for can lose a
+                # cancellation that arrives as the event is set (CPython gh-86296), and stop()
+                # would wait for this loop forever.
+                async with asyncio.timeout(max(0.2, self.lease / 3)):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

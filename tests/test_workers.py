@@ -235,9 +235,9 @@ def test_sigterm_hands_jobs_back_and_kill_9_leaves_no_trainer(only_serves: Serve
     t0 = time.monotonic()
     assert first.proc is not None
     first.proc.send_signal(signal.SIGTERM)
-    back = wait_status(url, j["id"], "queued", timeout=LEASE)
+    back = wait_status(url, j["id"], "queued", timeout=10)
     print(f"SIGTERM -> job re-queued: {(time.monotonic() - t0) * 1000:.0f} ms")
-    assert time.monotonic() - t0 < LEASE and "handed it back" in back["message"]
+    assert "handed it back" in back["message"]  # not "stopped renewing its lease": it did not wait for it
     assert first.proc.wait(10) == 0
     second = workers(url, "--config", str(config), "--name", "second")
     wait_for(lambda: (x := job(url, j["id"]))["attempt"] == 2 and x["progress"] > 0, 20, what="attempt 2")
