@@ -255,6 +255,9 @@ class Client:
 
     # --- jobs -------------------------------------------------------------------------------
 
+    def list_workers(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/workers")
+
     def list_kinds(self) -> list[dict[str, Any]]:
         return self._json("GET", "/training/kinds")
 
@@ -266,6 +269,7 @@ class Client:
         params: dict[str, Any] | None = None,
         agent_id: str | None = None,
         idempotency_key: str | None = None,
+        labels: list[str] | None = None,
     ) -> dict[str, Any]:
         bad = non_finite(params)
         if bad:
@@ -279,6 +283,8 @@ class Client:
             body["agentId"] = agent_id
         if params:
             body["params"] = params
+        if labels:
+            body["labels"] = labels
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         return self._json("POST", "/training/jobs", json=body, headers=headers)
 
@@ -478,3 +484,38 @@ class AsyncClient:
 
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
         return await self._json("POST", f"{_job(job_id)}/cancel")
+
+    # --- a remote worker's calls (docs/protocol.md, "Workers") ---------------------------------
+
+    async def worker_dataset(self, worker_id: str, secret: str, job_id: str) -> dict[str, Any]:
+        """The dataset of a job this worker holds (409 ``stale`` when it does not)."""
+        path = f"/workers/{seg(worker_id)}/jobs/{seg(job_id)}/dataset"
+        return await self._json("GET", path, headers={"X-Mangwale-Worker-Secret": secret})
+
+    async def upload_artifact(self, job_id: str, name: str, path: Path, *, holder: str, token: int, chunk: int = 1 << 20) -> None:
+        """Upload one file of a job this worker holds, as a stream: ``PUT
+        /training/jobs/{id}/artifacts/{name}`` with the lease (``X-Mangwale-Lease:
+        HOLDER:TOKEN``), the file's sha256 (``X-Content-SHA256``) and its ``Content-Length``.
+        The server answers 201, or 400 (bad headers), 409 (not the lease holder), 413 (over
+        ``artifacts.max_size``) or 422 (a digest mismatch, or a file it refuses to keep)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        size = 0
+        with path.open("rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+                size += len(block)
+
+        async def body() -> Any:
+            with path.open("rb") as fh:
+                while block := fh.read(chunk):
+                    yield block
+
+        headers = {
+            "X-Mangwale-Lease": f"{holder}:{token}",
+            "X-Content-SHA256": digest.hexdigest(),
+            "Content-Length": str(size),
+            "Content-Type": "application/octet-stream",
+        }
+        await self.request("PUT", f"{_job(job_id)}/artifacts/{seg(name)}", content=body(), headers=headers)

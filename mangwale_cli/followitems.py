@@ -37,6 +37,7 @@ class JobView:
     finished_at: int | None = None  # ms
     job_seq: int | None = None  # last jobSeq handled
     deleted: str | None = None  # "deleted" / "pruned" once a job_deleted event named it
+    worker: str | None = None  # the remote worker of the current or last attempt
 
     @property
     def terminal(self) -> bool:
@@ -65,6 +66,7 @@ class JobView:
             self.progress = float(ev.get("progress") or 0)
             self.message = ev.get("message")
             self.attempt = attempt
+            self.worker = ev.get("worker")
             self.eta = ev.get("eta")
             self.eta_at = ts
             self.error = ev.get("error")
@@ -84,6 +86,7 @@ class JobView:
         self.progress = float(doc.get("progress") or 0)
         self.message = doc.get("message")
         self.attempt = doc.get("attempt", self.attempt)
+        self.worker = doc.get("worker")
         self.error = doc.get("error")
         if doc.get("metrics"):
             self.metrics = doc["metrics"]

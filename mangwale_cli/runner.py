@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import wire
+from . import routing, wire
 from .errors import StaleWrite, Unavailable
 from .events import EventBus
 from .jobqueue import JobQueue, Lease, LocalQueue
@@ -198,6 +198,7 @@ class Runner:
         log_lines_per_job: int = 10_000,
         queue: JobQueue | None = None,
         holder: str = "local",
+        labels: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.queue: JobQueue = queue or LocalQueue()
@@ -209,6 +210,8 @@ class Runner:
         self.kill_grace = kill_grace
         self.log_lines_per_job = log_lines_per_job
         self.holder = holder
+        self.labels = labels  # a job runs here only if all its labels are among these
+        self.on_remote_cancel: Callable[[str], None] | None = None  # the worker hub's
         self._reporters: dict[str, _Reporter] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -276,9 +279,20 @@ class Runner:
                 elif job_id in self._reporters:
                     rep.outbox._lose("the lease is gone (another runner took the job over)")
 
+    def can_take(self, job: Job) -> bool:
+        """Whether this runner may run ``job``: it runs jobs at all, has every one of the job's
+        labels, and knows its kind (a kind only workers provide is theirs)."""
+        return self.concurrency > 0 and routing.can_run(job, self.labels, self.trainers.names())
+
     async def _recover(self) -> None:
-        """Embedded store: jobs running when the server stopped have no runner any more."""
+        """Embedded store: jobs running when the server stopped have no runner any more, except
+        those a remote worker holds: they got a full lease at start-up, time for their worker to
+        come back (the worker hub re-queues them if it does not)."""
+        from .workers import is_remote
+
         for job in reversed(await self.store.list_jobs(statuses=[JobStatus.RUNNING, JobStatus.QUEUED])):
+            if job.status is JobStatus.RUNNING and is_remote(job):
+                continue
             if job.status is JobStatus.RUNNING:
                 job.progress = max(job.progress, await self._logged_progress(job))
                 if job.attempt >= self.max_attempts:
@@ -295,7 +309,7 @@ class Runner:
                     job = await self.store.write_job(job, wire.training_update(job), expect=expect, durable=True)
                 except StaleWrite:
                     continue
-            if job.status is JobStatus.QUEUED:
+            if job.status is JobStatus.QUEUED and self.can_take(job):
                 await self.queue.put(job.id)
 
     async def _logged_progress(self, job: Job) -> float:
@@ -386,7 +400,7 @@ class Runner:
     async def submit(self, job: Job) -> None:
         """Queue a job the store has just created. A shared store queued it already, in the
         transaction that created it: an acknowledged job is never missing from the queue."""
-        if not self.store.shared:
+        if not self.store.shared and self.can_take(job):
             await self.queue.put(job.id)
 
     @property
@@ -471,6 +485,8 @@ class Runner:
 
     def _remote_cancel(self, job_id: str) -> None:
         """Another instance asked to cancel a job: act if it runs here."""
+        if self.on_remote_cancel is not None:
+            self.on_remote_cancel(job_id)  # a worker connected here may run it
         if job_id in self._running or job_id in self._starting:
             # The loop keeps only a weak reference to a task: hold it until it is done.
             task = asyncio.get_running_loop().create_task(self._cancel_local(job_id))
@@ -532,6 +548,8 @@ class Runner:
         job = await self.store.get_job(job_id)
         if job is None or job.status.terminal or job_id in self._running or job_id in self._starting:
             return True
+        if not self.can_take(job):
+            return True  # a worker's job: the worker hub hands it out; the entry is not ours to keep
         if job.status is JobStatus.RUNNING:
             if not self.queue.shared:
                 return True
@@ -566,6 +584,7 @@ class Runner:
         job.error = None
         job.started_at = job.updated_at = now_ms()
         job.lease = {"holder": self.holder, "token": job.attempt}
+        job.worker = None
         # Starting from here, a cancel waits for this task to finish the job (see cancel()).
         self._starting.add(job.id)
         watcher = asyncio.create_task(self._watch_lease(job.id, lease), name=f"lease-{job.id}")

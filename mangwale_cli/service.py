@@ -21,15 +21,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__, wire
-from .errors import (
-    ConfigError,
-    Conflict,
-    InvalidInput,
-    MangwaleError,
-    NotFound,
-    StoreError,
-)
+from . import __version__, routing, wire
+from .errors import ConfigError, Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .events import EventBus
 from .nlu import modelfile
 from .nlu.predictor import Predictor
@@ -42,6 +35,7 @@ from .trainers import Registry, builtin
 from .trainers.command import command_trainers
 from .uploads import Uploads
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
+from .workers import WorkerHub, call_soon, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +96,8 @@ class Service:
         self.uploads = Uploads(self.store, self.predictor, self.get_job, settings.artifacts_max_size)
         self._started = False
         self._retention: asyncio.Task[None] | None = None
+        self.hub: WorkerHub
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -124,8 +120,15 @@ class Service:
             log_lines_per_job=self.settings.runner_log_lines,
             queue=self._queue,
             holder=self.instance,
+            labels=frozenset(self.settings.runner_labels),
         )
         await self.runner.start()
+        runner = self.runner
+        self.hub = WorkerHub(self.store, self.bus, runner, max_attempts=self.settings.runner_max_attempts,
+                             forget_after=self.settings.workers_forget_after, instance=self.instance,
+                             local_takes=runner.can_take)  # fmt: skip
+        await self.hub.start()
+        runner.on_remote_cancel = lambda job_id: call_soon(lambda: self.hub.notify_cancel(job_id), self._tasks)
         if self.settings.retention_max_age_days or self.settings.retention_max_finished:
             self._retention = asyncio.create_task(self.retention_loop(), name="retention")
         self._started = True
@@ -194,6 +197,7 @@ class Service:
         if self._retention is not None:
             self._retention.cancel()
         await self.predictor.close()
+        await self.hub.stop()
         await self.runner.stop()
         await self.bus.stop()
         await self.store.close()
@@ -285,7 +289,13 @@ class Service:
     # --- jobs -----------------------------------------------------------------------------
 
     async def create_job(self, body: JobCreate, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Validate and queue a job. Returns (job, created); a replayed key returns False."""
+        """Validate and queue a job. Returns (job, created); a replayed key returns False.
+        A kind only workers provide is accepted while a live worker advertises it; its params
+        are the worker's to check."""
+        hub = getattr(self, "hub", None)  # None until start()
+        remote = (await hub.all_kinds()).get(body.kind) if hub is not None and not self.trainers.has(body.kind) else None
+        if remote is not None:
+            return await self._create_remote_job(body, remote, idempotency_key)
         trainer = self.trainers.get(body.kind)
         bad = wire.find_non_finite(body.params)
         if bad:
@@ -306,6 +316,26 @@ class Service:
                 )
             trainer.check_dataset(ds)
         await trainer.check(trainer.validate_params(body.params), self.store)
+        return await self._store_job(body, idempotency_key)
+
+    async def _create_remote_job(self, body: JobCreate, kind: wire.WorkerKind, idempotency_key: str | None) -> tuple[Job, bool]:
+        bad = wire.find_non_finite(body.params)
+        if bad:
+            raise InvalidInput(f"params.{bad} must be a finite number", field=f"params.{bad}")
+        if body.dataset_id is None and kind.requiresDataset:
+            raise InvalidInput(f"kind {body.kind!r} needs a datasetId", field="datasetId")
+        if body.dataset_id is not None and await self.store.get_dataset(body.dataset_id) is None:
+            raise NotFound(f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset")
+        return await self._store_job(body, idempotency_key)
+
+    def waiting_for(self, job: Job) -> str | None:
+        """What a queued job waits for when no taker (this runner, a live worker) can run it."""
+        assert self.runner is not None
+        local = [(self.runner.labels, self.trainers.names())] if self.runner.concurrency > 0 else []
+        hub = getattr(self, "hub", None)
+        return routing.waiting_for(job, [*local, *(hub.takers() if hub is not None else [])])
+
+    async def _store_job(self, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
         t = self._stamp()
         job = Job(
             id=self._new_id("job", t),
@@ -315,7 +345,10 @@ class Service:
             params=body.params,
             created_at=t,
             updated_at=t,
+            labels=list(body.labels),
         )
+        if not self.shared:  # instances of a shared store each know only their own workers
+            job.message = self.waiting_for(job)
         idem = (idempotency_key, body.fingerprint()) if idempotency_key else None
         job, created = await self.store.create_job(job, idem)
         if created:
@@ -350,6 +383,8 @@ class Service:
         if job.status.terminal:
             raise Conflict(f"job {job_id} already {job.status.value}", field="jobId", code="finished")
         assert self.runner is not None
+        if job.status is JobStatus.RUNNING and is_remote(job):
+            return await self.hub.cancel(job)
         # The runner writes the final state, durably, before this returns; a store that refused
         # it answers 507/503 (not acknowledged), and the runner writes it once the store is back.
         return await self.runner.cancel(job)

@@ -12,7 +12,8 @@ Config (the server's ``--config`` file, or the file named by ``auth.tokens_file`
     dashboard = { sha256 = "41d0...", scopes = ["read"] }
 
 Scopes: ``read`` (list, show, watch, SSE, predict), ``write`` (create, change, cancel and delete
-jobs and datasets) and ``admin`` (every scope). No token configured anywhere means auth is off.
+jobs and datasets), ``worker`` (a remote worker: take jobs, read what they need, report on
+them, upload their artifacts; nothing else) and ``admin`` (every scope). No token configured anywhere means auth is off.
 
 Browsers cannot set headers on a WebSocket, so they offer two subprotocols: ``mangwale.v1`` and
 ``mangwale.bearer.<the token in base64url without padding>``. The server selects ``mangwale.v1``
@@ -48,6 +49,7 @@ class Scope(str, Enum):
     READ = "read"
     WRITE = "write"
     ADMIN = "admin"
+    WORKER = "worker"  # take jobs, read what they need, report on them: nothing else
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,16 @@ MAX_NAME = 200
 MAX_EXAMPLES = 100_000  # per dataset; with MAX_TEXT, a body fits server.max_body_size's order
 MAX_ENTITIES = 50  # per example
 MAX_PARAMS_BYTES = 64 * 1024  # a job's params as JSON (they ride in every job_created event)
+MAX_LABELS = 20  # per job and per worker
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=-]{0,62}")
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    """Labels sorted and deduplicated; ``ValueError`` naming the first bad one."""
+    for label in labels:
+        if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
+            raise ValueError(f"must be labels of letters, digits and _.:=- (up to 63 characters), got {show(label)}")
+    return sorted(set(labels))
 
 
 class EntitySpan(BaseModel):
@@ -217,6 +227,12 @@ class JobCreate(BaseModel):
     dataset_id: str | None = Field(default=None, alias="datasetId", max_length=100)
     agent_id: str | None = Field(default=None, alias="agentId", max_length=200)
     params: dict[str, Any] = Field(default_factory=dict)
+    labels: list[str] = Field(default_factory=list, max_length=MAX_LABELS)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, v: list[str]) -> list[str]:
+        return check_labels(v)
 
     @field_validator("params")
     @classmethod
@@ -231,7 +247,10 @@ class JobCreate(BaseModel):
 
     def fingerprint(self) -> str:
         """Stable text of the request, to tell a retried POST from a different one."""
-        return dumps(self.model_dump(by_alias=True))
+        body = self.model_dump(by_alias=True)
+        if not body["labels"]:
+            del body["labels"]  # keys stored before labels existed keep matching their request
+        return dumps(body)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -374,9 +393,11 @@ class Job:
     stalled: bool = False
     job_seq: int = 0  # the jobSeq of the newest event about this job
     lease: dict[str, Any] | None = None  # the current attempt's runner: {"holder", "token"}
+    labels: list[str] = field(default_factory=list)  # a taker must have every one of them
+    worker: str | None = None  # name of the remote worker of the current or last attempt
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "datasetId": self.dataset_id,
@@ -396,6 +417,12 @@ class Job:
             "jobSeq": self.job_seq,
             "lease": self.lease,
         }
+        # Only when set: documents and events of jobs that use neither keep their old shape.
+        if self.labels:
+            out["labels"] = self.labels
+        if self.worker is not None:
+            out["worker"] = self.worker
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Job:
@@ -418,6 +445,8 @@ class Job:
             stalled=bool(d.get("stalled", False)),
             job_seq=int(d.get("jobSeq") or 0),
             lease=d.get("lease"),
+            labels=list(d.get("labels") or []),
+            worker=d.get("worker"),
         )
 
 
@@ -491,6 +520,8 @@ class JobOut(BaseModel):
     lease: dict[str, Any] | None = Field(
         None, description="who runs the current attempt: holder (instance or worker) and fencing token"
     )
+    labels: list[str] | None = Field(None, description="labels a taker must all have to run the job")
+    worker: str | None = Field(None, description="name of the remote worker of the current or last attempt")
 
 
 class DatasetSummaryOut(BaseModel):
@@ -570,6 +601,8 @@ def training_update(
         msg["eta"] = eta
     if job.stalled:
         msg["stalled"] = True
+    if job.worker is not None:
+        msg["worker"] = job.worker
     return msg
 
 
@@ -630,3 +663,132 @@ def pong() -> dict[str, Any]:
 def event_job_id(event: dict[str, Any]) -> str | None:
     """The job an event is about, if any."""
     return event.get("jobId")
+
+
+# --- workers (docs/protocol.md, "Workers") ------------------------------------------------------
+
+WORKER_SUBPROTOCOL = "mangwale.worker.v1"
+MAX_KINDS = 200  # kinds one worker may advertise
+
+
+class WorkerMsg:
+    """Message types on ``/ws/workers``: the worker sends REGISTER, HEARTBEAT, REPORT and
+    RELEASE; the server sends REGISTERED, OFFER, CANCEL, ACK, REFUSED, RENEWED and ERROR."""
+
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
+    REPORT = "report"
+    RELEASE = "release"
+    REGISTERED = "registered"
+    OFFER = "offer"
+    CANCEL = "cancel"
+    ACK = "ack"
+    REFUSED = "refused"
+    RENEWED = "renewed"
+    ERROR = "error"
+
+
+class WorkerKind(BaseModel):
+    model_config = _STRICT
+    kind: str = Field(min_length=1, max_length=100)
+    description: str = Field("", max_length=MAX_TEXT)
+    requiresDataset: bool = True
+
+
+class WorkerRegister(BaseModel):
+    """A worker's first message: who it is and what it can run. ``id`` and ``secret``: the
+    identity an earlier ``registered`` gave it (a reconnect keeps it, so its leases stay its
+    own); ``running``: job id -> fencing token of the jobs it still runs."""
+
+    model_config = _STRICT
+    type: Literal["register"]
+    id: str | None = Field(None, max_length=100)
+    secret: str | None = Field(None, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    labels: list[str] = Field(default_factory=list, max_length=MAX_LABELS)
+    kinds: list[WorkerKind] = Field(default_factory=list, max_length=MAX_KINDS)
+    versions: dict[str, str] = Field(default_factory=dict)
+    concurrency: int = Field(1, ge=1, le=1000)
+    running: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, v: list[str]) -> list[str]:
+        return check_labels(v)
+
+
+class WorkerReport(BaseModel):
+    """One report of a running attempt, numbered ``n`` (1, 2, ... per attempt) by the worker.
+    ``what``: progress (progress, message, metrics, eta), log (stream, line) or finish
+    (status, message, error, metrics)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    type: Literal["report"]
+    jobId: str = Field(max_length=100)
+    token: int
+    n: int = Field(ge=1)
+    what: Literal["progress", "log", "finish"]
+    progress: float | None = None
+    message: str | None = Field(None, max_length=MAX_TEXT)
+    metrics: dict[str, Any] | None = None
+    eta: float | None = None
+    stream: str | None = Field(None, max_length=20)
+    line: str | None = None
+    status: Literal["succeeded", "failed", "cancelled"] | None = None
+    error: str | None = None
+
+
+class WorkerHeartbeat(BaseModel):
+    model_config = _STRICT
+    type: Literal["heartbeat"]
+    jobs: dict[str, int] = Field(default_factory=dict)
+
+
+class WorkerRelease(BaseModel):
+    """Hand a job back at once (the worker is stopping): it is re-queued as is."""
+
+    model_config = _STRICT
+    type: Literal["release"]
+    jobId: str = Field(max_length=100)
+    token: int
+    reason: str = Field("the worker stopped", max_length=MAX_TEXT)
+
+
+def worker_registered(worker_id: str, secret: str, lease: float, heartbeat: float, running: dict[str, bool]) -> dict[str, Any]:
+    return {"type": WorkerMsg.REGISTERED, "id": worker_id, "secret": secret, "lease": lease,
+            "heartbeat": heartbeat, "running": running}  # fmt: skip
+
+
+def worker_offer(job: Job, lease_seconds: float) -> dict[str, Any]:
+    return {"type": WorkerMsg.OFFER, "job": job.to_dict(), "lease": job.lease, "leaseSeconds": lease_seconds}
+
+
+def worker_cancel(job_id: str, reason: str) -> dict[str, Any]:
+    return {"type": WorkerMsg.CANCEL, "jobId": job_id, "reason": reason}
+
+
+def worker_ack(job_id: str, n: int) -> dict[str, Any]:
+    return {"type": WorkerMsg.ACK, "jobId": job_id, "n": n}
+
+
+def worker_refused(job_id: str, n: int, message: str) -> dict[str, Any]:
+    """A report the store refused (a stale or expired lease): HTTP 409 ``stale``; the worker
+    stops that job's trainer."""
+    return {"type": WorkerMsg.REFUSED, "jobId": job_id, "n": n, "status": 409, "code": "stale", "message": message}
+
+
+def worker_renewed(jobs: dict[str, bool]) -> dict[str, Any]:
+    return {"type": WorkerMsg.RENEWED, "jobs": jobs}
+
+
+class WorkerOut(BaseModel):
+    id: str
+    name: str
+    labels: list[str]
+    kinds: list[str]
+    versions: dict[str, str]
+    concurrency: int
+    running: list[str] = Field(description="ids of the jobs it runs")
+    lastHeartbeat: int = Field(description="ms since the epoch, by the server's clock")
+    state: Literal["up", "busy", "lost"]
+    instance: str | None = None

@@ -319,7 +319,7 @@ def test_openapi_declares_bearer_auth_only_when_tokens_exist(
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     for path, item in doc["paths"].items():
         for op in item.values():
-            protected = path.startswith("/training") or path == "/metrics"
+            protected = path.startswith(("/training", "/workers")) or path == "/metrics"
             assert ("security" in op) is protected, path
             assert ({"401", "403"} <= set(op["responses"])) is protected, path
     plain_app = create_app(dataclasses.replace(settings, extra={}, data_dir=tmp_path / "plain"))

@@ -327,23 +327,25 @@ def test_on_redis_uploads_go_to_the_shared_artifacts_dir(
 
 
 def test_uploads_need_the_worker_route_scope(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
-    """The upload's scope is decided by worker_route_scope (write today): a read token is 403
-    before the body is read, a write token reaches the lease check."""
+    """The upload's scope is decided by worker_route_scope (worker): read and write tokens are 403
+    before the body is read, a worker token reaches the lease check."""
     from tokentools import new_token, write_config
 
     from mangwale_cli.server.auth import required_scope, worker_route_scope
     from mangwale_cli.tokens import Scope
 
-    assert required_scope("PUT", "/training/jobs/j/artifacts/model.skops") is worker_route_scope() is Scope.WRITE
-    reader, writer = new_token(), new_token()
-    cfg = write_config(tmp_path / "c.toml", {"r": (reader, ["read"]), "w": (writer, ["read", "write"])})
+    assert required_scope("PUT", "/training/jobs/j/artifacts/model.skops") is worker_route_scope() is Scope.WORKER
+    reader, writer, worker = new_token(), new_token(), new_token()
+    cfg = write_config(tmp_path / "c.toml", {"r": (reader, ["read"]), "w": (writer, ["read", "write"]), "k": (worker, ["worker"])})
     server = server_factory(args=["--config", str(cfg)])
     with server.client() as http:
         http.headers["Authorization"] = f"Bearer {writer}"
         job = running_job(http)
-        http.headers["Authorization"] = f"Bearer {reader}"
-        assert error(put(http, job, "a.bin", b"x"), 403)["code"] == "insufficient_scope"
-        http.headers["Authorization"] = f"Bearer {writer}"
+        for token in (reader, writer):
+            http.headers["Authorization"] = f"Bearer {token}"
+            assert error(put(http, job, "a.bin", b"x"), 403)["code"] == "insufficient_scope"
+        http.headers["Authorization"] = f"Bearer {worker}"
         stale = wire.format_lease("nobody", 1)
         assert error(put(http, job, "a.bin", b"x", lease=stale), 409)["code"] == "stale"
+        http.headers["Authorization"] = f"Bearer {writer}"
         http.post(f"/training/jobs/{job['id']}/cancel")

@@ -411,6 +411,40 @@ def test_lease_holder_token_and_expiry(backend: Backend) -> None:
     run(main)
 
 
+def test_a_stale_workers_late_report_is_refused(backend: Backend) -> None:
+    """A remote worker's attempt is fenced like a runner's: once its lease ran out and another
+    worker began attempt 2, the first worker's late succeeded (token 1) is refused, the second's
+    goes through; labels and the worker's name round-trip in the document."""
+
+    async def main() -> None:
+        async with backend.open(lease=LEASE) as store:
+            job = make_job(1)
+            job.labels = ["gpu"]
+            await store.create_job(job)
+            first = running(job, "worker:wk-1")
+            first.worker = "box-1"
+            assert await store.begin_attempt(first, 0, update(first))
+            stored = await store.get_job("job-01")
+            assert stored is not None and stored.labels == ["gpu"] and stored.worker == "box-1"
+            assert stored.lease == {"holder": "worker:wk-1", "token": 1}
+            await wait_until(lambda: _not(store.lease_live("job-01")))
+            second = running(first, "worker:wk-2")
+            second.worker = "box-2"
+            assert await store.begin_attempt(second, 1, update(second))
+            late = Job.from_dict(first.to_dict())
+            late.status, late.lease, late.progress = JobStatus.SUCCEEDED, None, 100
+            with pytest.raises(StaleWrite) as info:
+                await store.write_job(late, update(late), expect=Expect(holder="worker:wk-1", token=1), durable=True)
+            assert "not worker:wk-1 (token 1)" in info.value.message
+            done = Job.from_dict(second.to_dict())
+            done.status, done.lease = JobStatus.SUCCEEDED, None
+            await store.write_job(done, update(done), expect=Expect(holder="worker:wk-2", token=2), durable=True)
+            final = await store.get_job("job-01")
+            assert final is not None and final.status is JobStatus.SUCCEEDED and final.worker == "box-2"
+
+    run(main)
+
+
 async def _not(value: Awaitable[bool]) -> bool:
     return not await value
 

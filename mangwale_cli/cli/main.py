@@ -25,6 +25,7 @@ from ..errors import EXIT_CODES, ExitCode, InvalidInput, MangwaleError
 from .command import Command
 from .tokens import register as register_tokens
 from .watch import register as register_watch
+from .workers import register as register_workers
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -142,6 +143,9 @@ def serve(
     insecure: Annotated[bool, typer.Option("--insecure", help="allow a non-loopback --host with no tokens configured")] = False,
     ssl_certfile: Annotated[Path | None, typer.Option("--ssl-certfile", metavar="FILE", help="TLS certificate (PEM): serve https and wss")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option("--ssl-keyfile", metavar="FILE", help="TLS private key (PEM) for --ssl-certfile")] = None,
+    label: Annotated[
+        list[str], typer.Option("--label", "-l", metavar="LABEL", help="a label of this server's own runner; repeatable")
+    ] = [],  # noqa: B006 - typer reads it, nothing mutates it
 ) -> None:
     """Run the server: REST API, WebSocket at /ws/training and the job runner, on one port.
 
@@ -165,6 +169,7 @@ def serve(
             "insecure": True if insecure else None,
             "ssl_certfile": str(ssl_certfile) if ssl_certfile else None,
             "ssl_keyfile": str(ssl_keyfile) if ssl_keyfile else None,
+            "runner_labels": list(label) or None,
         }
     )
     run_server(settings, processes=processes)
@@ -276,6 +281,9 @@ def jobs_create(
     ] = [],  # noqa: B006 - typer reads it, nothing mutates it
     params: Annotated[str | None, typer.Option("--params", metavar="JSON", help="params as a JSON object")] = None,
     agent: Annotated[str | None, typer.Option("--agent", metavar="AGENT_ID", help="agent id")] = None,
+    label: Annotated[
+        list[str], typer.Option("--label", "-l", metavar="LABEL", help="run only where the taker has this label; repeatable")
+    ] = [],  # noqa: B006 - typer reads it, nothing mutates it
     idempotency_key: Annotated[
         str | None,
         typer.Option(
@@ -298,6 +306,7 @@ def jobs_create(
             params=parsed,
             agent_id=agent,
             idempotency_key=idempotency_key,
+            labels=label,
         )
     except InvalidInput as exc:
         if exc.field == "datasetId" and dataset is None:  # the server names its field; say the flag
@@ -522,6 +531,7 @@ def jobs_artifact(
 
 register_watch(app)
 register_tokens(app)
+register_workers(app)
 
 
 # --- entry point -------------------------------------------------------------------------------

@@ -51,8 +51,11 @@ def fmt_metrics(metrics: dict[str, Any] | None) -> str:
 def step_text(v: JobView) -> str:
     """The job's current step, led by its attempt once it has been re-run ("attempt 2: ...")."""
     message = v.message or ""
+    where = f" on {v.worker}" if v.worker and v.status == "running" else ""
     if v.attempt > 1 and v.status not in (None, "queued"):
-        return f"attempt {v.attempt}: {message}" if message else f"attempt {v.attempt}"
+        return f"attempt {v.attempt}{where}: {message}" if message else f"attempt {v.attempt}{where}"
+    if where:
+        return f"on {v.worker}: {message}" if message else where.strip()
     return message
 
 

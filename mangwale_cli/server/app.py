@@ -29,7 +29,7 @@ from ..metrics import Metrics
 from ..service import Service
 from ..settings import Settings
 from ..tokens import Scope, TokenSet, load_tokens
-from . import dashboard, routes, stream, telemetry
+from . import dashboard, routes, stream, telemetry, workers
 from .auth import AuthMiddleware, document, required_scope
 from .limits import BodyLimit, ExposeTransport
 from .responses import JSONOut, error_response
@@ -237,7 +237,11 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(routes.hot)
     app.include_router(routes.router)
     app.include_router(stream.router)
-    app.ws_endpoints = {"/ws/training": AuthMiddleware(ExposeTransport(stream.ws_training_asgi), tokens=tokens)}
+    app.include_router(workers.router)
+    app.ws_endpoints = {
+        "/ws/training": AuthMiddleware(ExposeTransport(stream.ws_training_asgi), tokens=tokens),
+        "/ws/workers": AuthMiddleware(workers.ws_workers_asgi, tokens=tokens),
+    }
     app.include_router(telemetry.router)
     app.include_router(dashboard.router)
     _document_gate(app, tokens)

@@ -42,22 +42,24 @@ REALM = 'Bearer realm="mangwale"'
 
 
 def worker_route_scope() -> Scope:
-    """The scope of the routes a remote worker uses to report on a job it holds (today the
-    artifact upload, ``is_artifact_upload``). The one place that decides it: a write token (or
-    admin) until a narrower worker scope exists; the lease header fences who may report."""
-    return Scope.WRITE
+    """The scope of the routes a remote worker uses to report on a job it holds (the artifact
+    upload, ``is_artifact_upload``): ``worker`` (admin allows it too); the lease header fences
+    which job. The one place that decides it."""
+    return Scope.WORKER
 
 
 def required_scope(method: str, path: str) -> Scope | None:
     """The scope a request needs; None for public paths (/healthz, the API docs, the dashboard).
     ``/metrics`` needs ``read``: it shows job counts and kinds, which a read token sees anyway,
     so a Prometheus scraper needs no more than that."""
-    if path.startswith("/ws/") or path == "/metrics":
+    if path == "/ws/workers" or path.startswith("/workers/"):
+        return Scope.WORKER  # a worker's connection, and what the jobs it holds need
+    if is_artifact_upload(method, path):
+        return worker_route_scope()  # a worker uploads its job's artifacts (the lease header says which)
+    if path.startswith("/ws/") or path == "/metrics" or path == "/workers":
         return Scope.READ
     if not path.startswith("/training"):
         return None
-    if is_artifact_upload(method, path):
-        return worker_route_scope()
     if method in ("GET", "HEAD", "OPTIONS"):
         return Scope.READ
     if method == "POST" and path.endswith("/predict"):  # classifies a text, changes nothing
@@ -152,7 +154,7 @@ def document(schema: dict[str, Any], tokens: TokenSet) -> None:
     components.setdefault("securitySchemes", {})["bearer"] = {
         "type": "http",
         "scheme": "bearer",
-        "description": "an API token (`mangwale tokens create`); scopes: read, write, admin",
+        "description": "an API token (`mangwale tokens create`); scopes: read, write, worker, admin",
     }
     error_ref = {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}

@@ -59,17 +59,13 @@ async def healthz(request: Request) -> Response:
 
 @router.get("/training/kinds", tags=["jobs"])
 async def list_kinds(request: Request) -> Response:
-    """Job kinds this server can run."""
-    return JSONOut(
-        [
-            {
-                "kind": t.kind,
-                "description": t.description,
-                "requiresDataset": t.requires_dataset,
-            }
-            for t in svc(request).trainers.kinds()
-        ]
-    )
+    """Job kinds this server can run, and those only its live workers provide."""
+    service = svc(request)
+    out = {t.kind: {"kind": t.kind, "description": t.description, "requiresDataset": t.requires_dataset}
+           for t in service.trainers.kinds()}  # fmt: skip
+    for kind, spec in (await service.hub.all_kinds()).items():
+        out.setdefault(kind, {"kind": kind, "description": spec.description, "requiresDataset": spec.requiresDataset})
+    return JSONOut([out[k] for k in sorted(out)])
 
 
 # --- datasets ----------------------------------------------------------------------------------

@@ -24,6 +24,12 @@ class Registry:
             kinds = ", ".join(sorted(self._by_kind))
             raise InvalidInput(f"unknown job kind {kind!r} (known: {kinds})", field="kind", code="unknown_kind") from None
 
+    def names(self) -> frozenset[str]:
+        return frozenset(self._by_kind)
+
+    def has(self, kind: str) -> bool:
+        return kind in self._by_kind
+
     def kinds(self) -> list[Trainer]:
         return [self._by_kind[k] for k in sorted(self._by_kind)]
 

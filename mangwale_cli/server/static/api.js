@@ -110,6 +110,7 @@ export const api = {
   createJob: (body) => request("POST", "training/jobs", body),
   cancelJob: (id) => request("POST", `training/jobs/${encodeURIComponent(id)}/cancel`),
   kinds: () => request("GET", "training/kinds"),
+  workers: () => request("GET", "workers"),
   datasets: () => request("GET", "training/datasets"),
   createDataset: (body) => request("POST", "training/datasets", body),
 };

@@ -11,6 +11,7 @@ import { JobDetail } from "./detail.js";
 import { $, TERMINAL, h } from "./format.js";
 import { JobsTable, mergeUpdate, newer } from "./jobs.js";
 import { LiveStream } from "./live.js";
+import { startWorkersPanel } from "./workers.js";
 
 const config = { backoffInitialMs: 1000, backoffMaxMs: 30000, jobsLimit: 100, ...(window.__mangwaleConfig || {}) };
 const MAX_RECORDED = 20000;
@@ -513,6 +514,7 @@ function init() {
   loadKinds();
   refreshDatasets();
   refreshJobs(); // shows the list even if the WebSocket cannot connect; redone once it does
+  startWorkersPanel();
   stream.start();
   setInterval(tick, 1000);
   debug.ready = true;

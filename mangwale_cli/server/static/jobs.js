@@ -4,7 +4,7 @@
 import { TERMINAL, duration, elapsed, etaLeft, h, pct, shortId } from "./format.js";
 
 const STAGE = { queued: 0, running: 1, succeeded: 2, failed: 2, cancelled: 2 };
-const LIVE_FIELDS = ["status", "progress", "message", "attempt", "stalled", "error", "startedAt", "finishedAt", "updatedAt"];
+const LIVE_FIELDS = ["status", "progress", "message", "attempt", "stalled", "error", "startedAt", "finishedAt", "updatedAt", "worker"];
 
 /** The REST document `doc`, keeping the live fields of `known` where live events got further. */
 export function newer(doc, known) {
@@ -77,7 +77,7 @@ export class JobsTable {
   _fill(tr, job, now = Date.now()) {
     const p = pct(job.progress);
     tr.className = `job-row status-${job.status}${this.selectedId() === job.id ? " selected" : ""}`;
-    tr.querySelector(".c-kind").textContent = job.kind;
+    tr.querySelector(".c-kind").textContent = job.worker ? `${job.kind} · ${job.worker}` : job.kind;
     tr.querySelector(".c-dataset").textContent = this.datasetName(job.datasetId);
     const pill = tr.querySelector(".pill");
     pill.className = `pill ${job.status}`;
