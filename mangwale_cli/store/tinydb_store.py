@@ -601,6 +601,10 @@ class TinyDBStore(Store):
                 except OSError as exc:
                     log.error("store log fsync failed: %s", exc.strerror)
 
+    async def head(self) -> str:
+        # Every change is a log record, applied before its writer is answered.
+        return f"{self.epoch}.{self._record}"
+
     # --- jobs -------------------------------------------------------------------------------
 
     async def create_job(self, job: Job, idempotency: tuple[str, str] | None = None) -> tuple[Job, bool]:
