@@ -122,3 +122,36 @@ class RateLimit:
             self.tokens -= 1
             return True
         return False
+
+
+HEAD_LIMIT = 16 * 1024  # bytes of a request head: h11's own limit, enforced for httptools too
+
+
+def limited_httptools(limit: int = HEAD_LIMIT) -> type:
+    """uvicorn's httptools protocol with a limit on the request head, which httptools lacks (it
+    would buffer a header of any size): past ``limit`` bytes without the end of the head, 400
+    and close, as h11 does. Counted per ``data_received`` chunk (at most 256 KiB) while a head is
+    being read, so a head is refused within one chunk of the limit."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class LimitedHttpTools(HttpToolsProtocol):
+        _head = 0
+        _in_head = True
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._head = 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head = True
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head += len(data)
+            super().data_received(data)
+            if self._in_head and self._head > limit and not self.transport.is_closing():
+                self.send_400_response("Request head too large")
+
+    return LimitedHttpTools
