@@ -409,7 +409,8 @@ def main() -> int:
     if args.target != "both":
         run = runs[args.target]
         common.write_result("rest" if args.target == "mangwale" else "rest-node",
-                            {**doc, "target": args.target, "server": run["server"], "results": run["results"]}, args.out)
+                            {**doc, "target": args.target, "server": run["server"], "auth": run["auth"],
+                             "results": run["results"], "bare": run.get("bare")}, args.out)
         return 0 if ok else 1
     by_route = {t: {r["route"]: r for r in run["results"]} for t, run in runs.items()}
     ratios = {route: common.ratios({t: by_route[t][route] for t in by_route},
