@@ -126,7 +126,7 @@ def test_unknown_key_names_the_key(tmp_path: Path) -> None:
         ("[server]\nshutdown_grace = nan\n", "server.shutdown_grace"),
         ("[server]\nshutdown_grace = inf\n", "server.shutdown_grace"),
         ('[runner]\nsample_dataset = "maybe"\n', "runner.sample_dataset"),
-        ("[runner]\nconcurrency = 0\n", "runner.concurrency"),
+        ("[runner]\nconcurrency = -1\n", "runner.concurrency"),
         ("[websocket]\nping_interval = -1\n", "websocket.ping_interval"),
         ('[store]\nbackend = "sqlite"\n', "store.backend"),
         ("[events]\nretention = 5\n", "events.retention"),
