@@ -246,7 +246,7 @@ def store_figures(url: str, headers: dict[str, str]) -> dict[str, float]:
 def run_target(target: str, tool: str, args: argparse.Namespace, pin: bool) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     load = common.loadavg()
-    env = {"MANGWALE_RUNNER_CONCURRENCY": "4"}
+    env = {"MANGWALE_RUNNER_CONCURRENCY": str(args.concurrency)}
     headers: dict[str, str] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-rest-"))
     if target == "mangwale" and args.auth:
@@ -262,7 +262,7 @@ def run_target(target: str, tool: str, args: argparse.Namespace, pin: bool) -> d
         with httpx.Client(base_url=server.url, timeout=30, headers=headers) as http:
             ids = [http.post("/training/jobs", content=POST_BODY, headers={"Content-Type": "application/json"}).json()["id"]
                    for _ in range(args.jobs)]
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + (60 if args.concurrency or target != "mangwale" else 0)
             while time.monotonic() < deadline:
                 if all(j["status"] == "succeeded" for j in http.get("/training/jobs").json()):
                     break
@@ -366,6 +366,8 @@ def main() -> int:
                     help="seconds of the same load before each route's measurement (0: none)")
     ap.add_argument("--connection-close", action="store_true", help="wrk only: a new TCP connection per request")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=4,
+                    help="mangwale's runner.concurrency; 0: an instance that only serves (creates stay queued)")
     ap.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
                     help="mangwale with a token configured and sent on every request (the Node reference has none)")
     ap.add_argument("--bare", action="store_true",

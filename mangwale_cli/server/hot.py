@@ -10,9 +10,9 @@ linear match of every route and FastAPI's per-request exit stacks.
   rendered before, with its ``ETag``; ``If-None-Match`` that matches gets 304. A miss renders
   through the route's own endpoint (``routes.py``), so its parameters, errors and headers are
   exactly the documented ones.
-* ``POST /training/jobs`` runs FastAPI's own handler for the route (body parsing, validation,
-  the ``Idempotency-Key`` header) inside Starlette's exception middleware with the app's
-  handlers, so every error body is the one FastAPI's stack gives.
+* ``POST /training/jobs``: a body that parses and validates goes straight to the service; any
+  other request is replayed to FastAPI's own handler for the route inside Starlette's exception
+  middleware with the app's handlers, so every error body is the one FastAPI's stack gives.
 
 The routes stay in FastAPI's router too, so the OpenAPI document lists them, and ``GET
 /metrics`` labels them by their templates (``scope["route"]`` is the FastAPI route).
@@ -20,22 +20,27 @@ The routes stay in FastAPI's router too, so the OpenAPI document lists them, and
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import MangwaleError
+from ..wire import JobCreate
 from . import routes
 from .bodycache import BodyCache, Entry
 from .etag import etag_of, none_match
-from .limits import Receive, Scope, Send
-from .responses import error_response
+from .limits import Message, Receive, Scope, Send
+from .responses import JSONOut, error_response
 
 log = logging.getLogger("mangwale.server")
 
@@ -44,6 +49,24 @@ JOBS = "/training/jobs"
 JOB_PREFIX = "/training/jobs/"
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+_REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def _replay(body: bytes) -> Receive:
+    """A ``receive`` that gives ``body`` again, then waits as a connection would."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # nothing more comes; the server cancels this on disconnect
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 class HotRoutes:
@@ -83,8 +106,51 @@ class HotRoutes:
         await handler(scope, receive, send)
 
     async def create_job(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The usual request (a JSON body that validates, a short or no ``Idempotency-Key``)
+        straight to the service; anything else, replayed to FastAPI's handler, which words the
+        error exactly as the document says (so the two parse alike: ``json.loads``, then the
+        model on the Python value, as FastAPI does)."""
         scope["app"] = self.app
-        await self.create(scope, receive, send)
+        content_type = key = None
+        for name, value in scope["headers"]:
+            if name == b"content-type" and content_type is None:  # the first, as Starlette's Headers
+                content_type = value
+            elif name == b"idempotency-key" and key is None:
+                key = value
+        chunks = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except HTTPException as exc:  # BodyLimit: over server.max_body_size
+            headers = getattr(exc, "headers", None)
+            await error_response(MangwaleError(str(exc.detail), code="too_large", status=413), headers)(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        job_in = None
+        if (content_type is None or content_type.split(b";")[0].strip().lower() == b"application/json") and (
+            key is None or len(key) <= 200
+        ):
+            try:
+                job_in = JobCreate.model_validate(json.loads(body))
+            except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                job_in = None
+        if job_in is None:
+            await self.create(scope, _replay(body), send)
+            return
+        try:
+            job, created = await self.app.state.service.create_job(job_in, key.decode("latin-1") if key else None)
+            response: Response = JSONOut(job.to_dict(), status_code=201, headers=None if created else _REPLAYED)
+        except MangwaleError as exc:
+            response = error_response(exc)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            response = error_response(MangwaleError("internal error; see the server log", code="internal", status=500))
+        await response(scope, receive, send)
 
     async def list_jobs(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._cached(scope, receive, send, self._render_list)
