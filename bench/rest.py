@@ -252,7 +252,7 @@ def run_target(target: str, tool: str, args: argparse.Namespace, pin: bool) -> d
     if target == "mangwale" and args.auth:
         more, headers = auth_env(tmp)
         env |= more
-    if target == "mangwale" and args.http != "h11":
+    if target == "mangwale":
         env["MANGWALE_HTTP"] = args.http
     bodies: dict[str, bytes] = {}
     get_paths: dict[str, tuple[str, list[str]]] = {}
@@ -315,21 +315,24 @@ def run_target(target: str, tool: str, args: argparse.Namespace, pin: bool) -> d
 
 def run_bare(bodies: dict[str, bytes], get_paths: dict[str, tuple[str, list[str]]], tool: str,
              args: argparse.Namespace, pin: bool) -> list[dict[str, Any]]:
-    """The GET routes again, on a bare ASGI app serving the very bytes mangwale answered."""
+    """The GET routes again, on a bare ASGI app serving the very bytes mangwale answered, on each
+    server of ``--bare-server``."""
     results = []
-    with BareServer(bodies, args.bare_server, pin_cpu=0 if pin else None) as server:
-        for label, paths in get_paths.values():
-            if args.warmup > 0:
-                warm = argparse.Namespace(**{**vars(args), "duration": max(1, round(args.warmup)), "requests": 0})
-                run_wrk(server.url, "GET", paths, warm, pin) if tool == "wrk" else run_python(
-                    [server.url + p for p in paths], "GET", warm)
-            srv = common.CpuMeter(server.pid).start()
-            res = run_wrk(server.url, "GET", paths, args, pin) if tool == "wrk" else run_python(
-                [server.url + p for p in paths], "GET", args)
-            res["server_cpu"] = srv.stop()
-            res["route"] = label
-            res["valid"], res["verdict"] = common.client_verdict(res["client_cpu"])
-            results.append(res)
+    for name in args.bare_server.split(","):
+        with BareServer(bodies, name, pin_cpu=0 if pin else None) as server:
+            for label, paths in get_paths.values():
+                if args.warmup > 0:
+                    warm = argparse.Namespace(**{**vars(args), "duration": max(1, round(args.warmup)), "requests": 0})
+                    run_wrk(server.url, "GET", paths, warm, pin) if tool == "wrk" else run_python(
+                        [server.url + p for p in paths], "GET", warm)
+                srv = common.CpuMeter(server.pid).start()
+                res = run_wrk(server.url, "GET", paths, args, pin) if tool == "wrk" else run_python(
+                    [server.url + p for p in paths], "GET", args)
+                res["server_cpu"] = srv.stop()
+                res["route"] = label
+                res["server"] = name
+                res["valid"], res["verdict"] = common.client_verdict(res["client_cpu"])
+                results.append(res)
     return results
 
 
@@ -372,9 +375,9 @@ def main() -> int:
                     help="mangwale with a token configured and sent on every request (the Node reference has none)")
     ap.add_argument("--bare", action="store_true",
                     help="also measure the GET routes on a bare ASGI app serving mangwale's bytes (bench/bare_asgi.py)")
-    ap.add_argument("--bare-server", choices=("uvicorn-h11", "uvicorn-httptools", "granian"), default="uvicorn-h11",
-                    help="the server of the bare app (match mangwale's)")
-    ap.add_argument("--http", choices=("h11", "httptools"), default="h11",
+    ap.add_argument("--bare-server", default="uvicorn-httptools",
+                    help="comma-separated servers of the bare app: uvicorn-h11, uvicorn-httptools, granian")
+    ap.add_argument("--http", choices=("h11", "httptools"), default="httptools",
                     help="mangwale's HTTP parser (MANGWALE_HTTP; server.http)")
     common.add_target_arg(ap)
     ap.add_argument("--out", type=Path, default=None)
@@ -384,10 +387,13 @@ def main() -> int:
         tool = "wrk" if shutil.which("wrk") else "python"
     if tool == "wrk":
         args.duration = max(1, round(args.duration))
+    for name in args.bare_server.split(","):
+        if name not in ("uvicorn-h11", "uvicorn-httptools", "granian"):
+            raise SystemExit(f"unknown --bare-server {name!r} (uvicorn-h11, uvicorn-httptools, granian)")
     pin = common.default_pin() and not args.no_pin
     runs = {t: run_target(t, tool, args, pin) for t in common.targets(args.target)}
     measured = [(t, r) for t, run in runs.items() for r in run["results"]]
-    measured += [(f"bare ({args.bare_server})", r) for run in runs.values() for r in run.get("bare", [])]
+    measured += [(f"bare ({r['server']})", r) for run in runs.values() for r in run.get("bare") or []]
     rows = [{"target": t, "route": r["route"], "tool": r["tool"], "requests": r["requests"], "errors": r["errors"],
              "req/s": r["rps"], "p50 ms": r["p50_ms"], "p99 ms": r["p99_ms"],
              "srv CPU": f"{r['server_cpu']:.0%}", "gen CPU": f"{r['client_cpu']:.0%}", "valid": r["valid"],
@@ -403,7 +409,7 @@ def main() -> int:
     if "mangwale" in runs and runs["mangwale"].get("bare"):
         own = {r["route"]: r for r in runs["mangwale"]["results"]}
         for r in runs["mangwale"]["bare"]:
-            print(f"{r['route']}: mangwale / bare ASGI ({args.bare_server}):  req/s {own[r['route']]['rps'] / r['rps']:.2f}x")
+            print(f"{r['route']}: mangwale / bare ASGI ({r['server']}):  req/s {own[r['route']]['rps'] / r['rps']:.2f}x")
     ok = all(r["errors"] == 0 for _, r in measured)
     doc: dict[str, Any] = {"tool": tool, "jobs": args.jobs, "connections": args.connections, "pinned": pin,
                            "page": args.page, "creates_per_s": args.creates_per_s, "http": args.http,

@@ -132,6 +132,7 @@ def test_rest_bare_auth_and_fsyncs(tmp_path: Path, bare_server: str) -> None:
     assert post["errors"] == 0 and post["fsyncs"] > 0 and post["creates_per_fsync"] > 0
     (bare,) = res["bare"]
     assert bare["route"].startswith("GET mix") and bare["requests"] == 12 and bare["errors"] == 0
+    assert bare["server"] == bare_server
 
 
 def test_cli_startup(tmp_path: Path) -> None:

@@ -112,3 +112,20 @@ def test_dataset_routes_etag_and_304(api: TestClient) -> None:
     api.put(f"/training/datasets/{ds['id']}", json={"name": "renamed"})
     for path, tag in tags.items():
         assert api.get(path, headers={"If-None-Match": tag}).status_code == 200
+
+
+def test_cached_list_keeps_cors_and_metrics(api: TestClient) -> None:
+    """A list served from the cache carries what the middlewares add: Vary: Origin without an
+    Origin, the CORS headers with an allowed one; and each is counted in /metrics by its route."""
+    api.get("/training/jobs?limit=2")
+    plain = api.get("/training/jobs?limit=2")
+    assert plain.headers["vary"] == "Origin" and "access-control-allow-origin" not in plain.headers
+    cors = api.get("/training/jobs?limit=2", headers={"Origin": "http://localhost:3000"})
+    assert cors.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "ETag" in cors.headers["access-control-expose-headers"]
+    assert cors.content == plain.content
+    text = api.get("/metrics").text
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("mangwale_http_request_duration_seconds_count") and 'route="/training/jobs"' in ln
+                and 'method="GET"' in ln and 'status="200"' in ln)
+    assert float(line.rsplit(" ", 1)[1]) >= 3

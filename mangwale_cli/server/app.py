@@ -66,6 +66,8 @@ class App(FastAPI):
         if scope["type"] == "http":
             handler = self.hot.match(scope)
             if handler is not None:
+                if handler != self.hot.create_job and await self.hot.serve_hit(scope, send):
+                    return
                 scope[HOT_KEY] = handler
                 await self.hot_chain(scope, receive, send)
                 return

@@ -7,7 +7,9 @@ them for this front), then here, instead of through Starlette's error middleware
 linear match of every route and FastAPI's per-request exit stacks.
 
 * The two GETs answer from ``BodyCache``: a hit is one dict look-up and one ``send`` of bytes
-  rendered before, with its ``ETag``; ``If-None-Match`` that matches gets 304. A miss renders
+  rendered before, with its ``ETag``; ``If-None-Match`` that matches gets 304. A hit without
+  ``Origin`` and with a good token skips the middlewares too (``serve_hit``: it adds what they
+  would: ``Vary: Origin``, the timer's observation). A miss renders
   through the route's own endpoint (``routes.py``), so its parameters, errors and headers are
   exactly the documented ones.
 * ``POST /training/jobs``: a body that parses and validates goes straight to the service; any
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,8 +38,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..errors import MangwaleError
+from ..tokens import Scope as TokenScope
 from ..wire import JobCreate
 from . import routes
+from .auth import AuthMiddleware
 from .bodycache import BodyCache, Entry
 from .etag import etag_of, none_match
 from .limits import Message, Receive, Scope, Send
@@ -52,6 +57,8 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 _REPLAYED = {"Idempotent-Replayed": "true"}
+_VARY = (b"vary", b"Origin")  # what CORSMiddleware adds to an answer to a request without Origin
+_NOT_FAST = frozenset({b"origin", b"content-length", b"transfer-encoding"})
 
 
 def _replay(body: bytes) -> Receive:
@@ -83,6 +90,8 @@ class HotRoutes:
         self.create_route = by_key[(JOBS, "POST")]
         # FastAPI's handler for the route; the exception middleware gives it the app's handlers
         # (set at start-up, after create_app: looked up per request by the middleware itself).
+        self.auth = AuthMiddleware(app, app.state.tokens)  # its check only (serve_hit)
+        self.metrics = app.state.metrics
         self.create = ExceptionMiddleware(AsyncExitStackMiddleware(self.create_route.app), handlers=app.exception_handlers)
 
     def match(self, scope: Scope) -> Handler | None:
@@ -100,6 +109,37 @@ class HotRoutes:
             scope["route"] = self.job_route
             return self.get_job
         return None
+
+    async def serve_hit(self, scope: Scope, send: Send) -> bool:
+        """The fast lane of the two GETs: a request with no ``Origin`` and no body whose token
+        passes and whose body is cached is answered here, with what the middlewares would have
+        added (CORS: ``Vary: Origin``; the request timer's observation), and True. Anything else
+        (a CORS request, a refused token, a miss) is False: the caller sends it down the chain."""
+        start = time.perf_counter()
+        host = if_none_match = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"if-none-match":
+                if_none_match = value
+            elif name in _NOT_FAST:
+                return False
+        if self.auth.tokens.enabled and self.auth._check(scope, TokenScope.READ) is not None:
+            return False
+        head = await self.app.state.service.store.head()
+        entry = self.cache.get(head, (scope["path"], scope["query_string"], host, scope["scheme"]))
+        if entry is None:
+            return False
+        if if_none_match is not None and none_match(if_none_match.decode("latin-1"), entry.etag):
+            status = 304
+            await send({"type": "http.response.start", "status": 304, "headers": [(b"etag", entry.etag.encode()), _VARY]})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            status = 200
+            await send({"type": "http.response.start", "status": 200, "headers": [*entry.headers, _VARY]})
+            await send({"type": "http.response.body", "body": entry.body})
+        self.metrics.observe_http(scope["method"], scope["route"].path, status, time.perf_counter() - start)
+        return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler: Handler = scope[HOT_KEY]
