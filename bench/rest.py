@@ -12,6 +12,15 @@ Uses wrk (``wrk -t1 -cC -dD --latency``, closed loop, pinned to CPU 1) when it i
 otherwise a closed-loop Python generator (httpx + asyncio). The result names the tool. wrk's
 closed loop gives maximum throughput; its p99 is the latency at saturation, not at a set rate.
 
+mangwale runs with a token configured and sent on every request (``--no-auth`` to drop it) and
+on ``--http`` (httptools, its default, or h11). ``--concurrency 0`` starts it as an instance that
+only serves (``serve --concurrency 0``: creates stay queued), the setting of the POST target.
+POST rows report the embedded store's fsyncs during the run and the creates per fsync (group
+commit); every run ends with this machine's fsync p50/p99 (200 appends + fsync in the temp dir,
+where the bench's data dirs are). ``--bare`` measures the GET routes again on a bare ASGI app
+(``bench/bare_asgi.py``) that answers the very bytes mangwale answered, on each server of
+``--bare-server`` (uvicorn-h11, uvicorn-httptools, granian): the ceiling of the server itself.
+
 ``--target node`` measures the Node reference (``bench/node-ref/``, the seed's Express design),
 ``--target both`` mangwale and then the Node reference in one run, and prints mangwale / node
 ratios per route. Each server answers its own cursor. The Node reference has no authentication
@@ -20,6 +29,8 @@ ratios per route. Each server answers its own cursor. The Node reference has no 
     python bench/rest.py --jobs 20 --duration 10 --connections 64
     python bench/rest.py --target both --jobs 100 --routes mix,post --creates-per-s 20
     python bench/rest.py --tool python --requests 20        # tiny run, as the smoke test does
+    python bench/rest.py --jobs 100 --routes mix --creates-per-s 20 --bare --bare-server uvicorn-httptools,granian
+    python bench/rest.py --target both --jobs 20 --routes post --concurrency 0
 """
 
 from __future__ import annotations
