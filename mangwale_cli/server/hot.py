@@ -126,7 +126,10 @@ class HotRoutes:
                 return False
         if self.auth.tokens.enabled and self.auth._check(scope, TokenScope.READ) is not None:
             return False
-        head = await self.app.state.service.store.head()
+        try:
+            head = await self.app.state.service.store.head()
+        except MangwaleError:  # Redis away: the chain answers it (503), through every middleware
+            return False
         entry = self.cache.get(head, (scope["path"], scope["query_string"], host, scope["scheme"]))
         if entry is None:
             return False
