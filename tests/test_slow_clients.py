@@ -259,7 +259,8 @@ def test_sigterm_closes_websockets_with_1001_and_watch_resumes(
     srv = server_factory()
     http = srv.client()
     job = http.post(
-        "/training/jobs", json={"kind": "simulate", "params": {"steps": 20, "stepMs": 100}}
+        # 6 s: still running once 50 clients, a watch process and the first steps are up on a busy machine
+        "/training/jobs", json={"kind": "simulate", "params": {"steps": 60, "stepMs": 100}}
     ).json()["id"]
     env = {**os.environ, "MANGWALE_BACKOFF_INITIAL": "0.2", "MANGWALE_BACKOFF_MAX": "0.5"}
     watch = subprocess.Popen(
