@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -137,6 +138,21 @@ def limited_httptools(limit: int = HEAD_LIMIT) -> type:
     class LimitedHttpTools(HttpToolsProtocol):
         _head = 0
         _in_head = True
+        _discarded = -1  # >= 0 once refused: what came after the 400, read and dropped
+
+        def refuse(self) -> None:
+            """The 400, then a lingering close: the write side is shut, and what the client is
+            still sending is read and dropped (for up to 2 s or 16 MiB), so the kernel does not
+            answer it with a reset that would destroy the 400 before the client reads it."""
+            msg = b"Request head too large"
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                + b"content-length: " + str(len(msg)).encode() + b"\r\nconnection: close\r\n\r\n" + msg
+            )
+            self._discarded = 0
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            asyncio.get_running_loop().call_later(2.0, self.transport.close)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -148,10 +164,15 @@ def limited_httptools(limit: int = HEAD_LIMIT) -> type:
             self._in_head = True
 
         def data_received(self, data: bytes) -> None:
+            if self._discarded >= 0:
+                self._discarded += len(data)
+                if self._discarded > 16 << 20:
+                    self.transport.close()
+                return
             if self._in_head:
                 self._head += len(data)
             super().data_received(data)
             if self._in_head and self._head > limit and not self.transport.is_closing():
-                self.send_400_response("Request head too large")
+                self.refuse()
 
     return LimitedHttpTools
