@@ -179,6 +179,14 @@ class _LiveCollector(Collector):
         svc = m.service
         if svc is None or svc.bus is None or svc.runner is None:
             return
+        fsyncs = getattr(svc.store, "fsyncs", None)
+        if fsyncs is not None:  # the embedded store: how well group commit batches
+            yield CounterMetricFamily("mangwale_store_fsyncs", "fsyncs of the store's log", value=fsyncs)
+            yield CounterMetricFamily(
+                "mangwale_store_durable_records",
+                "Log records fsynced before they were answered (creates, final states...); over fsyncs: the batching",
+                value=svc.store.durable_records,  # type: ignore[attr-defined]
+            )
         buffers = [len(s.buffer) for s in svc.bus.subscribers]
         yield GaugeMetricFamily(
             "mangwale_subscriber_queue_events", "Events waiting in all subscriber buffers", value=sum(buffers)

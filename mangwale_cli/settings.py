@@ -8,7 +8,7 @@ message naming the file, the key and the value.
 Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir)::
 
     [server]      host, port, allowed_origins, log_level, shutdown_grace, max_body_size, insecure,
-                  ssl_certfile, ssl_keyfile
+                  ssl_certfile, ssl_keyfile, http
     [websocket]   ping_interval, ping_timeout, max_message_size, client_queue, max_connections,
                   message_rate, message_burst
     [store]       backend, timeout, prefix, idempotency_ttl, snapshot_records, segment_bytes,
@@ -93,6 +93,7 @@ class Settings:
     insecure: bool = False
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    http: str = "httptools"
     tokens_file: str = ""
     ws_ping_interval: float = 30.0
     ws_ping_timeout: float = 20.0
@@ -158,6 +159,7 @@ SPECS: list[Spec] = [
     Spec("insecure", "server", bool, "allow a non-loopback host with no tokens configured (serve --insecure)"),
     Spec("ssl_certfile", "server", str, "TLS certificate (PEM) to serve https and wss; empty = plain HTTP"),
     Spec("ssl_keyfile", "server", str, "TLS private key (PEM) for ssl_certfile"),
+    Spec("http", "server", str, "HTTP/1.1 parser: httptools (16 KiB request-head limit enforced) or h11"),
     Spec("tokens_file", "auth", str, "TOML file with an [auth.tokens] table, read in addition to the config's"),
     Spec("ws_ping_interval", "websocket", float, "seconds between keepalive pings (0 = off)", 0),
     Spec("ws_ping_timeout", "websocket", float, "seconds to wait for a pong before closing", 0),
@@ -252,6 +254,8 @@ def _coerce(spec: Spec, value: Any, where: str, *, typed: bool = False) -> Any:
         raise ConfigError(f"{where}: server.port must be <= 65535, got {value!r}", field="server.port")
     if spec.name == "log_level" and out not in ("critical", "error", "warning", "info", "debug"):
         raise ConfigError(f"{where}: server.log_level must be one of critical, error, warning, info, debug", field="server.log_level")
+    if spec.name == "http" and out not in ("httptools", "h11"):
+        raise ConfigError(f"{where}: server.http must be httptools or h11, got {value!r}", field="server.http")
     if spec.name == "store_backend" and out != "tinydb" and not out.startswith(REDIS_SCHEMES):
         raise ConfigError(
             f"{where}: store.backend {out!r} is not supported (use 'tinydb' or a redis:// URL)", field="store.backend"

@@ -115,6 +115,26 @@ def test_rest(tmp_path: Path, tool: str) -> None:
             assert r["requests"] == 20
 
 
+@pytest.mark.parametrize("bare_server", ["uvicorn-h11", "uvicorn-httptools", "granian"])
+def test_rest_bare_auth_and_fsyncs(tmp_path: Path, bare_server: str) -> None:
+    """rest.py --bare measures the GET routes again on a bare ASGI app (each server it offers)
+    serving mangwale's bytes; mangwale runs with a token; POST reports creates per fsync, and the
+    result holds this machine's fsync p50/p99."""
+    if bare_server == "granian":
+        pytest.importorskip("granian")
+    http = "h11" if bare_server == "uvicorn-h11" else "httptools"
+    res = run_bench("rest.py", tmp_path / "rest.json", "--tool", "python", "--jobs", "5", "--page", "2",
+                    "--connections", "2", "--requests", "12", "--warmup", "0", "--routes", "mix,post",
+                    "--bare", "--bare-server", bare_server, "--http", http, timeout=120)
+    assert res["auth"] is True and res["http"] == http
+    assert res["fsync"]["p50_ms"] > 0 and res["fsync"]["p99_ms"] >= res["fsync"]["p50_ms"]
+    post = next(r for r in res["results"] if r["route"] == "POST /training/jobs")
+    assert post["errors"] == 0 and post["fsyncs"] > 0 and post["creates_per_fsync"] > 0
+    (bare,) = res["bare"]
+    assert bare["route"].startswith("GET mix") and bare["requests"] == 12 and bare["errors"] == 0
+    assert bare["server"] == bare_server
+
+
 def test_cli_startup(tmp_path: Path) -> None:
     res = run_bench("cli_startup.py", tmp_path / "cli.json", "--runs", "2", "--tool", "python")
     names = {r["command"] for r in res["results"]}

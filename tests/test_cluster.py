@@ -511,3 +511,25 @@ def test_sigterm_stops_a_busy_instance_within_its_grace_every_time(
             ready.append(spawn())
     print(f"\n[cluster] SIGTERM x{SIGTERM_ROUNDS} on a busy instance: exit in {min(took):.2f}..{max(took):.2f} s "
           f"(median {sorted(took)[len(took) // 2]:.2f} s; bound {grace + kill_grace:g} s)")
+
+
+def test_etags_agree_across_instances_and_a_create_is_seen_by_the_other(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, tmp_path: Path
+) -> None:
+    """Two instances on one Redis give the same ETag for the same list and job (and 304 to each
+    other's tag); a create answered by one is in the other's next list, under a new tag."""
+    a, b = start_instances(server_factory, redis_server.url, tmp_path / "shared", 2)
+    job = simulate(a, steps=1, stepMs=0)
+    wait_for(lambda: status(b, job) == "succeeded", timeout=30)
+    with a.client() as ca, b.client() as cb:
+        for path in ("/training/jobs", "/training/jobs?limit=1", f"/training/jobs/{job}"):
+            ra, rb = ca.get(path), cb.get(path)
+            assert ra.status_code == rb.status_code == 200 and ra.content == rb.content
+            assert ra.headers["etag"] == rb.headers["etag"], path
+            assert cb.get(path, headers={"If-None-Match": ra.headers["etag"]}).status_code == 304
+        tag = ca.get("/training/jobs").headers["etag"]
+        for _ in range(5):
+            created = create(b)
+            r = ca.get("/training/jobs", headers={"If-None-Match": tag})
+            assert r.status_code == 200 and created in [j["id"] for j in r.json()]
+            tag = r.headers["etag"]

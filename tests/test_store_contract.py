@@ -612,6 +612,55 @@ def test_delete_jobs_skips_active_jobs_with_one_event(backend: Backend) -> None:
     run(main)
 
 
+def test_head_moves_with_every_job_and_dataset_write(backend: Backend) -> None:
+    """head() changes with each write that changes a job or a dataset (create, status, log line,
+    delete, dataset create/save/delete), before the write returns; a refused write or a read
+    leaves it; a second instance on a shared store reads the same head."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            seen = [await store.head()]
+
+            async def moved() -> None:
+                now = await store.head()
+                assert now not in seen, (now, seen)
+                seen.append(now)
+
+            job, _ = await store.create_job(make_job(1))
+            await moved()
+            job = running(job)
+            assert await store.begin_attempt(job, 0, update(job))
+            await moved()
+            job.progress = 0.5
+            await store.write_job(job, update(job), expect=Expect.lease_of(job))
+            await moved()
+            entry = {"lineNo": 1, "stream": "stdout", "line": "x", "attempt": 1}
+            await store.append_log(job.id, entry, wire.job_log(job.id, "stdout", "x", 1, 1), Expect.lease_of(job))
+            await moved()
+            job.status = S
+            await store.write_job(job, update(job), expect=Expect.lease_of(job))
+            await moved()
+            with pytest.raises(StaleWrite):
+                await store.write_job(job, update(job))
+            await store.list_jobs()
+            assert await store.head() == seen[-1]
+            assert await store.delete_jobs([job.id]) == [job.id]
+            await moved()
+            ds = make_dataset(1)
+            await store.create_dataset(ds)
+            await moved()
+            ds.name = "renamed"
+            await store.save_dataset(ds)
+            await moved()
+            await store.delete_dataset(ds.id)
+            await moved()
+            if backend.shared:
+                async with backend.open(1) as other:
+                    assert await other.head() == seen[-1]
+
+    run(main)
+
+
 # --- datasets and metadata -----------------------------------------------------------------------
 
 

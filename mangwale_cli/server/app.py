@@ -31,6 +31,8 @@ from ..settings import Settings
 from ..tokens import Scope, TokenSet, load_tokens
 from . import dashboard, routes, stream, telemetry, workers
 from .auth import AuthMiddleware, document, required_scope
+from .bodycache import BodyCache
+from .hot import HOT_KEY, HotRoutes
 from .limits import BodyLimit, ExposeTransport
 from .responses import JSONOut, error_response
 from .telemetry import RequestTimer
@@ -39,17 +41,37 @@ log = logging.getLogger("mangwale.server")
 
 
 class App(FastAPI):
-    """FastAPI, with the WebSocket endpoints in ``ws_endpoints`` dispatched ahead of the
-    middleware stack and the router: an open connection holds a coroutine frame (and FastAPI
-    two ``AsyncExitStack``s) for every layer it passes through, for as long as it is open.
-    Of the middlewares, only authentication and the transport handle act on WebSockets (the
-    request timer, CORS and the body limit pass them through; FastAPI's exception handlers
-    answer HTTP only), so those two are all such a connection goes through."""
+    """FastAPI, with two kinds of requests dispatched ahead of Starlette's stack and the router.
+
+    * The WebSocket endpoints in ``ws_endpoints``: an open connection holds a coroutine frame
+      (and FastAPI two ``AsyncExitStack``s) for every layer it passes through, for as long as it
+      is open. Of the middlewares, only authentication and the transport handle act on
+      WebSockets (the request timer, CORS and the body limit pass them through; FastAPI's
+      exception handlers answer HTTP only), so those two are all such a connection goes through.
+    * The hot REST routes (``hot.py``): through the same middlewares as the rest, built once
+      from ``user_middleware`` (``build_hot_chain``), then straight to their handlers."""
+
+    def build_hot_chain(self) -> None:
+        """Wrap ``hot`` in the app's own middlewares, outermost first, as Starlette would."""
+        chain: Any = self.hot
+        for cls, args, kwargs in reversed(self.user_middleware):
+            chain = cls(chain, *args, **kwargs)
+        self.hot_chain = chain
 
     ws_endpoints: dict[str, Any]
+    hot: HotRoutes
+    hot_chain: Any  # the middlewares of the stack, around ``hot`` (``build_hot_chain``)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
+        if scope["type"] == "http":
+            handler = self.hot.match(scope)
+            if handler is not None:
+                if handler != self.hot.create_job and await self.hot.serve_hit(scope, send):
+                    return
+                scope[HOT_KEY] = handler
+                await self.hot_chain(scope, receive, send)
+                return
+        elif scope["type"] == "websocket":
             endpoint = self.ws_endpoints.get(scope["path"])
             if endpoint is not None:
                 scope["app"] = self
@@ -203,7 +225,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         allow_origin_regex=origin_regex(settings),
         allow_methods=["*"],
         allow_headers=["*"],
-        expose_headers=["X-Next-Cursor", "Link", "Idempotent-Replayed"],
+        expose_headers=["X-Next-Cursor", "Link", "Idempotent-Replayed", "ETag"],
     )
     app.add_middleware(RequestTimer, metrics=metrics)
 
@@ -245,6 +267,9 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(telemetry.router)
     app.include_router(dashboard.router)
     _document_gate(app, tokens)
+    app.state.body_cache = BodyCache()
+    app.hot = HotRoutes(app, app.state.body_cache)
+    app.build_hot_chain()
     return app
 
 

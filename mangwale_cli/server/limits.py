@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -133,3 +134,56 @@ class RateLimit:
             self.tokens -= 1
             return True
         return False
+
+
+HEAD_LIMIT = 16 * 1024  # bytes of a request head: h11's own limit, enforced for httptools too
+
+
+def limited_httptools(limit: int = HEAD_LIMIT) -> type:
+    """uvicorn's httptools protocol with a limit on the request head, which httptools lacks (it
+    would buffer a header of any size): past ``limit`` bytes without the end of the head, 400
+    and close, as h11 does. Counted per ``data_received`` chunk (at most 256 KiB) while a head is
+    being read, so a head is refused within one chunk of the limit."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class LimitedHttpTools(HttpToolsProtocol):
+        _head = 0
+        _in_head = True
+        _discarded = -1  # >= 0 once refused: what came after the 400, read and dropped
+
+        def refuse(self) -> None:
+            """The 400, then a lingering close: the write side is shut, and what the client is
+            still sending is read and dropped (for up to 2 s or 16 MiB), so the kernel does not
+            answer it with a reset that would destroy the 400 before the client reads it."""
+            msg = b"Request head too large"
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                + b"content-length: " + str(len(msg)).encode() + b"\r\nconnection: close\r\n\r\n" + msg
+            )
+            self._discarded = 0
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            asyncio.get_running_loop().call_later(2.0, self.transport.close)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._head = 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head = True
+
+        def data_received(self, data: bytes) -> None:
+            if self._discarded >= 0:
+                self._discarded += len(data)
+                if self._discarded > 16 << 20:
+                    self.transport.close()
+                return
+            if self._in_head:
+                self._head += len(data)
+            super().data_received(data)
+            if self._in_head and self._head > limit and not self.transport.is_closing():
+                self.refuse()
+
+    return LimitedHttpTools

@@ -15,6 +15,7 @@ from ..errors import InvalidInput
 from ..service import Service
 from ..store.base import Cursor
 from ..wire import DatasetCreate, DatasetPatch, JobCreate, JobStatus
+from .etag import tagged
 from .responses import JSONOut
 
 router = APIRouter()
@@ -73,8 +74,9 @@ async def list_kinds(request: Request) -> Response:
 
 @router.get("/training/datasets", response_model=list[wire.DatasetSummaryOut], tags=["datasets"])
 async def list_datasets(request: Request) -> Response:
-    """All datasets, oldest first, without their examples."""
-    return JSONOut([d.summary() for d in await svc(request).list_datasets()])
+    """All datasets, oldest first, without their examples. ``ETag``; ``If-None-Match`` -> 304."""
+    body = wire.dumps([d.summary() for d in await svc(request).list_datasets()]).encode()
+    return tagged(body, request.headers.get("if-none-match"))
 
 
 @router.post(
@@ -92,8 +94,9 @@ async def create_dataset(request: Request, body: DatasetCreate) -> Response:
 
 @router.get("/training/datasets/{dataset_id}", response_model=wire.DatasetOut, responses=ERRORS, tags=["datasets"])
 async def get_dataset(request: Request, dataset_id: str) -> Response:
-    """One dataset with its examples."""
-    return JSONOut((await svc(request).get_dataset(dataset_id)).to_dict())
+    """One dataset with its examples. ``ETag``; ``If-None-Match`` -> 304."""
+    body = wire.dumps((await svc(request).get_dataset(dataset_id)).to_dict()).encode()
+    return tagged(body, request.headers.get("if-none-match"))
 
 
 @router.put("/training/datasets/{dataset_id}", response_model=wire.DatasetOut, responses=ERRORS, tags=["datasets"])
@@ -127,7 +130,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=100, description="X-Next-Cursor of the previous page")] = None,
 ) -> Response:
     """Jobs, newest first, as a bare JSON array. When more remain, ``X-Next-Cursor`` holds the
-    cursor of the next page."""
+    cursor of the next page. ``ETag``; ``If-None-Match`` -> 304 (served by ``hot.py``)."""
     # A DirectRoute: the parameters above document the query; they are read here.
     query = request.query_params
     statuses = _parse_statuses(request)
@@ -210,7 +213,7 @@ async def prune_jobs(request: Request, body: wire.PruneRequest) -> Response:
 
 @router.get("/training/jobs/{job_id}", response_model=wire.JobOut, responses=ERRORS, tags=["jobs"])
 async def get_job(request: Request, job_id: str) -> Response:
-    """One job."""
+    """One job. ``ETag``; ``If-None-Match`` -> 304 (served by ``hot.py``)."""
     return JSONOut((await svc(request).get_job(job_id)).to_dict())
 
 

@@ -151,6 +151,7 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
 
     from ..service import Service
     from .app import create_app
+    from .limits import limited_httptools
     from .stream import close_streams
 
     class Server(uvicorn.Server):
@@ -170,9 +171,9 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
         app = create_app(settings, service)
         config = uvicorn.Config(
             app,
-            # h11, not httptools (picked by "auto" when installed): httptools is ~1.4x the requests/s
-            # but has no limit on the request head, and a 2 MiB header must get 400 (test_limits).
-            http="h11",
+            # httptools (bench/servers.md: ~1.6x h11's requests/s) has no limit on the request head,
+            # and a 2 MiB header must get 400 (test_limits): limits.limited_httptools adds h11's.
+            http=limited_httptools() if settings.http == "httptools" else "h11",
             ws="websockets-sansio",
             ws_per_message_deflate=False,
             ws_ping_interval=settings.ws_ping_interval or None,

@@ -166,6 +166,12 @@ class Store(ABC):
     async def close(self) -> None:
         """Make everything written durable and release resources."""
 
+    @abstractmethod
+    async def head(self) -> str:
+        """Where the record stands: a token that changes with every write that changes a job or a
+        dataset, before that write is answered. On a shared store every instance reads the same
+        token. The server keys its cached response bodies on it (``server/bodycache.py``)."""
+
     # --- jobs -----------------------------------------------------------------------------
 
     @abstractmethod

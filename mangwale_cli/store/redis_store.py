@@ -376,6 +376,13 @@ class RedisStore(Store):
             epoch = await self._scripts["epoch"](keys=[self.keys.epoch, self.keys.seq], args=[new_epoch(), self.ring.head])
         return _text(epoch)
 
+    async def head(self) -> str:
+        # Every change script bumps ``seq`` (its event) in the same atomic unit; ``epoch`` tells a
+        # Redis that lost its data (seqs start over above the old ones, in a new epoch).
+        async with self._redis() as r:
+            epoch, seq = await r.mget([self.keys.epoch, self.keys.seq])
+        return f"{_text(epoch) if epoch else ''}.{int(seq or 0)}"
+
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:

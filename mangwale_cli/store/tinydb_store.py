@@ -248,6 +248,8 @@ class TinyDBStore(Store):
         self._snap_record = 0
         self._snap_size = 0  # log bytes written when the last snapshot was taken
         self._written = 0  # log bytes written since open
+        self.fsyncs = 0  # fsyncs of the log since open (GET /metrics: a group commit's batching)
+        self.durable_records = 0  # records written in a batch that was fsynced before its answer
         self._snapshot_task: asyncio.Task[None] | None = None
         self._segments: list[int] = []  # archive segments the snapshot lists
         self._dataset_files: dict[str, str] = {}  # dataset id -> file the snapshot lists
@@ -550,6 +552,8 @@ class TinyDBStore(Store):
             if durable:
                 await asyncio.to_thread(self.log.sync)
                 self._unsynced = False
+                self.fsyncs += 1
+                self.durable_records += len(staged)
         except OSError as exc:
             self.log.undo(self.log.size)  # write() cut a failed batch; a failed fsync leaves it unacknowledged
             err = self._write_failed(exc)
@@ -596,10 +600,15 @@ class TinyDBStore(Store):
             await asyncio.sleep(self.fsync_interval)
             if self._unsynced:
                 self._unsynced = False
+                self.fsyncs += 1
                 try:
                     await asyncio.to_thread(self.log.sync)
                 except OSError as exc:
                     log.error("store log fsync failed: %s", exc.strerror)
+
+    async def head(self) -> str:
+        # Every change is a log record, applied before its writer is answered.
+        return f"{self.epoch}.{self._record}"
 
     # --- jobs -------------------------------------------------------------------------------
 
