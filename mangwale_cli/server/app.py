@@ -237,7 +237,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(routes.hot)
     app.include_router(routes.router)
     app.include_router(stream.router)
-    app.ws_endpoints = {"/ws/training": AuthMiddleware(ExposeTransport(stream.ws_training_asgi), tokens=tokens)}
+    app.ws_endpoints = {"/ws/training": stream.ws_training_asgi}  # checks the token itself
     app.include_router(telemetry.router)
     app.include_router(dashboard.router)
     _document_gate(app, tokens)
