@@ -216,13 +216,13 @@ async def _main(settings: Settings, sock: socket.socket) -> None:
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's event loop when it is installed (a dependency on Linux and macOS), else asyncio's.
+    """asyncio's loop, unless ``MANGWALE_LOOP=uvloop`` (and uvloop is installed).
 
-    Measured with bench/connects.py and bench/fanout.py: accepting a connection, creating its
-    transport and writing to it are C in uvloop; the WebSocket handshake costs about a third less
-    server CPU, and fan-out a little less per delivery. ``MANGWALE_LOOP=asyncio`` keeps the
-    standard loop (a control for benchmarks, or a platform where uvloop misbehaves)."""
-    if os.environ.get("MANGWALE_LOOP", "auto") == "asyncio":
+    uvloop is opt-in, not the default: under it, bench/fanout.py's saturated run (1,000
+    watchers, 20 jobs x 50 events as fast as they come) had its ``POST /training/jobs`` fail
+    with a reset connection, reproducibly, where asyncio's loop passes; not yet understood.
+    Measured with it: 5,000 connects no faster than the GC thresholds alone give."""
+    if os.environ.get("MANGWALE_LOOP", "asyncio") != "uvloop":
         return None
     try:
         import uvloop
