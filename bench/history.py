@@ -11,12 +11,14 @@ path, retention off. Then, on a real ``mangwale serve`` over each store, it meas
 - ``POST /training/jobs`` p50/p99 (sequential, one keep-alive connection);
 - ``GET /training/jobs?limit=20``, ``?status=succeeded&limit=20`` and a cursor page 50 pages
   deep, p50/p99;
-- the event loop's worst lag (``mangwale_event_loop_lag_seconds``) while 50 creates/s arrive
-  for ``--lag-seconds``.
+- the event loop's worst lag (``mangwale_event_loop_lag_seconds``) while ``--lag-rate`` creates/s
+  (default 50) arrive for ``--lag-seconds``, with ``--lag-watchers`` WebSocket watchers of every
+  event attached (default none).
 
     python bench/history.py                          # 0, 1k, 10k, 100k on the embedded store
     python bench/history.py --sizes 0,1000 --requests 100
     python bench/history.py --store redis://127.0.0.1:6379/0   # the same on Redis (a prefix per size)
+    python bench/history.py --sizes 100000 --lag-rate 100 --lag-watchers 1000   # issue 14's lag row
 
 Built stores are cached under ``bench/results/history-stores`` (``--rebuild`` to start over).
 """
@@ -138,8 +140,25 @@ async def paced_creates(url: str, rate: float, seconds: float) -> int:
 SIMULATE = {"kind": "simulate", "params": {"steps": 1, "stepMs": 1}}
 
 
+async def lag_phase(server: common.Server, args: argparse.Namespace) -> int:
+    """``--lag-watchers`` WebSocket watchers of every event attached (fanout.py's cheap client),
+    then ``--lag-rate`` creates/s for ``--lag-seconds``, the lag window starting after they
+    connected. Returns the creates answered 201."""
+    from fanout import RawWatcher
+
+    watchers = [RawWatcher() for _ in range(args.lag_watchers)]
+    for i in range(0, len(watchers), 50):
+        await asyncio.gather(*(w.open(server.ws_url) for w in watchers[i : i + 50]))
+    await asyncio.sleep(0.5 if watchers else 0)
+    server.metrics()  # starts a fresh lag window
+    created = await paced_creates(server.url, args.lag_rate, args.lag_seconds)
+    await asyncio.gather(*(w.aclose() for w in watchers), return_exceptions=True)
+    return created
+
+
 def measure(args: argparse.Namespace, base: Path, n: int) -> dict[str, Any]:
-    env = {"MANGWALE_RUNNER_SAMPLE_DATASET": "false", "MANGWALE_EVENTS_RETENTION": "100000"}
+    env = {"MANGWALE_RUNNER_SAMPLE_DATASET": "false", "MANGWALE_EVENTS_RETENTION": "100000",
+           "MANGWALE_WS_MAX_CONNECTIONS": str(max(10000, args.lag_watchers + 100))}
     if args.store != "tinydb":
         env |= {"MANGWALE_STORE_BACKEND": args.store, "MANGWALE_STORE_PREFIX": f"bench-history-{n}:"}
     server = common.Server(data_dir=base, env=env, pin_cpu=0 if args.pin else None)
@@ -160,8 +179,7 @@ def measure(args: argparse.Namespace, base: Path, n: int) -> dict[str, Any]:
                 cursor = r.headers.get("X-Next-Cursor") or cursor
             page = timed(http, "GET", "/training/jobs", args.requests,
                          params={"limit": 20, **({"cursor": cursor} if cursor else {})})  # fmt: skip
-            server.metrics()  # starts a fresh lag window
-            created = asyncio.run(paced_creates(server.url, 50, args.lag_seconds))
+            created = asyncio.run(lag_phase(server, args))
             lag = server.metrics().get("mangwale_event_loop_lag_seconds", float("nan"))
             worst = server.metrics().get("mangwale_event_loop_lag_max_seconds", float("nan"))
     finally:
@@ -177,7 +195,9 @@ def measure(args: argparse.Namespace, base: Path, n: int) -> dict[str, Any]:
         "get20_p99_ms": ms(common.percentile(get, 99)),
         "status20_p50_ms": ms(common.percentile(status, 50)),
         "cursor_p50_ms": ms(common.percentile(page, 50)),
-        "lag_at_50_creates_ms": ms(lag),
+        "lag_rate": args.lag_rate,
+        "lag_watchers": args.lag_watchers,
+        "lag_ms": ms(lag),
         "lag_max_ms": ms(worst),
         "creates_ok": created,
     }
@@ -188,7 +208,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="0,1000,10000,100000", help="finished jobs per store, comma-separated")
     ap.add_argument("--store", default="tinydb", help="tinydb, or a redis:// URL")
     ap.add_argument("--requests", type=int, default=200, help="requests per latency figure")
-    ap.add_argument("--lag-seconds", type=float, default=10.0, help="seconds of 50 creates/s for the lag figure")
+    ap.add_argument("--lag-seconds", type=float, default=10.0, help="seconds of creates for the lag figure")
+    ap.add_argument("--lag-rate", type=float, default=50.0, help="creates/s during the lag figure")
+    ap.add_argument("--lag-watchers", type=int, default=0,
+                    help="WebSocket watchers of every event attached during the lag figure (issue 14: 1000)")
     ap.add_argument("--rebuild", action="store_true", help="build the stores again")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=common.default_pin(),
                     help="pin the server to CPU 0 (and this process to CPU 1)")  # fmt: skip
@@ -196,6 +219,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.pin:
         common.pin_self(1)
+    common.raise_nofile(2 * args.lag_watchers + 200)
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
         kind = "tinydb" if args.store == "tinydb" else "redis"

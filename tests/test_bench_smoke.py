@@ -343,3 +343,13 @@ def test_node_ref_speaks_mangwales_api() -> None:
     assert node["seq_consecutive"] and node["pages"] == (5, True)
     for key in mangwale:
         assert node[key] == mangwale[key], key
+
+
+def test_history_lag_with_watchers(tmp_path: Path) -> None:
+    """history.py's lag figure with watchers attached (issue 14's row, at a tiny size)."""
+    res = run_bench("history.py", tmp_path / "history.json", "--sizes", "0", "--requests", "5",
+                    "--lag-seconds", "1", "--lag-rate", "10", "--lag-watchers", "5", timeout=120)
+    row = res["rows"][0]
+    assert row["lag_watchers"] == 5 and row["lag_rate"] == 10
+    assert row["creates_ok"] == 10
+    assert row["lag_ms"] is not None and row["lag_max_ms"] is not None

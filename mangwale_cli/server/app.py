@@ -261,7 +261,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(workers.router)
     app.ws_endpoints = {
-        "/ws/training": AuthMiddleware(ExposeTransport(stream.ws_training_asgi), tokens=tokens),
+        "/ws/training": stream.ws_training_asgi,  # checks the token itself (auth.admit)
         "/ws/workers": AuthMiddleware(workers.ws_workers_asgi, tokens=tokens),
     }
     app.include_router(telemetry.router)

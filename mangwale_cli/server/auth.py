@@ -75,65 +75,73 @@ class AuthMiddleware:
         self.tokens = tokens
 
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind not in ("http", "websocket") or not self.tokens.enabled:
+        if await admit(self.tokens, scope, receive, send):
             await self.app(scope, receive, send)
-            return
-        method = scope.get("method", "GET") if kind == "http" else "GET"
-        need = required_scope(method, scope["path"])
-        if need is None:
-            await self.app(scope, receive, send)
-            return
-        err = self._check(scope, need)
-        if err is None:
-            await self.app(scope, receive, send)
-            return
-        client = scope.get("client") or ("-", 0)
-        log.info(
-            "refused %s %s from %s: %s",
-            method if kind == "http" else "WebSocket",
-            scope["path"],
-            client[0],
-            err.code,
-        )
-        headers = {"WWW-Authenticate": _challenge(err, need)}
-        response = error_response(err, headers=headers)
-        if kind == "http":
-            await response(scope, receive, send)
-            return
-        ws = WebSocket(scope, receive, send)
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await ws.send_denial_response(response)
-        else:  # a server without the denial extension: a bare 403 is the best it can say
-            await ws.close(code=1008)
 
-    def _check(self, scope: ASGIScope, need: Scope) -> MangwaleError | None:
-        headers = Headers(scope=scope)
-        try:
-            presented = token_from_authorization(headers.get("authorization"))
-            if presented is None and scope["type"] == "websocket":
-                presented = token_from_subprotocols(scope.get("subprotocols") or ())
-        except BadCredential as exc:
-            return Unauthorized(str(exc), code="invalid_token")
-        if presented is None:
-            return Unauthorized(
-                "this server requires a token: pass --token or set MANGWALE_TOKEN "
-                "(HTTP: Authorization: Bearer <token>)",
-                code="missing_token",
-            )
-        token = self.tokens.verify(presented)
-        if token is None:
-            return Unauthorized(
-                "the token is not valid on this server (unknown or revoked)", code="invalid_token"
-            )
-        if not token.allows(need):
-            return Forbidden(
-                f"token {token.name!r} does not have the {need.value!r} scope this needs",
-                code="insufficient_scope",
-            )
-        scope[TOKEN_KEY] = token
-        log.debug("token %s: %s %s", token.name, scope.get("method", "WebSocket"), scope["path"])
-        return None
+
+async def admit(tokens: TokenSet, scope: ASGIScope, receive: Receive, send: Send) -> bool:
+    """True when the request may go on; else it was answered (401/403) and False.
+
+    The WebSocket route calls this itself rather than sit behind the middleware, so an open
+    connection does not keep this layer's coroutine frame for its whole life."""
+    kind = scope["type"]
+    if kind not in ("http", "websocket") or not tokens.enabled:
+        return True
+    method = scope.get("method", "GET") if kind == "http" else "GET"
+    need = required_scope(method, scope["path"])
+    if need is None:
+        return True
+    err = check_token(tokens, scope, need)
+    if err is None:
+        return True
+    client = scope.get("client") or ("-", 0)
+    log.info(
+        "refused %s %s from %s: %s",
+        method if kind == "http" else "WebSocket",
+        scope["path"],
+        client[0],
+        err.code,
+    )
+    headers = {"WWW-Authenticate": _challenge(err, need)}
+    response = error_response(err, headers=headers)
+    if kind == "http":
+        await response(scope, receive, send)
+        return False
+    ws = WebSocket(scope, receive, send)
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await ws.send_denial_response(response)
+    else:  # a server without the denial extension: a bare 403 is the best it can say
+        await ws.close(code=1008)
+    return False
+
+
+def check_token(tokens: TokenSet, scope: ASGIScope, need: Scope) -> MangwaleError | None:
+    headers = Headers(scope=scope)
+    try:
+        presented = token_from_authorization(headers.get("authorization"))
+        if presented is None and scope["type"] == "websocket":
+            presented = token_from_subprotocols(scope.get("subprotocols") or ())
+    except BadCredential as exc:
+        return Unauthorized(str(exc), code="invalid_token")
+    if presented is None:
+        return Unauthorized(
+            "this server requires a token: pass --token or set MANGWALE_TOKEN "
+            "(HTTP: Authorization: Bearer <token>)",
+            code="missing_token",
+        )
+    token = tokens.verify(presented)
+    if token is None:
+        return Unauthorized(
+            "the token is not valid on this server (unknown or revoked)", code="invalid_token"
+        )
+    if not token.allows(need):
+        return Forbidden(
+            f"token {token.name!r} does not have the {need.value!r} scope this needs",
+            code="insufficient_scope",
+        )
+    scope[TOKEN_KEY] = token
+    log.debug("token %s: %s %s", token.name, scope.get("method", "WebSocket"), scope["path"])
+    return None
 
 
 def _challenge(err: MangwaleError, need: Scope) -> str:

@@ -41,7 +41,7 @@ from ..errors import MangwaleError
 from ..tokens import Scope as TokenScope
 from ..wire import JobCreate
 from . import routes
-from .auth import AuthMiddleware
+from .auth import AuthMiddleware, check_token
 from .bodycache import BodyCache, Entry
 from .etag import etag_of, none_match
 from .limits import Message, Receive, Scope, Send
@@ -124,7 +124,7 @@ class HotRoutes:
                 if_none_match = value
             elif name in _NOT_FAST:
                 return False
-        if self.auth.tokens.enabled and self.auth._check(scope, TokenScope.READ) is not None:
+        if self.auth.tokens.enabled and check_token(self.auth.tokens, scope, TokenScope.READ) is not None:
             return False
         try:
             head = await self.app.state.service.store.head()

@@ -94,14 +94,19 @@ class ExposeTransport:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            # uvicorn's ``send`` is a bound method of its protocol object, which owns the transport.
-            owner = getattr(send, "__self__", None)
-            transport = getattr(owner, "transport", None)
-            if transport is not None and hasattr(transport, "abort"):
-                scope[TRANSPORT_KEY] = transport
-                if _is_sansio(owner):
-                    scope[PROTOCOL_KEY] = owner
+            expose_transport(scope, send)
         await self.app(scope, receive, send)
+
+
+def expose_transport(scope: Scope, send: Send) -> None:
+    """What ``ExposeTransport`` does, for a WebSocket endpoint that calls it itself."""
+    # uvicorn's ``send`` is a bound method of its protocol object, which owns the transport.
+    owner = getattr(send, "__self__", None)
+    transport = getattr(owner, "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        scope[TRANSPORT_KEY] = transport
+        if _is_sansio(owner):
+            scope[PROTOCOL_KEY] = owner
 
 
 def _is_sansio(owner: object) -> bool:

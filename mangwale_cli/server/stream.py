@@ -41,7 +41,8 @@ from ..eventlog import Record
 from ..events import FutureSince, Subscription
 from ..metrics import Metrics
 from ..service import Service
-from .limits import PROTOCOL_KEY, TRANSPORT_KEY, RateLimit
+from .auth import admit
+from .limits import PROTOCOL_KEY, TRANSPORT_KEY, RateLimit, expose_transport
 from .responses import JSONOut
 
 log = logging.getLogger("mangwale.stream")
@@ -99,9 +100,13 @@ def same_origin(origin: str, host: str | None) -> bool:
 
 
 async def ws_training_asgi(scope: Any, receive: Any, send: Any) -> None:
-    """``/ws/training`` as an ASGI app: ``app.App`` calls it (behind authentication and
-    ``ExposeTransport``) without the rest of the middleware stack or the router."""
-    await ws_training(WebSocket(scope, receive, send))
+    """``/ws/training`` as an ASGI app: ``app.App`` calls it without the middleware stack or
+    the router. It checks the token (``auth.admit``: 401/403 before the upgrade) and takes the
+    transport (``limits.expose_transport``) itself, so an open connection keeps no coroutine
+    frame of those layers (idle memory per connection: bench/connects.py)."""
+    if await admit(scope["app"].state.tokens, scope, receive, send):
+        expose_transport(scope, send)
+        await ws_training(WebSocket(scope, receive, send))
 
 
 async def ws_training(ws: WebSocket) -> None:
@@ -180,6 +185,7 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Me
         return False
     except (WebSocketDisconnect, RuntimeError, OSError):
         return True
+    _release_handshake(ws)
     subscriber = sub.subscriber
     conn = Connection(ws, sub, deadline, metrics.delivered)
     received: tuple[int, str] | None = None
@@ -224,6 +230,15 @@ async def _serve_ws(ws: WebSocket, sub: Subscription, settings: Any, metrics: Me
         await _close(ws, CLOSE_SLOW_CONSUMER, "slow consumer", must_leave=True)
         return False
     return True
+
+
+def _release_handshake(ws: WebSocket) -> None:
+    """Let go of what only the handshake needed: uvicorn's sansio protocol keeps the parsed
+    request and the response (two header maps, ~2.5 KB) for the connection's life, though it
+    reads neither again once the response is sent."""
+    proto = ws.scope.get(PROTOCOL_KEY)
+    if proto is not None and getattr(proto, "handshake_complete", False):
+        proto.request = proto.response = None
 
 
 def text_frame(text: str) -> bytes:
