@@ -33,8 +33,10 @@ FOLLOW_AND_RENDER = {
     "rich", "asyncio", "mangwale_cli.cli.watchview", "mangwale_cli.cli.render", "mangwale_cli.cli.results",
     "mangwale_cli.cli.stepsummary",
 }
+# httpx and what it brings: a direct request goes over the standard library (mangwale_cli.stdhttp).
+HTTPX = {"httpx", "httpcore", "h11", "anyio", "certifi", "idna", "urllib.request", "http.cookiejar"}
 # What a request needs, which nothing that sends none may load.
-HTTP = {"httpx", "httpcore", "h11", "anyio", "certifi", "idna", "mangwale_cli.client"}
+HTTP = HTTPX | {"mangwale_cli.client", "mangwale_cli.stdhttp", "http.client", "ssl"}
 OTHER_NOUNS = {f"mangwale_cli.cli.{n}" for n in ("serve", "watch", "datasets", "tokens")}
 
 JOB = {"id": "job-1", "kind": "simulate", "status": "queued", "progress": 0, "params": {}}
@@ -55,18 +57,24 @@ def loaded(mods: set[str], forbidden: set[str]) -> set[str]:
     return {f for f in forbidden if f in mods}
 
 
-def test_jobs_create_quiet_imports_only_the_client() -> None:
-    """`jobs create KIND -q` loads typer, the jobs commands and the httpx client: no server code,
-    no renderer, no follower, and no other noun's module."""
+@pytest.mark.parametrize("path", ["stdlib", "httpx"])
+def test_jobs_create_quiet_imports_only_the_client(path: str) -> None:
+    """`jobs create KIND -q` loads typer, the jobs commands and the client: no server code, no
+    renderer, no follower, no other noun's module, and no httpx unless it is asked for."""
     def answer(handler: object) -> tuple[int, dict[str, str], bytes]:
         return 201, {"Content-Type": "application/json"}, json.dumps(JOB).encode()
 
     with fake_server(answer) as (url, seen):
-        mods, proc = imported(["jobs", "create", "simulate", "-q", "-p", "steps=1", "--url", url])
+        mods, proc = imported(["jobs", "create", "simulate", "-q", "-p", "steps=1", "--url", url], MANGWALE_HTTP=path)
     assert proc.returncode == 0 and proc.stdout == "job-1\n", proc.stderr[-2000:]
     assert seen == ["POST /training/jobs"]
-    assert {"mangwale_cli.cli.jobs", "httpx"} <= mods
+    assert {"mangwale_cli.cli.jobs", "mangwale_cli.client"} <= mods
     assert not loaded(mods, SERVER | FOLLOW_AND_RENDER | OTHER_NOUNS)
+    if path == "stdlib":
+        assert "mangwale_cli.stdhttp" in mods
+        assert not loaded(mods, HTTPX)
+    else:
+        assert "httpx" in mods and "mangwale_cli.stdhttp" not in mods
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["jobs", "create", "--help"], ["watch", "--help"]],

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clitools import cli, error_line, ok, ok_json, quick_job, wait_done
+from clitools import cli, error_line, http_path, ok, ok_json, quick_job, wait_done  # noqa: F401 - http_path: an autouse fixture, both request paths
 from conftest import ServerProcess
 
 SAMPLE = "food-delivery-sample"
