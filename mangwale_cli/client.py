@@ -1,20 +1,27 @@
-"""The Python client for a mangwale server: REST over httpx, errors as ``MangwaleError``.
+"""The Python client for a mangwale server: REST, errors as ``MangwaleError``.
 
 The CLI is a thin layer over ``Client``. Every method returns decoded wire dicts.
 ``AsyncClient`` is its asyncio twin for the few calls a live follower (``follow.Follower``)
 makes between WebSocket messages; both map transport failures and error bodies the same way.
+
+``Client`` sends on one of two paths. httpx is the client library; it is imported only when a
+request takes that path, as it costs a one-shot command more than its request (~50 ms). The
+direct path (``stdhttp``: the standard library's http.client) is taken wherever httpx would
+connect directly too (``direct_path``): no proxy in the environment (httpx's proxy and NO_PROXY
+rules then apply, so they are httpx's own), no transport injected, and not
+``MANGWALE_HTTP=httpx``. Both share this module's URL paths, headers, timeout, TLS context
+(``tls_context``) and error mapping; the CLI's test suites run on each.
 """
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
-
-import httpx
 
 from . import __version__
 from .connection import DEFAULT_URL, check_token, check_url, default_url
@@ -27,6 +34,13 @@ from .errors import (
     from_response,
     is_error_body,
 )
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .stdhttp import Reply
+
+    Answer = httpx.Response | Reply
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client", "default_url", "non_finite", "seg"]
 
@@ -85,22 +99,60 @@ def _headers(token: str | None) -> dict[str, str]:
     return headers
 
 
-def _verify(url: str) -> ssl.SSLContext | bool:
-    """TLS verification for ``url``. httpx builds its default context (loading every CA
-    certificate: ~40 ms of a one-shot command) even for a plain-http server, which never uses it;
-    there, an empty context stands in. Should anything ever lead to TLS with it (a TLS proxy from
-    the environment), it trusts no CA and so fails closed."""
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy")
+
+
+def direct_path(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
+    """Whether ``Client`` sends over the standard library (``stdhttp``) rather than httpx: unless
+    ``MANGWALE_HTTP=httpx``, or a proxy is named in the environment (any case, as httpx reads
+    them), where httpx's own proxy rules decide."""
+    env = os.environ if env is None else env
+    choice = env.get("MANGWALE_HTTP", "stdlib")
+    if choice not in ("stdlib", "httpx"):
+        from .errors import ConfigError
+
+        raise ConfigError(f"MANGWALE_HTTP {choice!r} is not stdlib or httpx", field="MANGWALE_HTTP")
+    if choice == "httpx":
+        return False
+    return not any(env.get(v) or env.get(v.upper()) for v in PROXY_VARS)
+
+
+def tls_context() -> ssl.SSLContext:
+    """The context that verifies an https server, on both paths: httpx's default (its
+    ``create_ssl_context``): $SSL_CERT_FILE, else $SSL_CERT_DIR, else certifi's CA bundle."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _verify(url: str) -> ssl.SSLContext:
+    """TLS verification for ``url``. Loading every CA certificate costs a one-shot command
+    ~40 ms, and a plain-http server never uses it: there, an empty context stands in. Should
+    anything ever lead to TLS with it (a TLS proxy from the environment), it trusts no CA and
+    so fails closed."""
     if url.startswith("http://"):
         return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    return True
+    return tls_context()
 
 
-def _transport_error(url: str, method: str, path: str, exc: httpx.HTTPError) -> Unreachable:
-    if isinstance(exc, httpx.ConnectError):
+def _transport_error(url: str, method: str, path: str, exc: Exception) -> Unreachable:
+    """The error for a request that got no answer, on either path."""
+    from .stdhttp import ConnectFailed
+
+    connect, timeout = isinstance(exc, ConnectFailed), isinstance(exc, TimeoutError)
+    if not (connect or timeout) and type(exc).__module__.startswith("httpx"):
+        import httpx
+
+        connect, timeout = isinstance(exc, httpx.ConnectError), isinstance(exc, httpx.TimeoutException)
+    if connect:
         return Unreachable(
             f"cannot connect to {url}: is `mangwale serve` running there? (set --url or MANGWALE_URL)"
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if timeout:
         return Unreachable(f"{url} did not answer {method} {path} in time")
     return Unreachable(f"{method} {url}{path} failed: {exc}")
 
@@ -109,13 +161,13 @@ class _Foreign(Exception):
     """An answer no mangwale server gives: an error without mangwale's error body, or a body
     that is not JSON. The client then asks ``/healthz`` who is there (only on this path)."""
 
-    def __init__(self, resp: httpx.Response, error: MangwaleError) -> None:
+    def __init__(self, resp: Answer, error: MangwaleError) -> None:
         super().__init__(error.message)
         self.resp = resp
         self.error = error
 
 
-def _checked(resp: httpx.Response) -> httpx.Response:
+def _checked(resp: Answer) -> Answer:
     if resp.status_code >= 400:
         try:
             body = resp.json()
@@ -128,7 +180,7 @@ def _checked(resp: httpx.Response) -> httpx.Response:
     return resp
 
 
-def _is_health(resp: httpx.Response) -> bool:
+def _is_health(resp: Answer) -> bool:
     """Whether a ``/healthz`` answer is mangwale's."""
     try:
         doc = resp.json()
@@ -149,7 +201,7 @@ def _not_mangwale(url: str, foreign: _Foreign) -> NotMangwale:
     )
 
 
-def _not_json(resp: httpx.Response, method: str, path: str) -> _Foreign:
+def _not_json(resp: Answer, method: str, path: str) -> _Foreign:
     return _Foreign(resp, MangwaleError(f"{method} {path}: the server sent something that is not JSON"))
 
 
@@ -163,12 +215,27 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = check_url(url or default_url())
-        self._http = httpx.Client(
-            base_url=self.url, headers=_headers(token), timeout=timeout, transport=transport, verify=_verify(self.url)
-        )
+        self.timeout = timeout
+        self._headers = _headers(token)
+        self._transport = transport
+        self._direct = transport is None and direct_path()
+        self._httpx: httpx.Client | None = None
+
+    @property
+    def _http(self) -> httpx.Client:
+        """The httpx client, made (and httpx imported) on first use."""
+        if self._httpx is None:
+            import httpx
+
+            self._httpx = httpx.Client(
+                base_url=self.url, headers=self._headers, timeout=self.timeout, transport=self._transport,
+                verify=_verify(self.url),
+            )
+        return self._httpx
 
     def close(self) -> None:
-        self._http.close()
+        if self._httpx is not None:
+            self._httpx.close()
 
     def __enter__(self) -> Self:
         return self
@@ -182,25 +249,45 @@ class Client:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, path: str, **kwargs: Any) -> Answer:
         try:
             return self._request(method, path, **kwargs)
         except _Foreign as foreign:
             raise self._foreign(foreign) from None
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
+        headers: dict[str, str] | None = None, timeout: float | None = None,
+    ) -> Answer:
+        """One request on this client's path (see the module's docstring); no answer at all is
+        ``Unreachable``."""
+        timeout = self.timeout if timeout is None else timeout
+        if self._direct:
+            from .stdhttp import send
+
+            try:
+                return send(
+                    self.url, method, path, params=params, json=json, headers={**self._headers, **(headers or {})},
+                    timeout=timeout, context=tls_context() if self.url.startswith("https://") else None,
+                )
+            except (OSError, http.client.HTTPException) as exc:
+                raise _transport_error(self.url, method, path, exc) from None
+        import httpx
+
         try:
-            resp = self._http.request(method, path, **kwargs)
+            return self._http.request(method, path, params=params, json=json, headers=headers, timeout=timeout)
         except httpx.HTTPError as exc:
             raise _transport_error(self.url, method, path, exc) from None
-        return _checked(resp)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Answer:
+        return _checked(self._send(method, path, **kwargs))
 
     def _foreign(self, foreign: _Foreign) -> MangwaleError:
         """The error for an answer no mangwale server gives: ``NotMangwale`` unless ``/healthz``
         says mangwale is there after all (a proxy between answered), then the plain error."""
         try:
-            mangwale = _is_health(self._http.get("/healthz", timeout=5))
-        except httpx.HTTPError:
+            mangwale = _is_health(self._send("GET", "/healthz", timeout=5))
+        except Unreachable:
             mangwale = False
         return foreign.error if mangwale else _not_mangwale(self.url, foreign)
 
@@ -311,7 +398,7 @@ class Client:
             if not cursor:
                 return rows
 
-    def _decode(self, resp: httpx.Response, method: str, path: str) -> Any:
+    def _decode(self, resp: Answer, method: str, path: str) -> Any:
         try:
             return resp.json()
         except ValueError:
@@ -370,6 +457,8 @@ class Client:
             raise _exists(dest)
         tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
         size = 0
+        import httpx  # a download streams: httpx's path, whichever the client's
+
         try:
             with self._http.stream("GET", path) as resp:
                 if resp.status_code >= 400:
@@ -413,6 +502,8 @@ class AsyncClient:
         timeout: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        import httpx
+
         self.url = check_url(url or default_url())
         self.headers = _headers(token)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout, transport=transport)
@@ -437,14 +528,18 @@ class AsyncClient:
             raise await self._foreign(foreign) from None
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
         try:
             resp = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise _transport_error(self.url, method, path, exc) from None
-        return _checked(resp)
+        return _checked(resp)  # type: ignore[return-value]  # _checked returns what it is given
 
     async def _foreign(self, foreign: _Foreign) -> MangwaleError:
         """As ``Client._foreign``."""
+        import httpx
+
         try:
             mangwale = _is_health(await self._http.get("/healthz", timeout=5))
         except httpx.HTTPError:

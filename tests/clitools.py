@@ -14,9 +14,18 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import pytest
 from conftest import wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(autouse=True, params=["stdlib", "httpx"])
+def http_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each test of a module that imports this fixture on both ways ``Client`` sends a
+    request: the standard library's http.client and httpx (client.py's docstring)."""
+    monkeypatch.setenv("MANGWALE_HTTP", request.param)
+    return str(request.param)
 
 
 def cli(

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clitools import cli, error_line, ok, ok_json, wait_done
+from clitools import cli, error_line, http_path, ok, ok_json, wait_done  # noqa: F401 - http_path: an autouse fixture, both request paths
 from conftest import ServerProcess, free_port
 
 

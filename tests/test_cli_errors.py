@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from clitools import cli, error_line, fake_server, ok, ok_json, quick_job, wait_done
+from clitools import cli, error_line, fake_server, http_path, ok, ok_json, quick_job, wait_done  # noqa: F401 - http_path: an autouse fixture, both request paths
 from conftest import ServerProcess, free_port, wait_for
 from tokentools import new_token, write_config
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clitools import cli, error_line, ok, ok_json, quick_job, wait_done
+from clitools import cli, error_line, http_path, ok, ok_json, quick_job, wait_done  # noqa: F401 - http_path: an autouse fixture, both request paths
 from conftest import ServerProcess
 
 SAMPLE = "food-delivery-sample"
@@ -189,8 +189,11 @@ def every_command() -> list[list[str]]:
 
     def walk(cmd: Any, path: list[str]) -> None:
         paths.append(path)
-        for name, sub in (getattr(cmd, "commands", None) or {}).items():
-            walk(sub, [*path, name])
+        if not hasattr(cmd, "list_commands"):
+            return
+        ctx = cmd.make_context("mangwale", [], resilient_parsing=True)
+        for name in cmd.list_commands(ctx):  # commands are built on demand (cli/lazy.py)
+            walk(cmd.get_command(ctx, name), [*path, name])
 
     walk(get_command(app), [])
     return paths

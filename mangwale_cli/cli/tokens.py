@@ -12,8 +12,10 @@ from typing import Annotated
 import typer
 
 from .command import Command
+from .lazy import LazyGroup
 
 tokens_app = typer.Typer(
+    cls=LazyGroup,
     help="Mint API tokens for a server's [auth.tokens] table.", no_args_is_help=True
 )
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import Conflict, InvalidInput, MangwaleError
-from .watchview import JsonRenderer, PlainRenderer, Renderer, TtyRenderer, stderr_line
 
 if TYPE_CHECKING:
     from ..follow import Follower
+    from .watchview import Renderer
 
 INTERRUPTED = 130  # Ctrl-C detached; the job keeps running
 
@@ -156,6 +156,7 @@ def run_watch(
 ) -> int:
     """Follow, render, and return the exit code (errors raise ``MangwaleError`` as usual)."""
     from ..follow import Follower, FollowSettings
+    from .watchview import JsonRenderer, PlainRenderer, TtyRenderer
 
     follower = Follower(
         url,
@@ -221,6 +222,7 @@ async def _follow(follower: Follower, view: Renderer) -> Any:
 def _interrupted(follower: Follower, view: Renderer, cancel: bool) -> int:
     from ..client import Client
     from ..follow import outcome_code
+    from .watchview import stderr_line
 
     pending = [follower.jobs[j] for j in follower.followed if not follower.jobs[j].terminal]
     if not cancel:

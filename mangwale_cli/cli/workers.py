@@ -31,9 +31,9 @@ def worker(
     import logging
 
     from ..worker_agent import WorkerAgent, local_trainers
-    from .main import _settings
+    from .options import settings_for
 
-    settings = _settings(url, token)
+    settings = settings_for(url, token)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     agent = WorkerAgent(settings.url, token=settings.token, labels=label, concurrency=concurrency, name=name,
                         trainers=local_trainers(config))  # fmt: skip
@@ -49,9 +49,9 @@ def workers_list(
     import time
 
     from . import render
-    from .main import _client
+    from .options import client_for
 
-    rows = _client(url, token).list_workers()
+    rows = client_for(url, token).list_workers()
     if as_json:
         render.print_json(rows)
         return
