@@ -226,6 +226,8 @@ def job_detail(j: dict[str, Any]) -> None:
         ("agent", j.get("agentId") or "-"),
         ("message", j.get("message") or "-"),
         ("attempt", str(j.get("attempt", 0))),
+        *([("worker", j["worker"])] if j.get("worker") else []),
+        *([("labels", ", ".join(j["labels"]))] if j.get("labels") else []),
         ("created", when(j.get("createdAt"))),
         ("started", when(j.get("startedAt"))),
         ("finished", when(j.get("finishedAt"))),
