@@ -36,7 +36,7 @@ def tokens_create(
             "--scope",
             "-s",
             metavar="SCOPE",
-            help="read (list, show, watch), write (create, cancel, delete) or admin (all); repeatable",
+            help="read (list, show, watch), write (create, cancel, delete), worker (mangwale worker only) or admin (all); repeatable",
         ),
     ] = [],  # noqa: B006 - typer reads it, nothing mutates it
     as_json: Annotated[
