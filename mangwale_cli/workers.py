@@ -72,6 +72,7 @@ class Worker:
     running: dict[str, int] = field(default_factory=dict)  # job id -> fencing token
     last_heartbeat: int = 0  # ms, server clock
     lost_at: float | None = None  # monotonic, when its connection went away
+    stopping: bool = False  # it handed a job back (SIGTERM): it takes no new job on this connection
 
     @property
     def holder(self) -> str:
@@ -86,7 +87,7 @@ class Worker:
         return "busy" if len(self.running) >= self.concurrency else "up"
 
     def free(self) -> int:
-        return 0 if self.state == "lost" else self.concurrency - len(self.running)
+        return 0 if self.stopping or self.state == "lost" else self.concurrency - len(self.running)
 
     def to_dict(self, instance: str) -> dict[str, Any]:
         return {
@@ -439,7 +440,9 @@ class WorkerHub:
         return wire.worker_renewed(out)
 
     async def release(self, worker: Worker, msg: wire.WorkerRelease) -> None:
-        """The worker hands a job back (it is stopping): re-queue it now, not after the lease."""
+        """The worker hands a job back (it is stopping): re-queue it now, not after the lease,
+        and offer it nothing more (the job would come straight back to it and burn an attempt)."""
+        worker.stopping = True
         job = await self.store.get_job(msg.jobId)
         if job is None or job.status is not JobStatus.RUNNING:
             return
