@@ -52,30 +52,20 @@ def _serve(conn: Connection, cache_size: int) -> None:
         if request[0] == "forget":
             models.pop(request[1], None)
             continue
-        answer: tuple[str, Any]
-        if request[0] == "audit":
-            try:
-                answer = ("ok", modelfile.audit(Path(request[1])))
-            except ModelRefused as exc:
-                answer = ("refused", str(exc))
-            except Exception as exc:  # noqa: BLE001 - the server reports it; the child serves on
-                answer = ("error", describe_failure(exc))
-            try:
-                conn.send(answer)
-            except (BrokenPipeError, OSError):
-                return
-            continue
-        _, key, directory, text = request
         try:
-            model = models.get(key)
-            if model is None:
-                model = IntentModel.load(Path(directory))
-                models[key] = model
-                while len(models) > cache_size:
-                    models.popitem(last=False)
+            if request[0] == "audit":
+                answer: tuple[str, Any] = ("ok", modelfile.audit(Path(request[1])))
             else:
-                models.move_to_end(key)
-            answer = ("ok", model.predict(text))
+                _, key, directory, text = request
+                model = models.get(key)
+                if model is None:
+                    model = IntentModel.load(Path(directory))
+                    models[key] = model
+                    while len(models) > cache_size:
+                        models.popitem(last=False)
+                else:
+                    models.move_to_end(key)
+                answer = ("ok", model.predict(text))
         except ModelRefused as exc:
             answer = ("refused", str(exc))
         except Exception as exc:  # noqa: BLE001 - the server reports it; the child serves on
@@ -84,7 +74,6 @@ def _serve(conn: Connection, cache_size: int) -> None:
             conn.send(answer)
         except (BrokenPipeError, OSError):
             return
-
 
 class Predictor:
     """The server's side: ``await predict(key, model_dir, text)``; ``close()`` at shutdown."""
