@@ -116,14 +116,9 @@ class HotRoutes:
         added (CORS: ``Vary: Origin``; the request timer's observation), and True. Anything else
         (a CORS request, a refused token, a miss) is False: the caller sends it down the chain."""
         start = time.perf_counter()
-        host = if_none_match = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"if-none-match":
-                if_none_match = value
-            elif name in _NOT_FAST:
-                return False
+        if any(name in _NOT_FAST for name, _ in scope["headers"]):
+            return False
+        host, if_none_match = _cache_headers(scope)
         if self.auth.tokens.enabled and check_token(self.auth.tokens, scope, TokenScope.READ) is not None:
             return False
         try:
@@ -210,12 +205,7 @@ class HotRoutes:
     async def _cached(
         self, scope: Scope, receive: Receive, send: Send, render: Callable[[Request], Awaitable[Response]]
     ) -> None:
-        host = if_none_match = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"if-none-match":
-                if_none_match = value
+        host, if_none_match = _cache_headers(scope)
         try:
             # The head first: a body rendered after it is at least as new as it (bodycache.py).
             head = await self.app.state.service.store.head()
@@ -242,3 +232,14 @@ class HotRoutes:
             return
         await send({"type": "http.response.start", "status": 200, "headers": entry.headers})
         await send({"type": "http.response.body", "body": entry.body})
+
+
+def _cache_headers(scope: Scope) -> tuple[bytes | None, bytes | None]:
+    """``Host`` (part of a cached body's key: Link names the host) and ``If-None-Match``."""
+    host = if_none_match = None
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host = value
+        elif name == b"if-none-match":
+            if_none_match = value
+    return host, if_none_match
