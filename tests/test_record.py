@@ -523,6 +523,63 @@ def test_inspect_reads_a_live_store_that_a_snapshot_overtakes(tmp_path: Path, mo
     assert seen["jobs"] == [f"job-{n:05d}" for n in range(22, 31)]
 
 
+def test_inspect_reads_events_whose_log_segment_is_dropped_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inspect`` aimed at the window after a snapshot is renamed into place and before the log
+    segments it covers are deleted: the read takes the new snapshot, replays the old segments,
+    and then the server deletes them before the events' texts are read back. The events still
+    read (through the descriptors the replay opened) and the read checks out."""
+    import threading
+
+    renamed, replayed, dropped = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+    cleanup, replay = snapshot.cleanup, TinyDBStore._replay_log
+
+    def cleanup_then_wait(*args: Any) -> None:
+        cleanup(*args)
+        renamed.set()
+        assert replayed.wait(10)
+
+    def replay_then_wait(self: TinyDBStore, **kw: Any) -> None:
+        replay(self, **kw)
+        if threading.current_thread().name == "inspect" and not replayed.is_set():
+            replayed.set()
+            assert dropped.wait(10)
+
+    monkeypatch.setattr(snapshot, "cleanup", cleanup_then_wait)
+    monkeypatch.setattr(TinyDBStore, "_replay_log", replay_then_wait)
+
+    def look() -> None:
+        try:
+            seen["inspection"] = inspect(tmp_path)
+        except (StoreError, OSError) as exc:
+            seen["error"] = exc
+
+    async def main() -> None:
+        async with opened(tmp_path, snapshot_records=10**9, segment_bytes=400, retention=5) as store:
+            for n in range(1, 16):
+                await finish(store, await start(store, (await store.create_job(make_job(n)))[0]))
+            segments = sorted((tmp_path / "log").glob("*.log"))
+            assert len(segments) > 3
+            reader = threading.Thread(target=look, name="inspect")
+            snapped = asyncio.ensure_future(store.snapshot())
+            assert await asyncio.to_thread(renamed.wait, 10)
+            reader.start()
+            await snapped  # cleanup returns once the read has replayed; then the segments go
+            assert not segments[0].exists()
+            dropped.set()
+            await asyncio.to_thread(reader.join, 10)
+
+    run(main)
+    assert "error" not in seen, repr(seen.get("error"))
+    got = seen["inspection"]
+    assert sorted(got.jobs) == [f"job-{n:05d}" for n in range(1, 16)]
+    assert all(job["status"] == "succeeded" for job in got.jobs.values())
+    seqs = [e["seq"] for e in got.events]
+    assert seqs == sorted(seqs) and seqs[-1] == got.head
+
+
 def test_cursor_pages_go_on_across_deletes(tmp_path: Path) -> None:
     """A cursor is a position, not a job: deleting the job it names (a prune) keeps paging exact."""
 

@@ -956,18 +956,20 @@ def inspect(root: Path) -> Inspection:
     running (or dead): this takes no lock and writes nothing.
 
     A running server replaces ``snapshot.json`` and only then deletes the files the new one no
-    longer needs (merged job segments, log segments it covers). So a read is consistent when
-    ``snapshot.json`` is the same file before and after it; a read that a snapshot overtook
-    (a file it needed vanished, or the snapshot changed under it) starts again."""
+    longer needs (merged job segments, then the oldest log segments it covers). So a read is
+    consistent when ``snapshot.json`` is the same file and the log starts at the same segment
+    before and after it; a read that a snapshot overtook (a file it needed vanished, or the
+    snapshot or the log's first segment changed under it) starts again. Once a log segment is
+    open, its events are read back through that descriptor, so a later delete cannot touch them."""
     for _ in range(_INSPECT_TRIES):
-        before = _snapshot_identity(root)
+        before = _read_identity(root)
         try:
             seen = _inspect_once(root)
         except (StoreError, FileNotFoundError):
-            if _snapshot_identity(root) != before:
+            if _read_identity(root) != before:
                 continue
             raise
-        if _snapshot_identity(root) == before:
+        if _read_identity(root) == before:
             return seen
     raise StoreError(f"the store in {root} took {_INSPECT_TRIES} snapshots while it was being read; try again",
                      code="busy")  # fmt: skip
@@ -976,12 +978,19 @@ def inspect(root: Path) -> Inspection:
 _INSPECT_TRIES = 20
 
 
-def _snapshot_identity(root: Path) -> tuple[int, int, int] | None:
+def _read_identity(root: Path) -> tuple[tuple[int, int, int] | None, str | None]:
+    """What changes whenever a running server deletes a file a read may need: the snapshot
+    file, and the log's first segment (segments are only ever dropped from the front)."""
     try:
         st = os.stat(root / snapshot.NAME)
+        snap = (st.st_ino, st.st_mtime_ns, st.st_size)
     except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+        snap = None
+    try:
+        names = [p.name for p in (root / "log").iterdir() if p.suffix == ".log" and p.stem.isdigit()]
+    except FileNotFoundError:
+        names = []
+    return snap, min(names, default=None)
 
 
 def _inspect_once(root: Path) -> Inspection:

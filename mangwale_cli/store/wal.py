@@ -203,6 +203,8 @@ class RecordLog:
             except OSError as exc:
                 raise StoreError(f"cannot read the store's log {seg.path}: {exc.strerror}", code="corrupt") from None
             with f:
+                if seg.fd is None:  # events read back later go through this very file, even once it is deleted
+                    seg.fd = os.dup(f.fileno())
                 offset = 0
                 n = 0
                 for chunk in f:
