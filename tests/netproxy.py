@@ -42,7 +42,7 @@ class _Conn:
     def reset(self) -> None:
         for w in self.writers():
             sock = w.get_extra_info("socket")
-            if sock is not None:
+            if sock is not None and sock.fileno() != -1:  # -1: the transport closed it already
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             w.transport.abort()
 
