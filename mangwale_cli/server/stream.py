@@ -239,6 +239,11 @@ def _release_handshake(ws: WebSocket) -> None:
     proto = ws.scope.get(PROTOCOL_KEY)
     if proto is not None and getattr(proto, "handshake_complete", False):
         proto.request = proto.response = None
+    # The request's headers and query were read (token, origin, replay parameters) and are not
+    # read again: the scope and the WebSocket's caches of them go (~1 KB a connection).
+    ws.scope["headers"] = []
+    for cached in ("_headers", "_query_params", "_url"):
+        ws.__dict__.pop(cached, None)
 
 
 def text_frame(text: str) -> bytes:
