@@ -151,7 +151,10 @@ async def lag_phase(server: common.Server, args: argparse.Namespace) -> int:
         await asyncio.gather(*(w.open(server.ws_url) for w in watchers[i : i + 50]))
     await asyncio.sleep(0.5 if watchers else 0)
     server.metrics()  # starts a fresh lag window
+    spy = common.profile(server.pid, args.profile, args.lag_seconds) if args.profile else None
     created = await paced_creates(server.url, args.lag_rate, args.lag_seconds)
+    if spy is not None:
+        spy.wait(30)
     await asyncio.gather(*(w.aclose() for w in watchers), return_exceptions=True)
     return created
 
@@ -216,6 +219,8 @@ def main() -> None:
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=common.default_pin(),
                     help="pin the server to CPU 0 (and this process to CPU 1)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="result JSON (default bench/results/history.json)")
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="py-spy record the server during the lag window, collapsed stacks to FILE")  # fmt: skip
     args = ap.parse_args()
     if args.pin:
         common.pin_self(1)

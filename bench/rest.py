@@ -299,11 +299,15 @@ def run_target(target: str, tool: str, args: argparse.Namespace, pin: bool) -> d
                     run_python([server.url + p for p in paths], method, warm, headers)
             before = store_figures(server.url, headers) if target == "mangwale" and method == "POST" else None
             srv = common.CpuMeter(server.pid).start()
+            spy = (common.profile(server.pid, args.profile.with_name(f"{args.profile.stem}-{route}{args.profile.suffix}"),
+                                  args.duration) if args.profile and target == "mangwale" else None)  # fmt: skip
             if tool == "wrk":
                 res = run_wrk(server.url, method, paths, args, pin, headers)
             else:
                 res = run_python([server.url + p for p in paths], method, args, headers)
             res["server_cpu"] = srv.stop()
+            if spy is not None:
+                spy.wait(30)
             if before is not None:
                 after = store_figures(server.url, headers)
                 fsyncs = after["fsyncs"] - before["fsyncs"]
@@ -391,6 +395,8 @@ def main() -> int:
     ap.add_argument("--http", choices=("h11", "httptools"), default="httptools",
                     help="mangwale's HTTP parser (MANGWALE_HTTP; server.http)")
     common.add_target_arg(ap)
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="py-spy record mangwale during each route, collapsed stacks to FILE-ROUTE")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     tool = args.tool
