@@ -10,6 +10,15 @@ neither delay the others nor grow memory without bound.
 
 ``subscribe`` computes the replay and registers the subscriber in one synchronous step, so
 there is no gap and no duplicate between replayed and live events (see docs/protocol.md).
+
+A batch goes to at most ``FANOUT_SLICE`` subscribers per event-loop callback. With more
+subscribers, the rest of the round runs in later callbacks, so requests and other connections
+are served between slices (1,000 watchers written in one callback held the loop 10-50 ms, the
+worst loop lag under load: bench/history.py). Batches committed while a round is under way
+wait for it and then go out together, as one batch (fewer, larger writes when the loop is
+busy). Each subscriber still gets every record once and in seq order: rounds never overlap,
+and a subscriber that joined while records were waiting skips those its replay (or its live
+start at the head) already covers (``Subscriber.after``).
 """
 
 from __future__ import annotations
@@ -23,13 +32,18 @@ from .eventlog import EventRing, Record
 
 log = logging.getLogger(__name__)
 
+FANOUT_SLICE = 256  # subscribers handed a batch per event-loop callback
+
 class Subscriber:
     """A consumer of live events with a bounded buffer."""
 
-    __slots__ = ("_ready", "buffer", "close_reason", "closed", "jobs", "limit", "on_drop", "overflowed", "sink")
+    __slots__ = ("_ready", "after", "buffer", "close_reason", "closed", "jobs", "limit", "on_drop", "overflowed", "sink")
 
-    def __init__(self, jobs: set[str] | None, limit: int) -> None:
+    def __init__(self, jobs: set[str] | None, limit: int, after: int = 0) -> None:
         self.jobs = jobs
+        # The head when it subscribed: records up to it reach it by replay, or not at all
+        # (a live-only subscriber starts after them), never live.
+        self.after = after
         # A list, and the event only made when someone waits (SSE): an idle WebSocket
         # subscriber never buffers nor waits, and each deque costs ~760 bytes.
         self.buffer: list[Record] = []
@@ -51,8 +65,13 @@ class Subscriber:
     def offer_batch(self, batch: list[Record]) -> None:
         """Take a logged batch (the records of this subscriber's jobs): straight to ``sink``
         when it is idle, else into the buffer; past ``limit`` buffered, overflow and drop."""
-        if self.overflowed:
+        if self.overflowed or self.closed:
             return
+        if batch[0].seq <= self.after:  # committed before it subscribed, delivered after (a round)
+            after = self.after
+            batch = [rec for rec in batch if rec.seq > after]
+            if not batch:
+                return
         if self.jobs is not None:
             jobs = self.jobs
             batch = [rec for rec in batch if rec.concerns(jobs)]
@@ -117,6 +136,9 @@ class EventBus:
         self.queue_size = queue_size
         self.subscribers: set[Subscriber] = set()
         self._listeners: list[Callable[[list[Record]], None]] = []
+        self._round: asyncio.Handle | None = None  # the next slice of a fan-out under way
+        self._next: tuple[list[Record], list[Subscriber], int] | None = None  # its batch, subscribers, start
+        self._waiting: list[Record] = []  # committed during a round: the next round's batch
 
     @property
     def epoch(self) -> str:
@@ -128,15 +150,53 @@ class EventBus:
         return self.log.head
 
     async def stop(self) -> None:
+        self.flush()
         for sub in list(self.subscribers):
             sub.close()
 
     def deliver(self, batch: list[Record]) -> None:
-        """Hand committed records (in the ring already) to every subscriber and listener."""
-        for sub in self.subscribers:
-            sub.offer_batch(batch)
+        """Hand committed records (in the ring already) to every subscriber and listener:
+        listeners at once; subscribers at once when there are few, else in slices."""
+        if not batch:
+            return
+        if self._round is not None:
+            self._waiting.extend(batch)
+        elif len(self.subscribers) <= FANOUT_SLICE:
+            for sub in self.subscribers:
+                sub.offer_batch(batch)
+        else:
+            self._fan_out(batch, list(self.subscribers), 0)
         for listener in self._listeners:
             listener(batch)
+
+    def _fan_out(self, batch: list[Record], subs: list[Subscriber], start: int, *, at_once: bool = False) -> None:
+        """A round from ``start``: one slice, the rest in later callbacks (all now with
+        ``at_once``); then, in a later callback, what was committed meanwhile as the next round."""
+        while True:
+            end = start + FANOUT_SLICE
+            for sub in subs[start:end]:
+                sub.offer_batch(batch)
+            if end < len(subs):
+                start = end
+            elif self._waiting:
+                batch, self._waiting, subs, start = self._waiting, [], list(self.subscribers), 0
+            else:
+                self._round = self._next = None
+                return
+            if not at_once:
+                self._next = (batch, subs, start)
+                self._round = asyncio.get_running_loop().call_soon(self._resume)
+                return
+
+    def _resume(self) -> None:
+        assert self._next is not None
+        self._fan_out(*self._next)
+
+    def flush(self) -> None:
+        """Finish the fan-out under way now (shutdown: before the subscribers are closed)."""
+        if self._round is not None and self._next is not None:
+            self._round.cancel()
+            self._fan_out(*self._next, at_once=True)
 
     def add_listener(self, fn: Callable[[list[Record]], None]) -> None:
         """Call ``fn`` with every committed batch (used by in-process followers and tests)."""
@@ -167,7 +227,7 @@ class EventBus:
         ``since`` or another ``epoch`` yields ``resync`` and live events from the head.
         """
         head = self.log.head
-        sub = Subscriber(jobs, queue_size or self.queue_size)
+        sub = Subscriber(jobs, queue_size or self.queue_size, after=head)
         result = Subscription(sub, head=head, epoch=self.log.epoch)
         if since is not None:
             if epoch is not None and epoch != self.log.epoch:

@@ -178,6 +178,49 @@ def test_slow_subscriber_is_dropped_without_holding_back_others() -> None:
     run(main)
 
 
+def test_a_fan_out_in_slices_gives_every_subscriber_each_event_once_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FANOUT_SLICE subscribers a batch goes out one slice per loop callback; batches
+    committed meanwhile wait and go out together after it. Subscribers that join while records
+    wait get them by replay (since=) or not at all (live only), never twice; one that leaves
+    mid-round gets nothing more; stop() finishes a round under way first."""
+    from mangwale_cli import events
+
+    monkeypatch.setattr(events, "FANOUT_SLICE", 2)
+
+    async def main() -> None:
+        feed = Feed()
+        first = [feed.bus.subscribe().subscriber for _ in range(5)]
+        got: dict[Any, list[int]] = {}
+
+        def seqs(sub: Any) -> list[int]:
+            got.setdefault(sub, []).extend(r.seq for r in sub.buffer)
+            sub.buffer = []
+            return got[sub]
+
+        feed.publish(update("a", 1), update("a", 2))
+        reached = [sub for sub in first if sub.buffer]
+        assert len(reached) == 2  # one slice now, the rest later
+        leaver = next(sub for sub in first if not sub.buffer)
+        feed.bus.unsubscribe(leaver)
+        feed.publish(update("a", 3))  # during the round: waits for it
+        live = feed.bus.subscribe().subscriber  # after seq 3 was committed, before it went out
+        replayed = feed.bus.subscribe(since=1)
+        assert [r.seq for r in replayed.replay] == [2, 3]
+        feed.publish(update("a", 4))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        for sub in first:
+            assert seqs(sub) == ([] if sub is leaver else [1, 2, 3, 4]), sub
+        assert seqs(live) == [4]
+        assert seqs(replayed.subscriber) == [4]
+
+        feed.publish(update("a", 5))  # a round under way when the bus stops
+        await feed.bus.stop()
+        assert all(seqs(sub)[-1] == 5 for sub in [*first, live, replayed.subscriber] if sub is not leaver)
+
+    run(main)
+
+
 def test_unsubscribe_and_stop_end_waiting_readers() -> None:
     """A reader waiting for events gets [] when it is unsubscribed or the bus stops."""
 
