@@ -55,12 +55,15 @@ async def run(args: argparse.Namespace, server: Any) -> dict[str, Any]:
 
     rss_before = common.rss_bytes(server.pid)
     tcp_before = common.tcp_mem_pages()
+    spy = common.profile(server.pid, args.profile, max(1.0, args.connections / 1000)) if args.profile and server.name == "mangwale" else None
     srv = common.CpuMeter(server.pid).start()
     me.start()
     t0 = time.monotonic()
     await asyncio.gather(*(one(w) for w in watchers))
     wall = time.monotonic() - t0
     srv_frac = srv.stop()
+    if spy is not None:
+        spy.wait(60)
     me_frac = me.stop()
     rss_connected = common.rss_bytes(server.pid)
     await asyncio.sleep(args.idle)
@@ -124,6 +127,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=1.0, help="seconds idle after connecting, before the RSS reading")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server to CPU 0 and generator to CPU 1")
     common.add_target_arg(ap)
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="py-spy record mangwale while it is measured, collapsed stacks to FILE")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     pin = common.default_pin() and not args.no_pin

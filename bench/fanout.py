@@ -312,6 +312,7 @@ async def run(args: argparse.Namespace, server: Any) -> dict[str, Any]:
         w.stall()
     tasks = [t for t in (w.start() for w in watchers) if t is not None]
     m0 = server.stream_figures()
+    spy = common.profile(server.pid, args.profile, args.steps * args.step_ms / 1000) if args.profile and server.name == "mangwale" else None
     srv = common.CpuMeter(server.pid).start()
     me.start()
     t0 = time.monotonic()
@@ -336,6 +337,8 @@ async def run(args: argparse.Namespace, server: Any) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     elapsed = time.monotonic() - t0
     srv_frac = srv.stop()
+    if spy is not None:
+        spy.wait(60)
     me_frac = me.stop()
     sampler.cancel()
     rss_end = common.rss_bytes(server.pid)
@@ -497,6 +500,8 @@ def main() -> int:
                     help="run the server on a Redis store (e.g. redis://127.0.0.1:6379/0; keys under a "
                          "throw-away prefix, removed afterwards) instead of the embedded one (mangwale only)")
     common.add_target_arg(ap)
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="py-spy record mangwale while it is measured, collapsed stacks to FILE")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.duration is not None:
