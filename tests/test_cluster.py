@@ -362,11 +362,16 @@ def test_an_instance_cut_off_from_redis_past_its_lease_stops_its_copy(
     trainer keeps running and its reports wait; once the cut outlasts the lease it stops its copy
     as a stale holder and another instance takes the job over; nothing it held gets through."""
     proxy = netproxy(redis_server.port)
-    a = server_factory(data_dir=tmp_path / "a", env={**CLUSTER_ENV, "MANGWALE_RUNNER_CONCURRENCY": "1"},
+    # A lease well above the store timeout (1 s): A's first report after the cut fails after 1 s,
+    # while the lease it renewed last is still live, so its reports wait before its lease runs
+    # out. With the cluster's 1.5 s lease, a loaded machine could reach that failure after the
+    # lease, and A then (rightly) stops its copy at once, with no waiting to see.
+    lease = {"MANGWALE_RUNNER_LEASE": "4"}
+    a = server_factory(data_dir=tmp_path / "a", env={**CLUSTER_ENV, **lease, "MANGWALE_RUNNER_CONCURRENCY": "1"},
                        args=["--store", f"redis://127.0.0.1:{proxy.port}/0"])  # fmt: skip
-    job = simulate(a, steps=300, stepMs=50)
+    job = simulate(a, steps=600, stepMs=50)
     wait_for(lambda: get(a, f"/training/jobs/{job}")["progress"] > 0, 10, 0.02, "the job to run on A")
-    (b,) = start_instances(server_factory, redis_server.url, tmp_path / "b", 1, MANGWALE_RUNNER_CONCURRENCY="1")
+    (b,) = start_instances(server_factory, redis_server.url, tmp_path / "b", 1, MANGWALE_RUNNER_CONCURRENCY="1", **lease)
     proxy.blackhole()
     try:
         wait_for(lambda: "its reports wait" in a.output(), 10, 0.05, "A's runner to hold its reports")
