@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .eventlog import EventRing, Record
+from .eventlog import EventRing, Notice, Record
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,14 @@ class EventBus:
             sub.offer_batch(batch)
         for listener in self._listeners:
             listener(batch)
+
+    def notify(self, notice: Notice) -> None:
+        """Hand a live-only message to every subscriber that follows all jobs (a ``jobs=``
+        subscriber filters it out). Listeners are not called: it is not a committed event."""
+        batch: list[Record] = [notice]
+        for sub in self.subscribers:
+            if sub.jobs is None:
+                sub.offer_batch(batch)
 
     def add_listener(self, fn: Callable[[list[Record]], None]) -> None:
         """Call ``fn`` with every committed batch (used by in-process followers and tests)."""

@@ -1,0 +1,175 @@
+"""The worker board: who sees which workers, and how their changes reach the event streams.
+
+The hub (``workers.py``) owns the workers connected to its instance. The board publishes each
+change of one as a ``worker_update`` (a ``GET /workers`` row, docs/protocol.md) and answers which
+workers the other instances have. Two peers:
+
+- ``LocalBoard`` (the embedded store, one instance): a change goes straight to this instance's
+  subscribers (``EventBus.notify``); there is nobody else to tell.
+- ``RedisBoard`` (many instances on one Redis): a change is written as the worker's row
+  (``worker:{id}``, with a TTL its heartbeats renew) and appended to its own small stream
+  (``workerupdates``, MAXLEN ~ ``workers.update_retention``), in one MULTI. Every instance,
+  this one included, follows that stream and hands each message to its own subscribers, so all
+  clients of all instances see one order. ``rows`` reads every instance's rows.
+
+``worker_update`` messages are never in the event log: they have no seq, are not replayed, and
+cannot push a training event out of the replay window. A client takes the current rows from
+``GET /workers`` and the changes after it from the stream.
+
+This module never imports the web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import wire
+from .eventlog import Notice
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from .events import EventBus
+    from .store.redis_keys import RedisKeys
+
+log = logging.getLogger(__name__)
+
+
+class Board(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, row: dict[str, Any]) -> None:
+        """A worker changed: keep its row where others see it and announce it."""
+
+    async def refresh(self, row: dict[str, Any]) -> None:
+        """A heartbeat: keep the row fresh, announce nothing."""
+
+    async def remove(self, row: dict[str, Any]) -> None:
+        """A worker is forgotten: drop its row and announce it ``gone``."""
+
+    async def rows(self) -> list[dict[str, Any]]:
+        """Rows of workers that other instances (may) hold; [] with one instance."""
+
+    async def instance_of(self, worker_id: str) -> str | None:
+        """The instance whose row of the worker is current (None: nobody's, or one instance)."""
+
+
+def gone(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "state": "gone", "removed": True}
+
+
+class LocalBoard:
+    """One instance: announce to this instance's subscribers, keep nothing."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def publish(self, row: dict[str, Any]) -> None:
+        self.bus.notify(Notice(wire.dumps(wire.worker_update(row))))
+
+    async def refresh(self, row: dict[str, Any]) -> None:
+        pass
+
+    async def remove(self, row: dict[str, Any]) -> None:
+        await self.publish(gone(row))
+
+    async def rows(self) -> list[dict[str, Any]]:
+        return []
+
+    async def instance_of(self, worker_id: str) -> str | None:
+        return None
+
+
+class RedisBoard:
+    """Many instances on one Redis: rows with a TTL, and a stream of their changes."""
+
+    def __init__(self, client: Redis, reader: Redis, keys: RedisKeys, bus: EventBus, *, ttl: float,
+                 retention: int, block: float = 1.0, retry: float = 0.5) -> None:  # fmt: skip
+        self.r = client
+        self.reader = reader  # a pool whose socket timeout allows XREAD BLOCK
+        self.k = keys
+        self.bus = bus
+        self.ttl_ms = max(1, int(ttl * 1000))
+        self.retention = retention
+        self.block = block
+        self.retry = retry
+        self._last = "$"
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        newest: Any = await self.r.xrevrange(self.k.worker_updates, count=1)
+        self._last = newest[0][0].decode() if newest else "0-0"
+        self._task = asyncio.create_task(self._follow(), name="workerboard-reader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        from redis.exceptions import RedisError
+
+        failing = False
+        while True:
+            try:
+                resp: Any = await self.reader.xread({self.k.worker_updates: self._last}, count=500,
+                                                    block=int(self.block * 1000))  # fmt: skip
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("worker updates: the stream is unreachable (%s); retrying", exc)
+                failing = True
+                await asyncio.sleep(self.retry)
+                continue
+            failing = False
+            for _stream, entries in resp or ():
+                for entry_id, fields in entries:
+                    self._last = entry_id.decode()
+                    self.bus.notify(Notice(fields[b"d"].decode()))
+
+    async def publish(self, row: dict[str, Any]) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(self.k.worker(row["id"]), wire.dumps(row), px=self.ttl_ms)
+            p.sadd(self.k.workers, row["id"])
+            p.xadd(self.k.worker_updates, {"d": wire.dumps(wire.worker_update(row))}, maxlen=self.retention,
+                   approximate=True)  # fmt: skip
+            await p.execute()
+
+    async def refresh(self, row: dict[str, Any]) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(self.k.worker(row["id"]), wire.dumps(row), px=self.ttl_ms)
+            p.sadd(self.k.workers, row["id"])  # in case a reader pruned it between SMEMBERS and MGET
+            await p.execute()
+
+    async def instance_of(self, worker_id: str) -> str | None:
+        doc: Any = await self.r.get(self.k.worker(worker_id))
+        return None if doc is None else wire.loads(doc).get("instance")
+
+    async def remove(self, row: dict[str, Any]) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(self.k.worker(row["id"]))
+            p.srem(self.k.workers, row["id"])
+            p.xadd(self.k.worker_updates, {"d": wire.dumps(wire.worker_update(gone(row)))}, maxlen=self.retention,
+                   approximate=True)  # fmt: skip
+            await p.execute()
+
+    async def rows(self) -> list[dict[str, Any]]:
+        ids: Any = sorted(await self.r.smembers(self.k.workers))
+        if not ids:
+            return []
+        docs: Any = await self.r.mget([self.k.worker(i.decode()) for i in ids])
+        expired = [i for i, doc in zip(ids, docs, strict=True) if doc is None]
+        if expired:  # the instance that held it died and nobody renewed it: forgotten
+            await self.r.srem(self.k.workers, *expired)
+        return [wire.loads(doc) for doc in docs if doc is not None]
