@@ -250,10 +250,9 @@ class WorkerHub:
         silent = self.lease / 2 * 1000
         now = now_ms()
         for row in await self.board.rows():
-            if row.get("instance") != self.instance:
-                if row.get("state") != "lost" and now - int(row.get("lastHeartbeat") or 0) > silent:
-                    row["state"] = "lost"  # its instance died, or lost Redis: nobody renews it
-                rows[row["id"]] = row
+            if row.get("state") != "lost" and now - int(row.get("lastHeartbeat") or 0) > silent:
+                row["state"] = "lost"  # its instance died, or lost Redis: nobody renews it
+            rows[row["id"]] = row
         for w in self.workers.values():
             other = rows.get(w.id)
             if w.session is not None or other is None or other["lastHeartbeat"] < w.last_heartbeat:
@@ -279,8 +278,8 @@ class WorkerHub:
                     if elsewhere is not None and elsewhere != self.instance:
                         self._announced[worker.id] = key  # it is connected to another instance now
                         return
-                self._announced[worker.id] = key
                 await self.board.publish(row)
+                self._announced[worker.id] = key  # only once it is out: a failed one is tried again
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - Redis away: the next change announces the state

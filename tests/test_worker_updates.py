@@ -14,6 +14,7 @@ import httpx
 import pytest
 from clitools import cli
 from conftest import ServerProcess, wait_for
+from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
 from test_workers import FAST, WorkerProcess, create, events, only_serves, wait_status, workers  # noqa: F401 - fixtures, used by name
 from websockets.sync.client import ClientConnection, connect
 
@@ -85,9 +86,12 @@ class Tail:
         return [m["worker"] for m in list(self.messages)
                 if m["type"] == "worker_update" and worker_id in (None, m["workerId"])]  # fmt: skip
 
-    def wait_state(self, worker_id: str, state: str, running: int | None = None, timeout: float = 20) -> dict[str, Any]:
+    def wait_state(self, worker_id: str, state: str, running: int | None = None, timeout: float = 20,
+                   after: int = 0) -> dict[str, Any]:  # fmt: skip
+        """The newest update of the worker in ``state`` among those after the first ``after``."""
+
         def seen() -> dict[str, Any] | None:
-            for w in reversed(self.updates(worker_id)):
+            for w in reversed(self.updates(worker_id)[after:]):
                 if w["state"] == state and (running is None or len(w["running"]) == running):
                     return w
             return None
@@ -144,7 +148,7 @@ def test_a_job_on_a_worker_is_announced_busy_then_up_without_numbering(
     assert busy["running"] == [j["id"]]
     done = wait_status(only_serves.url, j["id"], "succeeded", "failed")
     assert done["status"] == "succeeded"
-    tail.wait_state(wid, "up", 0)
+    tail.wait_state(wid, "up", 0, after=[u["state"] for u in tail.updates(wid)].index("busy"))
     seqs = [m["seq"] for m in tail.messages if "seq" in m]
     assert seqs == list(range(head + 1, head + 1 + len(seqs))) and len(seqs) >= done["jobSeq"]
     assert [e["seq"] for e in events(only_serves.url, j["id"])] == [m["seq"] for m in tail.messages if m.get("jobId") == j["id"]]
@@ -161,32 +165,53 @@ def test_a_job_on_a_worker_is_announced_busy_then_up_without_numbering(
 
 def test_redis_every_instance_lists_and_announces_every_worker(
     server_factory: Callable[..., ServerProcess], redis_server: Any, workers: Callable[..., WorkerProcess],  # noqa: F811
-    tails: Callable[..., Tail], tmp_path: Path,
+    tails: Callable[..., Tail], netproxy: Callable[[int], NetProxy], tmp_path: Path,  # noqa: F811
 ) -> None:
-    """Two instances on one Redis; a worker connects to A. B's GET /workers and `workers list`
-    show it (connected to A), B's watchers see it take a job created on B and finish it, then be
-    lost when it dies and gone after workers.forget_after; A says the same."""
+    """Two instances on one Redis; a worker connects to A through a balancer. B's GET /workers and
+    `workers list` show it (connected to A), and B's watchers see it take a job created on B and
+    finish it. Moved to B, both instances list it as B has it (A's lost connection does not win),
+    and it keeps working; killed, it is lost, then gone after workers.forget_after, everywhere."""
     env = {**FAST, "MANGWALE_STORE_TIMEOUT": "1", "MANGWALE_WORKERS_FORGET_AFTER": "3"}
     a, b = (server_factory(data_dir=tmp_path / "shared", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
             for _ in range(2))  # fmt: skip
     on_b = tails(b.url)
-    w = workers(a.url, "--name", "remote", "--concurrency", "1", "--label", "gpu")
+    balancer = netproxy(a.port)
+    w = workers(balancer.url, "--name", "remote", "--concurrency", "1", "--label", "gpu")
     wid = _worker_id(b, "remote")
     up = on_b.wait_state(wid, "up", 0)
     assert up["labels"] == ["gpu"]
     (row,) = httpx.get(b.url + "/workers", timeout=5).json()
-    a_row = httpx.get(a.url + "/workers", timeout=5).json()[0]
-    assert row["id"] == wid and row["state"] == "up" and row["instance"] == a_row["instance"]
+    a_instance = httpx.get(a.url + "/workers", timeout=5).json()[0]["instance"]
+    assert row["id"] == wid and row["state"] == "up" and row["instance"] == a_instance
     listed = cli("workers", "list", "--json", url=b.url)
     assert listed.returncode == 0, listed.stderr
     assert [x["id"] for x in json.loads(listed.stdout)] == [wid]
     j = create(b.url, "simulate", labels=["gpu"], steps=3, stepMs=200)
     assert on_b.wait_state(wid, "busy", 1)["running"] == [j["id"]]
     assert wait_status(b.url, j["id"], "succeeded", "failed")["status"] == "succeeded"
-    on_b.wait_state(wid, "up", 0)
+    on_b.wait_state(wid, "up", 0, after=[u["state"] for u in on_b.updates(wid)].index("busy"))
+
+    balancer.target = ("127.0.0.1", b.port)
+    balancer.cut()  # the worker reconnects, to B now
+    wait_for(lambda: on_b.updates(wid)[-1]["instance"] != a_instance and on_b.updates(wid)[-1]["state"] == "up", 20,
+             what="the worker up on B")  # fmt: skip
+    b_instance = on_b.updates(wid)[-1]["instance"]
+    for server in (a, b):
+        assert wait_for(lambda s=server: (x := httpx.get(s.url + "/workers", timeout=5).json()) and x[0]["instance"] == b_instance
+                        and x[0]["state"] == "up", 10, what="both instances list it as B has it")  # fmt: skip
+    moved = len(on_b.updates(wid))
+    j2 = create(a.url, "simulate", labels=["gpu"], steps=3, stepMs=200)
+    assert on_b.wait_state(wid, "busy", 1, after=moved)["running"] == [j2["id"]]
+    assert wait_status(a.url, j2["id"], "succeeded", "failed")["status"] == "succeeded"
+    wait_for(lambda: (u := on_b.updates(wid)[-1])["state"] == "up" and not u["running"], 10, what="up again")
+    killed = len(on_b.updates(wid))
+
     w.kill()
-    on_b.wait_state(wid, "lost")
-    assert wait_for(lambda: httpx.get(b.url + "/workers", timeout=5).json()[0]["state"] == "lost", 10, what="lost on B")
-    on_b.wait_state(wid, "gone", timeout=30)
+    on_b.wait_state(wid, "lost", after=killed)
+    assert wait_for(lambda: httpx.get(a.url + "/workers", timeout=5).json()[0]["state"] == "lost", 10, what="lost on A")
+    on_b.wait_state(wid, "gone", timeout=30, after=killed)
+    states = [u["state"] for u in on_b.updates(wid)[moved:]]
+    assert "gone" not in states[: len(states) - 1 - states[::-1].index("lost")], states  # A forgot only its own copy
+    assert {u["instance"] for u in on_b.updates(wid)[moved:]} == {b_instance}
     assert httpx.get(b.url + "/workers", timeout=5).json() == []
     assert httpx.get(a.url + "/workers", timeout=5).json() == []
