@@ -15,6 +15,7 @@ import pytest
 from clitools import cli
 from conftest import ServerProcess, wait_for
 from netproxy import NetProxy, netproxy  # noqa: F401 - a pytest fixture, used by name
+from test_watch import Watch, watches  # noqa: F401 - watches: a pytest fixture, used by name
 from test_workers import FAST, WorkerProcess, create, events, only_serves, wait_status, workers  # noqa: F401 - fixtures, used by name
 from websockets.sync.client import ClientConnection, connect
 
@@ -122,13 +123,17 @@ def _worker_id(server: ServerProcess, name: str) -> str:
 
 
 def test_a_job_on_a_worker_is_announced_busy_then_up_without_numbering(
-    only_serves: ServerProcess, workers: Callable[..., WorkerProcess], tails: Callable[..., Tail]  # noqa: F811
+    only_serves: ServerProcess, workers: Callable[..., WorkerProcess], tails: Callable[..., Tail],  # noqa: F811
+    watches: Callable[..., Watch],  # noqa: F811
 ) -> None:
     """A watcher sees the worker register (up), take a job (busy, running it), finish it (up) and
     die (lost); the job's numbered events stay gapless from the watcher's head (worker updates
-    use no seq), and SSE sends the updates without an id, so Last-Event-ID stays a seq."""
+    use no seq), SSE sends the updates without an id, so Last-Event-ID stays a seq, and
+    `watch --all --json` prints the same numbered events and no worker_update."""
     tail = tails(only_serves.url)
     head = tail.messages[0]["headSeq"]
+    watch = watches("--all", "--json", "--url", only_serves.url)
+    wait_for(lambda: "connection: live" in watch.stderr(), 20, what="watch --all to be live")
     w = workers(only_serves.url, "--name", "solo", "--concurrency", "1")
     wid = _worker_id(only_serves, "solo")
     tail.wait_state(wid, "up", 0)
@@ -158,6 +163,8 @@ def test_a_job_on_a_worker_is_announced_busy_then_up_without_numbering(
             assert not sse[i - 1].startswith("id:")  # no id: the resume point stays the last seq
     w.kill()
     tail.wait_state(wid, "lost")
+    wait_for(lambda: [e["seq"] for e in watch.events()] == seqs, 10, what="watch --all to print the same events")
+    assert [d["type"] for d in watch.json_lines() if d["type"] == "worker_update"] == []
 
 
 # --- Redis: every instance ---------------------------------------------------------------------
