@@ -12,6 +12,11 @@ workers the other instances have. Two peers:
   this one included, follows that stream and hands each message to its own subscribers, so all
   clients of all instances see one order. ``rows`` reads every instance's rows.
 
+When an instance dies, nobody is left to announce its workers lost: every instance's sweep
+(``RedisBoard.sweep``) marks a row whose heartbeat is half a lease old ``lost``, and announces an
+expired row ``gone``; a compare-and-set makes exactly one instance do each. A heartbeat that finds
+its row marked so (its instance was only cut off from Redis) announces it back.
+
 ``worker_update`` messages are never in the event log: they have no seq, are not replayed, and
 cannot push a training event out of the replay window. A client takes the current rows from
 ``GET /workers`` and the changes after it from the stream.
@@ -57,6 +62,9 @@ class Board(Protocol):
     async def instance_of(self, worker_id: str) -> str | None:
         """The instance whose row of the worker is current (None: nobody's, or one instance)."""
 
+    async def sweep(self, silent_ms: float) -> None:
+        """Announce the workers of instances that can no longer do it (shared store only)."""
+
 
 def gone(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "state": "gone", "removed": True}
@@ -89,6 +97,31 @@ class LocalBoard:
     async def instance_of(self, worker_id: str) -> str | None:
         return None
 
+    async def sweep(self, silent_ms: float) -> None:
+        pass
+
+
+# KEYS: worker:{id}, workerupdates; ARGV: the row as read, the row marked lost, its update, maxlen.
+MARK_LOST = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'd', ARGV[3])
+return 1
+"""
+
+# KEYS: worker:{id}, workers, workerupdates; ARGV: id, the row, its update, ttl ms, maxlen.
+# A heartbeat: keep the row fresh; announce it only when another instance had marked it lost.
+REFRESH = """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[1])
+if old and cjson.decode(old)['state'] ~= cjson.decode(ARGV[2])['state'] then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[3])
+  return 1
+end
+return 0
+"""
+
 
 class RedisBoard:
     """Many instances on one Redis: rows with a TTL, and a stream of their changes."""
@@ -105,6 +138,9 @@ class RedisBoard:
         self.retry = retry
         self._last = "$"
         self._task: asyncio.Task[None] | None = None
+        self.seen: dict[str, dict[str, Any]] = {}  # the newest row announced of each worker
+        self._mark_lost = client.register_script(MARK_LOST)
+        self._refresh = client.register_script(REFRESH)
 
     async def start(self) -> None:
         newest: Any = await self.r.xrevrange(self.k.worker_updates, count=1)
@@ -136,7 +172,16 @@ class RedisBoard:
             for _stream, entries in resp or ():
                 for entry_id, fields in entries:
                     self._last = entry_id.decode()
-                    self.bus.notify(Notice(fields[b"d"].decode()))
+                    text = fields[b"d"].decode()
+                    self._saw(text)
+                    self.bus.notify(Notice(text))
+
+    def _saw(self, text: str) -> None:
+        row = wire.loads(text).get("worker") or {}
+        if row.get("removed"):
+            self.seen.pop(str(row.get("id")), None)
+        elif "id" in row:
+            self.seen[row["id"]] = row
 
     async def publish(self, row: dict[str, Any]) -> None:
         async with self.r.pipeline(transaction=True) as p:
@@ -147,10 +192,31 @@ class RedisBoard:
             await p.execute()
 
     async def refresh(self, row: dict[str, Any]) -> None:
-        async with self.r.pipeline(transaction=True) as p:
-            p.set(self.k.worker(row["id"]), wire.dumps(row), px=self.ttl_ms)
-            p.sadd(self.k.workers, row["id"])  # in case a reader pruned it between SMEMBERS and MGET
-            await p.execute()
+        # SADD too: a reader may have pruned the id between its SMEMBERS and its MGET.
+        await self._refresh(keys=[self.k.worker(row["id"]), self.k.workers, self.k.worker_updates],
+                            args=[row["id"], wire.dumps(row), wire.dumps(wire.worker_update(row)), self.ttl_ms,
+                                  self.retention])  # fmt: skip
+
+    async def sweep(self, silent_ms: float) -> None:
+        ids: Any = sorted(await self.r.smembers(self.k.workers))
+        if not ids:
+            return
+        docs: Any = await self.r.mget([self.k.worker(i.decode()) for i in ids])
+        now = wire.now_ms()
+        for worker_id, doc in zip(ids, docs, strict=True):
+            if doc is None:  # expired: its instance died forget_after ago; one instance says gone
+                if await self.r.srem(self.k.workers, worker_id):
+                    wid = worker_id.decode()
+                    row = self.seen.get(wid) or {"id": wid, "name": wid, "labels": [], "kinds": [], "versions": {},
+                                                 "concurrency": 0, "running": [], "lastHeartbeat": 0}  # fmt: skip
+                    await self.r.xadd(self.k.worker_updates, {"d": wire.dumps(wire.worker_update(gone(row)))},
+                                      maxlen=self.retention, approximate=True)  # fmt: skip
+                continue
+            row = wire.loads(doc)
+            if row.get("state") != "lost" and now - int(row.get("lastHeartbeat") or 0) > silent_ms:
+                lost = {**row, "state": "lost"}
+                await self._mark_lost(keys=[self.k.worker(row["id"]), self.k.worker_updates],
+                                      args=[doc, wire.dumps(lost), wire.dumps(wire.worker_update(lost)), self.retention])  # fmt: skip
 
     async def instance_of(self, worker_id: str) -> str | None:
         doc: Any = await self.r.get(self.k.worker(worker_id))

@@ -581,6 +581,10 @@ class WorkerHub:
             if w.session is None and w.lost_at is not None and now - w.lost_at > self.forget_after:
                 await self.forget(w)
         await self.announce_all()  # a worker silent for half a lease is lost; one heard again is back
+        try:
+            await self.board.sweep(self.lease / 2 * 1000)  # the workers of instances that died
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next sweep does it
+            log.warning("workers: could not sweep the shared worker rows (%s)", exc)
 
     async def forget(self, worker: Worker) -> None:
         """Drop a long-lost worker, and announce it ``gone`` (unless another instance has it now)."""

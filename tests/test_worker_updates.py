@@ -222,3 +222,25 @@ def test_redis_every_instance_lists_and_announces_every_worker(
     assert {u["instance"] for u in on_b.updates(wid)[moved:]} == {b_instance}
     assert httpx.get(b.url + "/workers", timeout=5).json() == []
     assert httpx.get(a.url + "/workers", timeout=5).json() == []
+
+
+def test_redis_the_workers_of_a_dead_instance_are_announced_by_another(
+    server_factory: Callable[..., ServerProcess], redis_server: Any, workers: Callable[..., WorkerProcess],  # noqa: F811
+    tails: Callable[..., Tail], tmp_path: Path,
+) -> None:
+    """kill -9 of the instance a worker is connected to leaves nobody there to announce it: B marks
+    it lost once its heartbeat is half a lease old, and gone once its row expired, each once."""
+    env = {**FAST, "MANGWALE_STORE_TIMEOUT": "1", "MANGWALE_WORKERS_FORGET_AFTER": "2"}
+    a, b = (server_factory(data_dir=tmp_path / "shared", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
+            for _ in range(2))  # fmt: skip
+    on_b = tails(b.url)
+    workers(a.url, "--name", "stranded")
+    wid = _worker_id(b, "stranded")
+    on_b.wait_state(wid, "up")
+    a.kill()
+    lost = on_b.wait_state(wid, "lost")
+    assert lost["instance"] == on_b.updates(wid)[0]["instance"]  # still A's row, marked by B
+    assert httpx.get(b.url + "/workers", timeout=5).json()[0]["state"] == "lost"
+    on_b.wait_state(wid, "gone", timeout=30)
+    assert [u["state"] for u in on_b.updates(wid)] == ["up", "lost", "gone"]
+    assert httpx.get(b.url + "/workers", timeout=5).json() == []
