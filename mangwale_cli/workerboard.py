@@ -138,6 +138,7 @@ class RedisBoard:
         self.retry = retry
         self._last = "$"
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.seen: dict[str, dict[str, Any]] = {}  # the newest row announced of each worker
         self._mark_lost = client.register_script(MARK_LOST)
         self._refresh = client.register_script(REFRESH)
@@ -148,15 +149,18 @@ class RedisBoard:
         self._task = asyncio.create_task(self._follow(), name="workerboard-reader")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Not gather: a cancel that lands inside redis-py's read can come out as a
+            # ConnectionError; the flag ends the loop then, within one block.
+            await asyncio.wait({self._task}, timeout=self.block + self.retry + 1)
 
     async def _follow(self) -> None:
         from redis.exceptions import RedisError
 
         failing = False
-        while True:
+        while not self._stopping:
             try:
                 resp: Any = await self.reader.xread({self.k.worker_updates: self._last}, count=500,
                                                     block=int(self.block * 1000))  # fmt: skip

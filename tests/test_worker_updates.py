@@ -244,3 +244,59 @@ def test_redis_the_workers_of_a_dead_instance_are_announced_by_another(
     on_b.wait_state(wid, "gone", timeout=30)
     assert [u["state"] for u in on_b.updates(wid)] == ["up", "lost", "gone"]
     assert httpx.get(b.url + "/workers", timeout=5).json() == []
+
+
+def test_redis_board_marks_lost_once_and_a_heartbeat_brings_it_back(redis_server: Any) -> None:
+    """On the Redis board, a row whose heartbeat is stale is marked lost by one sweep only (two
+    sweeps, one announcement); a heartbeat of its own instance announces it up again, and a
+    further heartbeat announces nothing. Every instance's subscribers get each update once."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from mangwale_cli.eventlog import EventRing
+    from mangwale_cli.events import EventBus
+    from mangwale_cli.store.redis_keys import RedisKeys
+    from mangwale_cli.workerboard import RedisBoard
+
+    row = {"id": "wk-1", "name": "box", "labels": [], "kinds": ["simulate"], "versions": {}, "concurrency": 1,
+           "running": [], "lastHeartbeat": 1, "state": "up", "instance": "a:1"}  # fmt: skip
+
+    async def scenario() -> list[list[str]]:
+        clients = [Redis.from_url(redis_server.url) for _ in range(4)]
+        keys = RedisKeys("boardtest:")
+        buses = [EventBus(EventRing(retention=10)) for _ in range(2)]
+        subs = [bus.subscribe().subscriber for bus in buses]
+        boards = [RedisBoard(clients[2 * i], clients[2 * i + 1], keys, buses[i], ttl=60, retention=100, block=0.05)
+                  for i in range(2)]  # fmt: skip
+        for board in boards:
+            await board.start()
+
+        async def states(n: int) -> list[list[str]]:
+            async with asyncio.timeout(10):
+                while min(len(s.buffer) for s in subs) < n:
+                    await asyncio.sleep(0.01)
+            return [[json.loads(r.text)["worker"]["state"] for r in s.buffer] for s in subs]
+
+        try:
+            await boards[0].publish(row)  # lastHeartbeat 1: long silent
+            await states(1)
+            await asyncio.gather(boards[0].sweep(1000), boards[1].sweep(1000))
+            await states(2)
+            await boards[0].refresh({**row, "lastHeartbeat": wire_now()})
+            await boards[0].refresh({**row, "lastHeartbeat": wire_now()})
+            await boards[1].sweep(60_000)
+            await boards[0].publish({**row, "state": "busy", "lastHeartbeat": wire_now()})  # a marker: nothing between
+            return await states(4)
+        finally:
+            for board in boards:
+                await board.stop()
+            for c in clients:
+                await c.aclose()
+
+    def wire_now() -> int:
+        from mangwale_cli.wire import now_ms
+
+        return now_ms()
+
+    assert asyncio.run(scenario()) == [["up", "lost", "up", "busy"]] * 2
