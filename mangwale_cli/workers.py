@@ -238,10 +238,6 @@ class WorkerHub:
             log.info("worker %s (%s) disconnected; its %d jobs keep their leases until they expire",
                      worker.id, worker.name, len(worker.running))  # fmt: skip
 
-    def describe(self) -> list[dict[str, Any]]:
-        """The workers of this instance."""
-        return [w.to_dict(self.instance) for w in sorted(self.workers.values(), key=lambda w: (w.name, w.id))]
-
     async def describe_all(self) -> list[dict[str, Any]]:
         """Every instance's workers (shared store): this instance's own rows, and the rows the
         others keep on the board, with ``state`` lost once a row's heartbeat is half a lease old.
