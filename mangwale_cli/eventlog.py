@@ -37,6 +37,7 @@ class Record:
     where their text is in the log (``spill``), and read it back when replayed."""
 
     __slots__ = ("_text", "is_log", "job_id", "job_ids", "job_seq", "off", "seq", "size", "src")
+    logged = True  # False for a ``Notice``: a live message with no seq, never kept
 
     def __init__(
         self,
@@ -83,6 +84,18 @@ class Record:
 
     def __repr__(self) -> str:
         return f"Record(seq={self.seq}, job_id={self.job_id!r}, job_seq={self.job_seq})"
+
+
+class Notice(Record):
+    """A live message that is not logged (``worker_update``): it goes to the subscribers that
+    follow every job, in the order it came, but has no seq, is never kept in a ring, never
+    replayed, and moves no client's resume point (docs/protocol.md, "Live-only messages")."""
+
+    __slots__ = ()
+    logged = False
+
+    def __init__(self, text: str) -> None:
+        super().__init__(0, None, None, text)
 
 
 class EventRing:

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .eventlog import EventRing, Record
+from .eventlog import EventRing, Notice, Record
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class Subscriber:
         when it is idle, else into the buffer; past ``limit`` buffered, overflow and drop."""
         if self.overflowed or self.closed:
             return
-        if batch[0].seq <= self.after:  # committed before it subscribed, delivered after (a round)
+        first = batch[0]
+        if first.seq <= self.after and first.logged:  # committed before it subscribed, delivered after (a round)
             after = self.after
             batch = [rec for rec in batch if rec.seq > after]
             if not batch:
@@ -197,6 +198,14 @@ class EventBus:
         if self._round is not None and self._next is not None:
             self._round.cancel()
             self._fan_out(*self._next, at_once=True)
+
+    def notify(self, notice: Notice) -> None:
+        """Hand a live-only message to every subscriber that follows all jobs (a ``jobs=``
+        subscriber filters it out). Listeners are not called: it is not a committed event."""
+        batch: list[Record] = [notice]
+        for sub in self.subscribers:
+            if sub.jobs is None:
+                sub.offer_batch(batch)
 
     def add_listener(self, fn: Callable[[list[Record]], None]) -> None:
         """Call ``fn`` with every committed batch (used by in-process followers and tests)."""

@@ -35,6 +35,7 @@ from .trainers import Registry, builtin
 from .trainers.command import command_trainers
 from .uploads import Uploads
 from .wire import ACTIVE, Dataset, DatasetCreate, DatasetPatch, Job, JobCreate, JobStatus, now_ms
+from .workerboard import Board
 from .workers import WorkerHub, call_soon, is_remote
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class Service:
         runner = self.runner
         self.hub = WorkerHub(self.store, self.bus, runner, max_attempts=self.settings.runner_max_attempts,
                              forget_after=self.settings.workers_forget_after, instance=self.instance,
-                             local_takes=runner.can_take)  # fmt: skip
+                             local_takes=runner.can_take, board=self._board())  # fmt: skip
         await self.hub.start()
         runner.on_remote_cancel = lambda job_id: call_soon(lambda: self.hub.notify_cancel(job_id), self._tasks)
         if self.settings.retention_max_age_days or self.settings.retention_max_finished:
@@ -163,6 +164,18 @@ class Service:
             await store.close()
             raise StoreError(f"cannot read the event stream at {shown}: {exc}", field="store.backend") from None
         self.bus = bus
+
+    def _board(self) -> Board | None:
+        """Where worker changes go: with Redis, every instance's board (``workerboard``)."""
+        if not self.shared:
+            return None  # the hub's LocalBoard: this instance's subscribers
+        from .workerboard import RedisBoard
+
+        s = self.settings
+        assert self.bus is not None and self._redis
+        ttl = s.runner_lease / 2 + s.workers_forget_after
+        return RedisBoard(self.store.client, self._redis[0], self.store.keys, self.bus,  # type: ignore[attr-defined]  # shared: a RedisStore
+                          ttl=ttl, retention=s.workers_update_retention)  # fmt: skip
 
     def describe_store(self) -> str:
         if self.shared:

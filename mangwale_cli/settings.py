@@ -17,7 +17,7 @@ Config file structure (``--config FILE``, or ``mangwale.toml`` in the data dir):
     [runner]      concurrency, max_attempts, kill_grace, sample_dataset, stall_after, log_lines, lease, labels
     [retention]   max_age_days, max_finished, interval
     [artifacts]   max_size, dir
-    [workers]     forget_after
+    [workers]     forget_after, update_retention
 
 Later sections (``[trainers.<kind>]``, ``[auth]``) extend this file; they never fork it. Their
 scalar keys that have a spec here (``auth.tokens_file``) are settings like any other; the rest of
@@ -126,6 +126,7 @@ class Settings:
     artifacts_dir: str = ""
     runner_labels: list[str] = field(default_factory=list)
     workers_forget_after: float = 3600.0
+    workers_update_retention: int = 1000
     process_index: int = 0  # serve --processes: which of the forked instances this is (1..N)
     config_file: Path | None = None
     # Sections later issues add (trainers, auth) are kept raw here until they are read.
@@ -189,6 +190,7 @@ SPECS: list[Spec] = [
     Spec("runner_lease", "runner", float, "seconds a runner holds a job's lease without renewing it before its writes are refused and another may take the job over", 0.3),
     Spec("runner_labels", "runner", list, "labels of this instance's own runner: it runs a job only if it has all the job's labels (serve --label)"),
     Spec("workers_forget_after", "workers", float, "seconds a lost worker (its connection gone) stays in GET /workers before it is dropped", 0),
+    Spec("workers_update_retention", "workers", int, "Redis store: worker_update messages kept in their own stream for instances that fall behind (apart from events.retention; never replayed to clients)", 1),
     Spec("retention_max_age_days", "retention", float, "delete finished jobs (with their events, logs and files) this many days after they finished (0 = keep)", 0),
     Spec("retention_max_finished", "retention", int, "keep at most this many finished jobs, deleting the oldest (0 = no limit)", 0),
     Spec("retention_interval", "retention", float, "seconds between retention passes", 1),

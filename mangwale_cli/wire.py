@@ -60,6 +60,7 @@ class MsgType:
     DATASET_UPDATE = "dataset_update"
     JOB_LOG = "job_log"
     JOB_DELETED = "job_deleted"
+    WORKER_UPDATE = "worker_update"  # live only: no seq, never in the log (docs/protocol.md)
     RESYNC = "resync"
     ERROR = "error"
     PING = "ping"
@@ -652,6 +653,12 @@ def resync(reason: str, head_seq: int, epoch: str) -> dict[str, Any]:
     }
 
 
+def worker_update(worker: dict[str, Any]) -> dict[str, Any]:
+    """A worker registered, changed state, took or finished a job, or was forgotten (``state``
+    ``gone``, ``removed`` true). ``worker`` is a ``GET /workers`` row. Not logged: no seq."""
+    return {"type": MsgType.WORKER_UPDATE, "workerId": worker["id"], "worker": worker, "timestamp": now_ms()}
+
+
 def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": MsgType.ERROR, "code": code, "message": message, "timestamp": now_ms()}
 
@@ -790,5 +797,6 @@ class WorkerOut(BaseModel):
     concurrency: int
     running: list[str] = Field(description="ids of the jobs it runs")
     lastHeartbeat: int = Field(description="ms since the epoch, by the server's clock")
-    state: Literal["up", "busy", "lost"]
-    instance: str | None = None
+    state: Literal["up", "busy", "lost", "gone"] = Field(description="gone: only in a worker_update, when it is forgotten")
+    instance: str | None = Field(default=None, description="the instance it is connected to (or was, when lost)")
+    removed: bool | None = Field(default=None, description="true in the worker_update that forgets it")

@@ -33,6 +33,7 @@ from . import routing, wire
 from .errors import MangwaleError, NotFound, StaleWrite, Unauthorized
 from .store.base import Expect, Store
 from .wire import Job, JobStatus, now_ms
+from .workerboard import Board, LocalBoard
 
 if TYPE_CHECKING:
     from .events import EventBus
@@ -127,6 +128,7 @@ class WorkerHub:
         forget_after: float,
         instance: str,
         local_takes: Callable[[Job], bool],
+        board: Board | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -141,6 +143,12 @@ class WorkerHub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()  # one dispatch pass at a time
+        # worker_update: each worker's row as last announced (its heartbeat aside), so only a
+        # change is announced; one announcement at a time, so they go out in the order made.
+        self.board: Board = board or LocalBoard(bus)
+        self._announced: dict[str, str] = {}
+        self._announce_lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[Any]] = set()
 
     @property
     def lease(self) -> float:
@@ -151,6 +159,7 @@ class WorkerHub:
         return max(0.05, self.lease / 5)
 
     async def start(self) -> None:
+        await self.board.start()
         self.bus.add_listener(self._on_events)
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="workers-dispatch"),
@@ -164,6 +173,8 @@ class WorkerHub:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for rem in self._remotes.values():
             rem.outbox.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.board.stop()
 
     # --- identity -------------------------------------------------------------------------
 
@@ -211,6 +222,7 @@ class WorkerHub:
         self.workers[worker_id] = worker
         if self.store.shared:
             await self._advertise(worker)
+        await self.announce(worker)
         log.info("worker %s (%s) registered: labels %s, kinds %s, concurrency %d, %d running",
                  worker_id, worker.name, sorted(worker.labels) or "-", ", ".join(sorted(worker.kinds)),
                  worker.concurrency, len(worker.running))  # fmt: skip
@@ -222,11 +234,56 @@ class WorkerHub:
         if current is worker and worker.session is session:
             worker.session = None
             worker.lost_at = time.monotonic()
+            call_soon(lambda: self.announce(worker), self._pending)
             log.info("worker %s (%s) disconnected; its %d jobs keep their leases until they expire",
                      worker.id, worker.name, len(worker.running))  # fmt: skip
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [w.to_dict(self.instance) for w in sorted(self.workers.values(), key=lambda w: (w.name, w.id))]
+    async def describe_all(self) -> list[dict[str, Any]]:
+        """Every instance's workers (shared store): this instance's own rows, and the rows the
+        others keep on the board, with ``state`` lost once a row's heartbeat is half a lease old.
+        A worker lost here but connected again elsewhere is shown as the other instance has it."""
+        rows: dict[str, dict[str, Any]] = {}
+        silent = self.lease / 2 * 1000
+        now = now_ms()
+        for row in await self.board.rows():
+            if row.get("state") != "lost" and now - int(row.get("lastHeartbeat") or 0) > silent:
+                row["state"] = "lost"  # its instance died, or lost Redis: nobody renews it
+            rows[row["id"]] = row
+        for w in self.workers.values():
+            other = rows.get(w.id)
+            if w.session is not None or other is None or other["lastHeartbeat"] < w.last_heartbeat:
+                rows[w.id] = w.to_dict(self.instance)
+        return sorted(rows.values(), key=lambda r: (r["name"], r["id"]))
+
+    async def announce(self, worker: Worker, *, heartbeat: bool = False) -> None:
+        """Announce the worker's row (``worker_update``) if it changed since it was last
+        announced; a heartbeat that changes nothing only keeps a shared row fresh. Never
+        raises: a board that cannot be reached costs the announcement, not the worker."""
+        try:
+            async with self._announce_lock:
+                if self.workers.get(worker.id) is not worker:
+                    return  # replaced by a newer registration, or forgotten
+                row = worker.to_dict(self.instance)
+                key = wire.dumps({**row, "lastHeartbeat": 0})
+                if self._announced.get(worker.id) == key:
+                    if heartbeat:
+                        await self.board.refresh(row)
+                    return
+                if worker.session is None and self.store.shared:
+                    elsewhere = await self.board.instance_of(worker.id)
+                    if elsewhere is not None and elsewhere != self.instance:
+                        self._announced[worker.id] = key  # it is connected to another instance now
+                        return
+                await self.board.publish(row)
+                self._announced[worker.id] = key  # only once it is out: a failed one is tried again
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next change announces the state
+            log.warning("worker %s: could not announce its state (%s)", worker.id, exc)
+
+    async def announce_all(self) -> None:
+        for w in list(self.workers.values()):
+            await self.announce(w)
 
     async def worker(self, worker_id: str, secret: str) -> Worker:
         """The registered worker a REST call names (its id and secret), or 401/404."""
@@ -348,6 +405,7 @@ class WorkerHub:
         except Exception as exc:  # noqa: BLE001 - never delivered: hand it back now, not after the lease
             log.warning("job %s: the offer to worker %s was not delivered (%s); re-queued", job.id, worker.id, exc)
             await self._requeue(stored, f"re-queued: worker {worker.name} went away before it started", Expect.lease_of(stored))
+        await self.announce(worker)
 
     # --- reports --------------------------------------------------------------------------
 
@@ -376,6 +434,13 @@ class WorkerHub:
 
     async def report(self, worker: Worker, msg: wire.WorkerReport) -> dict[str, Any]:
         """Write one report of a job the worker holds; ``ack`` or ``refused`` (409)."""
+        try:
+            return await self._report(worker, msg)
+        finally:
+            if msg.what == "finish" or msg.jobId not in worker.running:
+                await self.announce(worker)
+
+    async def _report(self, worker: Worker, msg: wire.WorkerReport) -> dict[str, Any]:
         from .runner import LeaseLost
 
         worker.last_heartbeat = now_ms()
@@ -437,6 +502,7 @@ class WorkerHub:
             elif worker.running.pop(job_id, None) is not None:
                 self._remotes.pop(job_id, None)
                 self._wake.set()
+        await self.announce(worker, heartbeat=True)
         return wire.worker_renewed(out)
 
     async def release(self, worker: Worker, msg: wire.WorkerRelease) -> None:
@@ -449,6 +515,7 @@ class WorkerHub:
         expect = Expect(holder=worker.holder, token=msg.token)
         await self._requeue(job, f"re-queued: worker {worker.name} handed it back during attempt {job.attempt}", expect)
         worker.running.pop(msg.jobId, None)
+        await self.announce(worker)
 
     # --- cancel ---------------------------------------------------------------------------
 
@@ -479,6 +546,7 @@ class WorkerHub:
                     await w.session.send(wire.worker_cancel(job_id, "cancelled"))
                 except Exception as exc:  # noqa: BLE001 - its heartbeat hears the lease is gone
                     log.info("job %s: could not tell worker %s to cancel (%s)", job_id, w.id, exc)
+                await self.announce(w)
                 return True
         return False
 
@@ -507,7 +575,26 @@ class WorkerHub:
         now = time.monotonic()
         for w in list(self.workers.values()):
             if w.session is None and w.lost_at is not None and now - w.lost_at > self.forget_after:
-                del self.workers[w.id]
+                await self.forget(w)
+        await self.announce_all()  # a worker silent for half a lease is lost; one heard again is back
+        try:
+            await self.board.sweep(self.lease / 2 * 1000)  # the workers of instances that died
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next sweep does it
+            log.warning("workers: could not sweep the shared worker rows (%s)", exc)
+
+    async def forget(self, worker: Worker) -> None:
+        """Drop a long-lost worker, and announce it ``gone`` (unless another instance has it now)."""
+        async with self._announce_lock:
+            if self.workers.get(worker.id) is not worker:
+                return
+            del self.workers[worker.id]
+            self._announced.pop(worker.id, None)
+            try:
+                elsewhere = await self.board.instance_of(worker.id) if self.store.shared else None
+                if elsewhere is None or elsewhere == self.instance:
+                    await self.board.remove(worker.to_dict(self.instance))
+            except Exception as exc:  # noqa: BLE001 - its shared row expires by itself
+                log.warning("worker %s: could not announce it is forgotten (%s)", worker.id, exc)
 
     async def _requeue(self, job: Job, message: str, expect: Expect, lost: str | None = None) -> None:
         if lost is not None and job.attempt >= self.max_attempts:
@@ -525,8 +612,9 @@ class WorkerHub:
         except StaleWrite:
             return  # another instance re-queued it, or it ended
         self._remotes.pop(job.id, None)
-        for w in self.workers.values():
-            w.running.pop(job.id, None)
+        for w in list(self.workers.values()):
+            if w.running.pop(job.id, None) is not None:
+                await self.announce(w)
         log.warning("job %s: %s", job.id, job.message)
         if job.status is JobStatus.QUEUED:
             if self.runner.queue.shared or self.local_takes(job):

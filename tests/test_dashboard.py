@@ -234,6 +234,40 @@ def test_job_created_with_curl_appears_live_and_reaches_100(
 
 
 @needs_chromium
+def test_workers_panel_follows_live_updates_without_polling(
+    server_factory: Callable[..., ServerProcess], page: Page, console: Console, tmp_path: Path
+) -> None:
+    """The workers panel shows a worker that registers after the page loaded, then busy with a
+    job, up again, and lost when it is killed, from worker_update messages alone: after the
+    GETs of the page load and the connect, the page asks GET /workers nothing more."""
+    from test_workers import FAST, WorkerProcess
+
+    srv = server_factory(env=FAST, args=["--concurrency", "0"])
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if r.url.endswith("/workers") else None)
+    open_dashboard(page, srv)
+    wait_js(page, "() => window.__mangwale.workers.fetches >= 2 && window.__mangwale.workers.pending === null"
+                  " && !document.getElementById('workers-card').hidden")  # fmt: skip
+    before = len(asked)
+    assert page.is_visible("#workers-empty")
+    worker = WorkerProcess(srv.url, tmp_path, "--name", "panel-box", "--concurrency", "1").start()
+    try:
+        up = "() => document.querySelector('#workers li[data-state=up]')?.textContent.includes('panel-box')"
+        wait_js(page, up)
+        assert page.is_hidden("#workers-empty")
+        job_id = create_job(srv, "simulate", steps=4, stepMs=250)
+        wait_js(page, "(id) => document.querySelector('#workers li[data-state=busy]')?.textContent.includes(id)", job_id)
+        wait_js(page, "() => document.querySelector('#workers li[data-state=up]')?.textContent.includes('0/1 running')")
+        worker.kill()
+        wait_js(page, "() => document.querySelector('#workers li[data-state=lost]')?.textContent.includes('last heard')")
+    finally:
+        worker.kill()
+    assert len(asked) == before, asked  # no poll: every change arrived on the live stream
+    assert page.evaluate("() => window.__mangwale.workers.updates") >= 4
+    assert console.errors == []
+
+
+@needs_chromium
 def test_kill_and_restart_flip_the_badge_and_lose_no_event(
     server: ServerProcess, page: Page
 ) -> None:

@@ -472,9 +472,10 @@ SSE_EVENT_SCHEMA = {
     "type": "object",
     "description": "one Server-Sent Event: `data` is a wire message as JSON (see docs/protocol.md)",
     "properties": {
-        "event": {"type": "string", "enum": [wire.MsgType.CONNECTED, wire.MsgType.RESYNC, *sorted(wire.LOGGED_TYPES)]},
+        "event": {"type": "string", "enum": [wire.MsgType.CONNECTED, wire.MsgType.RESYNC, *sorted(wire.LOGGED_TYPES),
+                                            wire.MsgType.WORKER_UPDATE]},
         "data": {"type": "string", "contentMediaType": "application/json"},
-        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's seq"},
+        "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's seq (none on a worker_update)"},
         "retry": {"type": "integer", "minimum": 0},
     },
     "additionalProperties": False,
@@ -542,7 +543,8 @@ async def sse_events(
                     if sub.subscriber.overflowed:
                         metrics.dropped["sse"] += 1
                     return
-                yield b"".join(_sse(_type_of(r.text), r.text, r.seq) for r in batch)
+                # A live-only message (worker_update) has no id: the client's Last-Event-ID stays.
+                yield b"".join(_sse(_type_of(r.text), r.text, r.seq if r.logged else None) for r in batch)
                 metrics.delivered["sse"] += len(batch)
         finally:
             metrics.connections["sse"] -= 1

@@ -117,9 +117,10 @@ WorkerSecret = Annotated[str, Header(alias="X-Mangwale-Worker-Secret", max_lengt
 
 @router.get("/workers", response_model=list[wire.WorkerOut], tags=["workers"])
 async def list_workers(request: Request) -> Response:
-    """The workers registered with this instance: labels, kinds, versions, running jobs, last
-    heartbeat (server clock) and state (up, busy, lost; lost ones go after workers.forget_after)."""
-    return JSONOut(_hub(request.app.state.service).describe())
+    """The workers registered with the server (every instance, on Redis): labels, kinds, versions,
+    running jobs, last heartbeat (server clock) and state (up, busy, lost; lost ones go after
+    workers.forget_after). Changes reach /ws/training as worker_update messages."""
+    return JSONOut(await _hub(request.app.state.service).describe_all())
 
 
 async def _held_job(request: Request, worker_id: str, job_id: str, secret: str) -> tuple[Service, wire.Job]:

@@ -32,6 +32,16 @@ The job queue (``jobqueue.RedisQueue``)::
     cancel:{id}          string  a cancel request for a job, seen by whoever takes it next
     cancel               channel job ids to cancel, for the instance running them now
 
+The worker registry (``workerboard.RedisBoard``; not part of the record, nothing to migrate)::
+
+    worker:{id}          string  the worker's ``GET /workers`` row, written by the instance it is
+                                 connected to; PX = half a lease + ``workers.forget_after``, renewed
+                                 by its heartbeats, so a worker whose instance died is shown lost,
+                                 then forgotten
+    workers              set     ids of those rows (an id whose row expired is removed when read)
+    workerupdates        stream  ``worker_update`` messages (field ``d``) for every instance's
+                                 clients, MAXLEN ~ ``workers.update_retention``
+
 Schema 1 also had ``jobseq`` (hash: job id -> last jobSeq), ``jobidem:{id}`` (the key that
 created a job) and ``batch:{id}``; the migration to 2 (``redis_scripts.MIGRATE_1_TO_2``) removes
 the first two, the last expires by itself.
@@ -121,6 +131,19 @@ class RedisKeys:
     def jobseq(self) -> str:
         """schema 1 only: removed by the migration to 2"""
         return f"{self.prefix}jobseq"
+
+    # --- the worker registry -----------------------------------------------------------------
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    @property
+    def worker_updates(self) -> str:
+        return f"{self.prefix}workerupdates"
 
     # --- the job queue ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import { JobDetail } from "./detail.js";
 import { $, TERMINAL, h } from "./format.js";
 import { JobsTable, mergeUpdate, newer } from "./jobs.js";
 import { LiveStream } from "./live.js";
-import { startWorkersPanel } from "./workers.js";
+import { WorkersPanel } from "./workers.js";
 
 const config = { backoffInitialMs: 1000, backoffMaxMs: 30000, jobsLimit: 100, ...(window.__mangwaleConfig || {}) };
 const MAX_RECORDED = 20000;
@@ -27,7 +27,8 @@ const state = {
   needToken: false,
 };
 
-const debug = (window.__mangwale = { events: [], control: [], state, connects: 0, resyncs: 0 });
+const workers = new WorkersPanel();
+const debug = (window.__mangwale = { events: [], control: [], state, connects: 0, resyncs: 0, workers });
 
 // --- notices and auth ---------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ function onEvent(ev) {
 const stream = new LiveStream(
   {
     onEvent,
+    onWorkerUpdate: (msg) => workers.onUpdate(msg),
     onConnected(msg, { fresh }) {
       debug.connects++;
       state.refusedHandshakes = 0;
@@ -193,6 +195,7 @@ const stream = new LiveStream(
       hideAuthIfOk();
       // A live-only connection starts from "now": take the state as of now over REST.
       if (fresh) resyncAll();
+      workers.resync(); // worker updates are not replayed: take the rows again on every connect
     },
     onResync(msg) {
       debug.resyncs++;
@@ -514,7 +517,7 @@ function init() {
   loadKinds();
   refreshDatasets();
   refreshJobs(); // shows the list even if the WebSocket cannot connect; redone once it does
-  startWorkersPanel();
+  workers.resync(); // shows the panel even if the WebSocket cannot connect; redone once it does
   stream.start();
   setInterval(tick, 1000);
   debug.ready = true;

@@ -29,6 +29,7 @@ export function afterClose(code) {
 export class LiveStream {
   /**
    * handlers: onEvent(ev), onResync(msg), onConnected(msg, {fresh}), onState(state),
+   * onWorkerUpdate(msg) (a live-only worker_update),
    * onClosed(code) -> may return false to stop reconnecting (e.g. the token was refused).
    */
   constructor(handlers, options = {}) {
@@ -121,6 +122,9 @@ export class LiveStream {
         this.lastPong = Date.now();
       } else if (data.type === "error") {
         if (this.h.onServerError) this.h.onServerError(data);
+      } else if (data.type === "worker_update") {
+        // Live only (no seq): it never moves the resume point.
+        if (this.h.onWorkerUpdate) this.h.onWorkerUpdate(data);
       } else if (LOGGED.has(data.type) && typeof data.seq === "number") {
         if (this.lastSeq !== null && data.seq <= this.lastSeq) return; // already handled
         if (this.h.onEvent) this.h.onEvent(data);
