@@ -554,3 +554,79 @@ def test_workers_list_states_and_forget_after(api: Any) -> None:
             ws.receive_text()
             ws.receive_text()
         assert closed.value.code == 4401
+
+
+# --- connecting: a wrong URL, a refused token, a server that went away ------------------------------
+
+
+def run_worker(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **WORKER_ENV, **(env or {})}
+    full.pop("MANGWALE_URL", None)
+    return subprocess.run([sys.executable, "-m", "mangwale_cli", "worker", *args], env=full, capture_output=True,
+                          text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_a_worker_that_never_reaches_its_server_exits_8() -> None:
+    """Nothing listens at --url: the worker exits 8 once --connect-timeout (or
+    MANGWALE_CONNECT_TIMEOUT) has passed, with one line on stderr and no traceback."""
+    from ports import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = run_worker("--url", url, "--connect-timeout", "1")
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 8, r.stderr
+    assert r.stderr == (f"mangwale: error: cannot reach {url} within 1 s (--connect-timeout): "
+                        "is `mangwale serve` running there? (last: connection refused)\n")  # fmt: skip
+    assert elapsed < 6, elapsed  # 1 s of trying plus the interpreter's start-up
+    r = run_worker("--url", url, env={"MANGWALE_CONNECT_TIMEOUT": "0.5"})
+    assert r.returncode == 8 and r.stderr.count("\n") == 1 and "within 0.5 s" in r.stderr, r.stderr
+
+
+def test_a_worker_with_a_bad_url_or_timeout_is_a_usage_error() -> None:
+    """--url without a scheme or with another scheme, and a --connect-timeout that is not a
+    positive number, are one usage line and exit 2, as for the other commands."""
+    cases = {
+        ("--url", "localhost:8080"): "mangwale: error: --url 'localhost:8080' has no scheme: give http://HOST:PORT (did you mean http://localhost:8080?)\n",
+        ("--url", "ftp://localhost:8080"): "mangwale: error: --url 'ftp://localhost:8080' is not an http:// or https:// URL: give http://HOST:PORT\n",
+        ("--url", "http://127.0.0.1:1", "--connect-timeout", "0"): "mangwale: error: --connect-timeout must be a positive number of seconds, got 0\n",
+    }  # fmt: skip
+    for args, line in cases.items():
+        r = run_worker(*args)
+        assert (r.returncode, r.stderr) == (2, line), (args, r.stderr)
+    r = run_worker("--url", "http://127.0.0.1:1", env={"MANGWALE_CONNECT_TIMEOUT": "soon"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "MANGWALE_CONNECT_TIMEOUT" in r.stderr, r.stderr
+
+
+def test_a_worker_with_a_refused_token_exits_5(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """A token the server does not know, or one without the worker scope: exit 5 at once, one line."""
+    from tokentools import new_token, write_config
+
+    reader = new_token()
+    cfg = write_config(tmp_path / "auth.toml", {"ci": (reader, ["read", "write"])})
+    server = server_factory(env=FAST, args=["--concurrency", "0", "--config", str(cfg)])
+    for token in (new_token(), reader):
+        r = run_worker("--url", server.url, "--token", token, "--connect-timeout", "20")
+        assert r.returncode == 5, r.stderr
+        [line] = [x for x in r.stderr.splitlines() if "error" in x.lower()]
+        assert line.startswith("mangwale: error: the server refused this worker's token (HTTP 40"), r.stderr
+        assert "Traceback" not in r.stderr and token not in r.stderr
+
+
+def test_a_worker_keeps_reconnecting_to_a_server_it_reached(only_serves: ServerProcess,
+                                                            workers: Callable[..., WorkerProcess]) -> None:  # fmt: skip
+    """Once the server has answered, --connect-timeout no longer applies: a server that goes away
+    for longer is waited for ("connection lost"), and the worker runs jobs again once it is back."""
+    url = only_serves.url
+    w = workers(url, "--connect-timeout", "0.5", "--name", "patient")
+    only_serves.kill()
+    wait_for(lambda: "connection lost" in w.output(), 10, what="the worker to notice")
+    t_lost = time.monotonic()
+    wait_for(lambda: time.monotonic() - t_lost > 1.5 and w.output().count("reconnect failed") >= 3, 10,
+             what="several failed reconnects past --connect-timeout")  # fmt: skip
+    assert w.proc is not None and w.proc.poll() is None, w.output()
+    only_serves.start()
+    wait_for(lambda: "connected again" in w.output(), 10, what="the worker to reconnect")
+    j = create(url, steps=2, stepMs=10)
+    done = wait_status(url, j["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded" and done["worker"] == "patient", done
