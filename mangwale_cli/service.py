@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__, routing, wire
+from . import __version__, wire
 from .errors import ConfigError, Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .events import EventBus
 from .nlu import modelfile
@@ -328,12 +328,10 @@ class Service:
             raise NotFound(f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset")
         return await self._store_job(body, idempotency_key)
 
-    def waiting_for(self, job: Job) -> str | None:
-        """What a queued job waits for when no taker (this runner, a live worker) can run it."""
-        assert self.runner is not None
-        local = [(self.runner.labels, self.trainers.names())] if self.runner.concurrency > 0 else []
-        hub = getattr(self, "hub", None)
-        return routing.waiting_for(job, [*local, *(hub.takers() if hub is not None else [])])
+    async def waiting_for(self, job: Job) -> str | None:
+        """What a queued job waits for when no live taker (a runner, a worker) can run it."""
+        hub = getattr(self, "hub", None)  # None until start()
+        return await hub.waiting.waiting_for(job) if hub is not None else None
 
     async def _store_job(self, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
         t = self._stamp()
@@ -347,8 +345,7 @@ class Service:
             updated_at=t,
             labels=list(body.labels),
         )
-        if not self.shared:  # instances of a shared store each know only their own workers
-            job.message = self.waiting_for(job)
+        job.waiting_for = job.message = await self.waiting_for(job)
         idem = (idempotency_key, body.fingerprint()) if idempotency_key else None
         job, created = await self.store.create_job(job, idem)
         if created:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import routing, wire
 from .errors import MangwaleError, NotFound, StaleWrite, Unauthorized
 from .store.base import Expect, Store
+from .waiting import Waiting
 from .wire import Job, JobStatus, now_ms
 
 if TYPE_CHECKING:
@@ -141,6 +142,8 @@ class WorkerHub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()  # one dispatch pass at a time
+        self.waiting = Waiting(store, instance, self._own_takers, stale_after=max(1.0, self.lease * 1.5))
+        self._keep: set[asyncio.Task[Any]] = set()
 
     @property
     def lease(self) -> float:
@@ -159,9 +162,9 @@ class WorkerHub:
 
     async def stop(self) -> None:
         """Stop handing out jobs. Jobs workers hold keep running: their leases are theirs."""
-        for t in self._tasks:
+        for t in [*self._tasks, *self._keep]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._keep, return_exceptions=True)
         for rem in self._remotes.values():
             rem.outbox.cancel()
 
@@ -215,6 +218,7 @@ class WorkerHub:
                  worker_id, worker.name, sorted(worker.labels) or "-", ", ".join(sorted(worker.kinds)),
                  worker.concurrency, len(worker.running))  # fmt: skip
         self._wake.set()
+        self._takers_changed()
         return worker, wire.worker_registered(worker_id, self._secret(worker_id), self.lease, self.heartbeat, kept)
 
     def disconnect(self, worker: Worker, session: Session) -> None:
@@ -224,6 +228,7 @@ class WorkerHub:
             worker.lost_at = time.monotonic()
             log.info("worker %s (%s) disconnected; its %d jobs keep their leases until they expire",
                      worker.id, worker.name, len(worker.running))  # fmt: skip
+            self._takers_changed()
 
     def describe(self) -> list[dict[str, Any]]:
         return [w.to_dict(self.instance) for w in sorted(self.workers.values(), key=lambda w: (w.name, w.id))]
@@ -275,6 +280,16 @@ class WorkerHub:
 
     def takers(self) -> list[tuple[frozenset[str], frozenset[str]]]:
         return [(w.labels, frozenset(w.kinds)) for w in self.live()]
+
+    def _own_takers(self) -> list[tuple[frozenset[str], frozenset[str]]]:
+        """This instance's takers: its runner, when it runs jobs, and its live workers."""
+        runner = self.runner
+        local = [(frozenset(runner.labels), frozenset(runner.trainers.names()))] if runner.concurrency > 0 else []
+        return [*local, *self.takers()]
+
+    def _takers_changed(self) -> None:
+        """A worker came or went: tell the queued jobs what they wait for now."""
+        call_soon(lambda: self.waiting.refresh(publish=True), self._keep)
 
     # --- dispatch -------------------------------------------------------------------------
 
@@ -508,6 +523,7 @@ class WorkerHub:
         for w in list(self.workers.values()):
             if w.session is None and w.lost_at is not None and now - w.lost_at > self.forget_after:
                 del self.workers[w.id]
+        await self.waiting.refresh(publish=True)  # a worker fell silent; another instance's came or went
 
     async def _requeue(self, job: Job, message: str, expect: Expect, lost: str | None = None) -> None:
         if lost is not None and job.attempt >= self.max_attempts:

@@ -630,3 +630,98 @@ def test_a_worker_keeps_reconnecting_to_a_server_it_reached(only_serves: ServerP
     j = create(url, steps=2, stepMs=10)
     done = wait_status(url, j["id"], "succeeded", "failed")
     assert done["status"] == "succeeded" and done["worker"] == "patient", done
+
+
+# --- what a queued job waits for ---------------------------------------------------------------------
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **WORKER_ENV, "COLUMNS": "120"}
+    env.pop("MANGWALE_URL", None)
+    return subprocess.run([sys.executable, "-m", "mangwale_cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+GPU_WAIT = "waiting for a worker with labels gpu"
+
+
+def test_a_queued_job_says_what_it_waits_for(only_serves: ServerProcess, workers: Callable[..., WorkerProcess],
+                                            tmp_path: Path) -> None:  # fmt: skip
+    """serve --concurrency 0 and a job labelled gpu: GET, jobs show, and watch (plain lines and
+    --json) say it waits for a worker with labels gpu; a gpu worker joins and it runs. When the
+    only gpu worker leaves, a queued gpu job says so again, in a training_update."""
+    url = only_serves.url
+    made = cli("jobs", "create", "simulate", "--label", "gpu", "-p", "steps=3", "-p", "stepMs=20", "-q", "--url", url)
+    assert made.returncode == 0, made.stderr
+    job_id = made.stdout.strip()
+    assert job(url, job_id)["waitingFor"] == GPU_WAIT
+    shown = cli("jobs", "show", job_id, "--url", url)
+    assert shown.returncode == 0 and f"waiting   {GPU_WAIT}" in shown.stdout, shown
+    env = {**os.environ, "MANGWALE_URL": url}
+    outs = {mode: tmp_path / f"watch-{mode}.out" for mode in ("json", "plain")}
+    watchers = {mode: subprocess.Popen([sys.executable, "-m", "mangwale_cli", "watch", job_id, "--output", mode],
+                                       stdout=out.open("w"), stderr=subprocess.PIPE, text=True, env=env)
+                for mode, out in outs.items()}  # fmt: skip
+    wait_for(lambda: all(GPU_WAIT in out.read_text() for out in outs.values()), 20, what="both watches to say it waits")
+    config, _ = trainer_config(tmp_path, steps=400)
+    gpu = workers(url, "--label", "gpu", "--config", str(config), "--name", "gpu-box")
+    for mode, proc in watchers.items():
+        assert proc.wait(30) == 0, (mode, proc.stderr.read() if proc.stderr else "")
+    lines = [json.loads(line) for line in outs["json"].read_text().splitlines()]
+    assert lines[0]["type"] == "job_created" and lines[0]["job"]["waitingFor"] == GPU_WAIT
+    assert lines[-1]["type"] == "summary" and lines[-1]["jobs"][job_id]["status"] == "succeeded"
+    assert "waitingFor" not in lines[-1]["jobs"][job_id]
+    plain = outs["plain"].read_text()
+    assert f"{job_id}  queued      0%  created (simulate), {GPU_WAIT}\n" in plain and "succeeded" in plain, plain
+    assert "waitingFor" not in job(url, job_id)
+
+    # A gpu worker that is live but busy: nothing to wait for but room. It leaves: now it waits.
+    long = create(url, "steps", labels=["gpu"])
+    wait_status(url, long["id"], "running")
+    nxt = create(url, labels=["gpu"], steps=2, stepMs=10)
+    assert "waitingFor" not in job(url, nxt["id"]) and nxt["message"] is None
+    assert gpu.terminate() == 0
+    wait_for(lambda: job(url, nxt["id"]).get("waitingFor") == GPU_WAIT, 10, what="the job to say it waits again")
+    update = [e for e in events(url, nxt["id"]) if e["type"] == "training_update"][-1]
+    assert update["status"] == "queued" and update["waitingFor"] == GPU_WAIT and update["message"] == GPU_WAIT
+    workers(url, "--label", "gpu", "--name", "second")
+    assert wait_status(url, nxt["id"], "succeeded", "failed")["status"] == "succeeded"
+
+
+def test_a_queued_job_says_what_it_waits_for_on_a_shared_store(server_factory: Callable[..., ServerProcess],
+                                                               redis_server: Any, workers: Callable[..., WorkerProcess],
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    """Two instances on one Redis, a gpu worker connected to one: a gpu job queued through the
+    other waits for nothing while that worker is live, busy or not; once it leaves, the job says
+    it waits for a worker with labels gpu, through either instance."""
+    env = {**FAST, "MANGWALE_STORE_TIMEOUT": "1"}
+    a, b = (server_factory(data_dir=tmp_path / "shared", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
+            for _ in range(2))  # fmt: skip
+    assert create(b.url, labels=["tpu"])["waitingFor"] == "waiting for a worker with labels tpu"
+    config, _ = trainer_config(tmp_path, steps=400)
+    gpu = workers(a.url, "--label", "gpu", "--config", str(config), "--name", "gpu-box")
+    long = create(b.url, "steps", labels=["gpu"])
+    wait_status(b.url, long["id"], "running")
+    nxt = create(b.url, labels=["gpu"], steps=2, stepMs=10)
+    wait_for(lambda: "waitingFor" not in job(b.url, nxt["id"]), 10, what="b to know of a's gpu worker")
+    assert gpu.terminate() == 0
+    for server in (a, b):
+        wait_for(lambda s=server: job(s.url, nxt["id"]).get("waitingFor") == GPU_WAIT, 10, what="the job to say it waits")
+    workers(b.url, "--label", "gpu", "--name", "second")
+    assert wait_status(a.url, nxt["id"], "succeeded", "failed")["status"] == "succeeded"
+
+
+def test_watch_says_what_a_requeued_job_waits_for() -> None:
+    """watch's step text adds what a queued job waits for to its message, once, and drops it when the job runs."""
+    from mangwale_cli.cli.watchview import step_text
+    from mangwale_cli.followitems import JobView
+
+    v = JobView("job-1")
+    v.apply_doc({"status": "queued", "message": GPU_WAIT, "waitingFor": GPU_WAIT, "attempt": 0})
+    assert step_text(v) == GPU_WAIT and v.summary()["waitingFor"] == GPU_WAIT
+    v.apply_event({"type": "training_update", "status": "queued", "progress": 0, "attempt": 1, "timestamp": 1,
+                   "message": "re-queued: worker gpu-box handed it back", "waitingFor": GPU_WAIT})  # fmt: skip
+    assert step_text(v) == f"re-queued: worker gpu-box handed it back; {GPU_WAIT}"
+    v.apply_event({"type": "training_update", "status": "running", "progress": 5, "attempt": 2, "timestamp": 2,
+                   "message": "step 1/10", "waitingFor": GPU_WAIT})  # fmt: skip
+    assert step_text(v) == "attempt 2: step 1/10" and "waitingFor" not in v.summary()

@@ -225,6 +225,7 @@ def job_detail(j: dict[str, Any]) -> None:
         ("dataset", j.get("datasetId") or "-"),
         ("agent", j.get("agentId") or "-"),
         ("message", j.get("message") or "-"),
+        *([("waiting", j["waitingFor"])] if j.get("waitingFor") and j.get("status") == "queued" else []),
         ("attempt", str(j.get("attempt", 0))),
         *([("worker", j["worker"])] if j.get("worker") else []),
         *([("labels", ", ".join(j["labels"]))] if j.get("labels") else []),
