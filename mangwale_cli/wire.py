@@ -367,6 +367,14 @@ class ArtifactOut(BaseModel):
     sha256: str = Field(description="hex digest of the stored bytes")
 
 
+class ArtifactEntryOut(BaseModel):
+    """One file of a job, as ``GET /training/jobs/{id}/artifacts`` lists it."""
+
+    name: str
+    size: int = Field(description="bytes")
+    sha256: str | None = Field(description="hex digest, known for uploaded files (also the download's ETag)")
+
+
 def artifact_out(job_id: str, name: str, size: int, sha256: str) -> dict[str, Any]:
     return {"jobId": job_id, "name": name, "size": size, "sha256": sha256}
 

@@ -214,6 +214,12 @@ def jobs_table(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def artifacts_table(rows: list[dict[str, Any]]) -> None:
+    """A job's files: name, size in bytes, sha256 (when the server knows it)."""
+    columns = [Column("NAME", whole=True), Column("SIZE", whole=True, right=True), Column("SHA256", drop=1)]
+    print_table(columns, [[r["name"], str(r["size"]), r.get("sha256") or "-"] for r in rows])
+
+
 def job_detail(j: dict[str, Any]) -> None:
     c = console()
     c.print(
