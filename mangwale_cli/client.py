@@ -612,6 +612,33 @@ class AsyncClient:
         path = f"/workers/{seg(worker_id)}/jobs/{seg(job_id)}/dataset"
         return await self._json("GET", path, headers={"X-Mangwale-Worker-Secret": secret})
 
+    async def worker_base_model(self, worker_id: str, secret: str, job_id: str, dest: Path) -> int:
+        """Stream the base model of a fine-tune job this worker holds into ``dest`` (a temp file
+        beside it, renamed in once complete); returns its size. 409 ``stale`` when the worker
+        does not hold the job."""
+        import httpx
+
+        path = f"/workers/{seg(worker_id)}/jobs/{seg(job_id)}/base-model"
+        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{id(dest)}")
+        size = 0
+        try:
+            async with self._http.stream("GET", path, headers={"X-Mangwale-Worker-Secret": secret}) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _checked(resp)
+                with tmp.open("wb") as f:
+                    async for chunk in resp.aiter_bytes():
+                        f.write(chunk)
+                        size += len(chunk)
+            os.replace(tmp, dest)
+        except _Foreign as foreign:
+            raise await self._foreign(foreign) from None
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.url, "GET", path, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
+
     async def upload_artifact(self, job_id: str, name: str, path: Path, *, holder: str, token: int, chunk: int = 1 << 20) -> None:
         """Upload one file of a job this worker holds, as a stream: ``PUT
         /training/jobs/{id}/artifacts/{name}`` with the lease (``X-Mangwale-Lease:

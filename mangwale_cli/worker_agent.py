@@ -38,7 +38,7 @@ from .reconnect import describe_failure as describe_drop
 from .trainers import Registry
 from .trainers.base import TrainingContext
 from .trainers.command import INPUT_DIR
-from .trainers.nlu import NluTrainer
+from .trainers.nlu import FineTuneTrainer, NluTrainer
 from .trainers.process import describe_failure
 from .trainers.simulate import SimulateTrainer
 from .wire import Dataset, Job
@@ -49,12 +49,12 @@ RELEASE_WAIT = 2.0  # seconds SIGTERM waits for hand-backs to leave
 
 
 def local_trainers(config: Path | None) -> Registry:
-    """What this worker runs: the built-ins that need nothing from the server's store, plus
-    the ``[trainers.*]`` commands of its own config file."""
+    """What this worker runs: the built-ins (fine-tune fetches its base model over REST, for
+    a job it holds), plus the ``[trainers.*]`` commands of its own config file."""
     from .settings import load
     from .trainers.command import command_trainers
 
-    builtins = [SimulateTrainer(), NluTrainer()]
+    builtins = [SimulateTrainer(), NluTrainer(), FineTuneTrainer()]
     commands = command_trainers(load({"config_file": config})) if config is not None else []
     return Registry([*builtins, *commands])
 
@@ -388,6 +388,8 @@ class WorkerAgent:
                     dataset = Dataset.from_dict(await self.rest.worker_dataset(self.id, self.secret, job.id))
                 params = trainer.validate_params(job.params)
                 workdir.mkdir(parents=True, exist_ok=True)
+                if isinstance(trainer, FineTuneTrainer):
+                    await self._fetch_base_model(job, str(params["baseJobId"]))
                 ctx = TrainingContext(job, dataset, params, _Reporter(self, a), workdir, self.kill_grace)
                 metrics = await trainer.run(ctx)
                 await self._upload(a, workdir)
@@ -405,6 +407,19 @@ class WorkerAgent:
             shutil.rmtree(workdir, ignore_errors=True)
             if self.jobs.get(job.id) is a:
                 del self.jobs[job.id]
+
+    async def _fetch_base_model(self, job: Job, base_id: str) -> None:
+        """Put the base model of a fine-tune where the trainer reads it (beside the job's
+        directory, as on a server), fetched over REST: the server hands it only to the worker
+        that holds the job. A base model fetched for an earlier job is used again (a finished
+        job's model never changes)."""
+        assert self.id is not None and self.secret is not None
+        base_dir = self.work_dir / base_id
+        if (base_dir / wire.MODEL_ARTIFACT).is_file():
+            return
+        base_dir.mkdir(parents=True, exist_ok=True)
+        size = await self.rest.worker_base_model(self.id, self.secret, job.id, base_dir / wire.MODEL_ARTIFACT)
+        log.info("worker: job %s: base model of %s fetched (%d bytes)", job.id, base_id, size)
 
     async def _upload(self, a: _Attempt, workdir: Path) -> None:
         """Upload what the trainer left in its directory, before the job is reported finished."""

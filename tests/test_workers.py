@@ -725,3 +725,41 @@ def test_watch_says_what_a_requeued_job_waits_for() -> None:
     v.apply_event({"type": "training_update", "status": "running", "progress": 5, "attempt": 2, "timestamp": 2,
                    "message": "step 1/10", "waitingFor": GPU_WAIT})  # fmt: skip
     assert step_text(v) == "attempt 2: step 1/10" and "waitingFor" not in v.summary()
+
+
+# --- fine-tune on a worker ---------------------------------------------------------------------------
+
+
+def test_a_worker_runs_nlu_train_then_fine_tune(only_serves: ServerProcess, workers: Callable[..., WorkerProcess]) -> None:
+    """A worker advertises fine-tune; it runs nlu-train, then a fine-tune of that model, fetching
+    the base model over REST for the job it holds; the server predicts the new intent with the
+    model the worker uploaded. Another worker asking for that base model is refused (409)."""
+    from trainingdata import TIP_UTTERANCES
+
+    from mangwale_cli.datafile import load_sample_examples
+
+    url = only_serves.url
+    box = workers(url, "--name", "nlu-box")
+    listed = httpx.get(url + "/workers", timeout=5).json()
+    assert "fine-tune" in listed[0]["kinds"]
+    examples = load_sample_examples()
+    base_ds = httpx.post(url + "/training/datasets", json={"name": "base", "examples": examples}, timeout=10).json()
+    base = httpx.post(url + "/training/jobs", json={"kind": "nlu-train", "datasetId": base_ds["id"], "params": {"epochs": 2}},
+                      timeout=10).json()  # fmt: skip
+    done = wait_status(url, base["id"], "succeeded", "failed", timeout=60)
+    assert done["status"] == "succeeded" and done["worker"] == "nlu-box", done
+    tips = examples[::3] + [{"text": t, "intent": "tip_driver"} for t in TIP_UTTERANCES]
+    ds = httpx.post(url + "/training/datasets", json={"name": "with-tips", "examples": tips}, timeout=10).json()
+    tune = httpx.post(url + "/training/jobs", timeout=10,
+                      json={"kind": "fine-tune", "datasetId": ds["id"], "params": {"baseJobId": base["id"], "epochs": 2}}).json()  # fmt: skip
+    tuned = wait_status(url, tune["id"], "succeeded", "failed", timeout=60)
+    assert tuned["status"] == "succeeded" and tuned["worker"] == "nlu-box", tuned
+    assert tuned["metrics"]["baseJobId"] == base["id"] and tuned["metrics"]["newIntents"] == ["tip_driver"]
+    assert "base model of " + base["id"] + " fetched" in box.output()
+    tip = httpx.post(f"{url}/training/jobs/{tune['id']}/predict", json={"text": "please add a tip for my driver"}, timeout=30)
+    assert tip.status_code == 200 and tip.json()["intent"] == "tip_driver", tip.text
+    fake = FakeWorker(only_serves, "probe")
+    refused = httpx.get(f"{url}/workers/{fake.id}/jobs/{tune['id']}/base-model", timeout=5,
+                        headers={"X-Mangwale-Worker-Secret": fake.registered["secret"]})  # fmt: skip
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "stale"
+    fake.close()
