@@ -187,7 +187,8 @@ class WorkerAgent:
                     delay = min(delay, max(0.0, deadline - time.monotonic()))
                 elif self._connected:
                     self._connected = False  # the first failure after a good session says so
-                    log.warning("worker: connection lost (%s); reconnecting in %.1f s", last, delay)
+                    why = "" if last == "connection lost" else f" ({last})"
+                    log.warning("worker: connection lost%s; reconnecting in %.1f s", why, delay)
                 else:
                     log.info("worker: reconnect failed (%s); trying again in %.1f s", last, delay)
                 with contextlib.suppress(TimeoutError):

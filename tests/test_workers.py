@@ -584,12 +584,13 @@ def test_a_worker_that_never_reaches_its_server_exits_8() -> None:
 
 
 def test_a_worker_with_a_bad_url_or_timeout_is_a_usage_error() -> None:
-    """--url without a scheme or with another scheme, and a --connect-timeout that is not a
-    positive number, are one usage line and exit 2, as for the other commands."""
+    """--url without a scheme or with another scheme, a --connect-timeout that is not a positive
+    number and an unknown --log-level are one usage line and exit 2, as for the other commands."""
     cases = {
         ("--url", "localhost:8080"): "mangwale: error: --url 'localhost:8080' has no scheme: give http://HOST:PORT (did you mean http://localhost:8080?)\n",
         ("--url", "ftp://localhost:8080"): "mangwale: error: --url 'ftp://localhost:8080' is not an http:// or https:// URL: give http://HOST:PORT\n",
         ("--url", "http://127.0.0.1:1", "--connect-timeout", "0"): "mangwale: error: --connect-timeout must be a positive number of seconds, got 0\n",
+        ("--url", "http://127.0.0.1:1", "--log-level", "loud"): "mangwale: error: --log-level must be one of critical, error, warning, info, debug, got 'loud'\n",
     }  # fmt: skip
     for args, line in cases.items():
         r = run_worker(*args)

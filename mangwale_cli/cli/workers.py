@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InvalidInput
 from .command import Command
 from .options import ConnectTimeoutOpt, check_connect_timeout
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 LabelOpt = Annotated[list[str], typer.Option("--label", "-l", metavar="LABEL", help="a label; repeatable")]
 
 
@@ -40,6 +42,8 @@ def worker(
     from .options import settings_for
 
     check_connect_timeout(connect_timeout)
+    if log_level.upper() not in LOG_LEVELS:
+        raise InvalidInput(f"--log-level must be one of {', '.join(LOG_LEVELS).lower()}, got {log_level!r}", field="log-level")
     settings = settings_for(url, token)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     agent = WorkerAgent(settings.url, token=settings.token, labels=label, concurrency=concurrency, name=name,
