@@ -289,7 +289,13 @@ class WorkerHub:
 
     def _takers_changed(self) -> None:
         """A worker came or went: tell the queued jobs what they wait for now."""
-        call_soon(lambda: self.waiting.refresh(publish=True), self._keep)
+        call_soon(self._refresh_waiting, self._keep)
+
+    async def _refresh_waiting(self) -> None:
+        try:
+            await self.waiting.refresh(publish=True)
+        except MangwaleError as exc:  # the store is away: the next sweep tries again
+            log.warning("workers: could not update what queued jobs wait for: %s", exc)
 
     # --- dispatch -------------------------------------------------------------------------
 
