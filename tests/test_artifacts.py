@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from conftest import ServerProcess
@@ -27,11 +28,14 @@ print(json.dumps({"progress": 100, "message": "done"}), flush=True)
 """
 
 
-def cli(*args: str, token: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "MANGWALE_TOKEN": token, "COLUMNS": "120"}
+def cli(*args: str, token: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "COLUMNS": "120"}
     env.pop("MANGWALE_URL", None)
+    env.pop("MANGWALE_TOKEN", None)
+    if token is not None:
+        env["MANGWALE_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "mangwale_cli", *args], capture_output=True, timeout=30,
-                          check=False, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+                          check=False, env=env, stdin=subprocess.DEVNULL, cwd=cwd)  # fmt: skip
 
 
 def test_a_workers_uploads_are_listed_and_downloaded(server_factory: Callable[..., ServerProcess],
@@ -121,3 +125,28 @@ def wait_for_job(url: str, job_id: str, headers: dict[str, str]) -> dict[str, ob
         return doc if doc["status"] in ("succeeded", "failed", "cancelled") else None
 
     return wait_for(ended, 30, 0.05, f"job {job_id} to end")
+
+
+def test_uploads_are_read_back_through_another_instance(server_factory: Callable[..., ServerProcess], redis_server: Any,
+                                                         tmp_path: Path) -> None:  # fmt: skip
+    """Two instances on one Redis with artifacts.dir: a file uploaded through one is listed and
+    downloaded through the other, with its sha256, also after the job ended; jobs download
+    without -o writes ./NAME."""
+    from test_models import put, running_job
+
+    env = {"MANGWALE_ARTIFACTS_DIR": str(tmp_path / "shared-artifacts"), "MANGWALE_RUNNER_LEASE": "5"}
+    a = server_factory(data_dir=tmp_path / "a", env=env, args=["--store", redis_server.url])
+    b = server_factory(data_dir=tmp_path / "b", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
+    data = os.urandom(200_000)
+    with a.client() as http_a, b.client() as http_b:
+        job = running_job(http_a)
+        assert put(http_a, job, "weights.bin", data).status_code == 201
+        entry = {"name": "weights.bin", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert http_b.get(f"/training/jobs/{job['id']}/artifacts").json() == [entry]
+        http_a.post(f"/training/jobs/{job['id']}/cancel")
+        got = http_b.get(f"/training/jobs/{job['id']}/artifacts/weights.bin")
+        assert got.status_code == 200 and got.content == data and got.headers["etag"] == f'"{entry["sha256"]}"'
+    here = tmp_path / "here"
+    here.mkdir()
+    r = cli("jobs", "download", job["id"], "weights.bin", "-q", "--url", b.url, cwd=here)
+    assert r.returncode == 0 and (here / "weights.bin").read_bytes() == data, r.stderr
