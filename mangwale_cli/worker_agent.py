@@ -32,7 +32,7 @@ from typing import Any
 
 from . import __version__, wire
 from .client import AsyncClient
-from .errors import MangwaleError, Unauthorized
+from .errors import InvalidInput, MangwaleError, Unauthorized
 from .reconnect import FollowSettings, never_reached
 from .reconnect import describe_failure as describe_drop
 from .trainers import Registry
@@ -415,6 +415,8 @@ class WorkerAgent:
         that holds the job. A base model fetched for an earlier job is used again (a finished
         job's model never changes)."""
         assert self.id is not None and self.secret is not None
+        if "/" in base_id or "\\" in base_id or base_id.startswith("."):  # a directory name, never a path
+            raise InvalidInput(f"params.baseJobId {base_id[:80]!r} is not a job id", field="params.baseJobId")
         base_dir = self.work_dir / base_id
         if (base_dir / wire.MODEL_ARTIFACT).is_file():
             return
