@@ -658,7 +658,7 @@ def test_a_queued_job_says_what_it_waits_for(only_serves: ServerProcess, workers
     job_id = made.stdout.strip()
     assert job(url, job_id)["waitingFor"] == GPU_WAIT
     shown = cli("jobs", "show", job_id, "--url", url)
-    assert shown.returncode == 0 and f"waiting   {GPU_WAIT}" in shown.stdout, shown
+    assert shown.returncode == 0 and f"message   {GPU_WAIT}" in shown.stdout and "waits for" not in shown.stdout, shown
     env = {**os.environ, "MANGWALE_URL": url}
     outs = {mode: tmp_path / f"watch-{mode}.out" for mode in ("json", "plain")}
     watchers = {mode: subprocess.Popen([sys.executable, "-m", "mangwale_cli", "watch", job_id, "--output", mode],
@@ -684,6 +684,9 @@ def test_a_queued_job_says_what_it_waits_for(only_serves: ServerProcess, workers
     assert "waitingFor" not in job(url, nxt["id"]) and nxt["message"] is None
     assert gpu.terminate() == 0
     wait_for(lambda: job(url, nxt["id"]).get("waitingFor") == GPU_WAIT, 10, what="the job to say it waits again")
+    wait_for(lambda: job(url, long["id"]).get("waitingFor") == GPU_WAIT, 10, what="the handed-back job to say it waits")
+    shown = cli("jobs", "show", long["id"], "--url", url)  # re-queued: its message says why, a line what it waits for
+    assert shown.returncode == 0 and f"waits for  {GPU_WAIT}" in shown.stdout and "handed it back" in shown.stdout, shown
     update = [e for e in events(url, nxt["id"]) if e["type"] == "training_update"][-1]
     assert update["status"] == "queued" and update["waitingFor"] == GPU_WAIT and update["message"] == GPU_WAIT
     workers(url, "--label", "gpu", "--name", "second")

@@ -220,6 +220,12 @@ def artifacts_table(rows: list[dict[str, Any]]) -> None:
     print_table(columns, [[r["name"], str(r["size"]), r.get("sha256") or "-"] for r in rows])
 
 
+def _waits(j: dict[str, Any]) -> bool:
+    """Whether a job's detail needs a line for what it waits for (not when its message says it)."""
+    wait = j.get("waitingFor")
+    return bool(wait) and j.get("status") == "queued" and wait not in (j.get("message") or "")
+
+
 def job_detail(j: dict[str, Any]) -> None:
     c = console()
     c.print(
@@ -231,7 +237,7 @@ def job_detail(j: dict[str, Any]) -> None:
         ("dataset", j.get("datasetId") or "-"),
         ("agent", j.get("agentId") or "-"),
         ("message", j.get("message") or "-"),
-        *([("waiting", j["waitingFor"])] if j.get("waitingFor") and j.get("status") == "queued" else []),
+        *([("waits for", j["waitingFor"])] if _waits(j) else []),
         ("attempt", str(j.get("attempt", 0))),
         *([("worker", j["worker"])] if j.get("worker") else []),
         *([("labels", ", ".join(j["labels"]))] if j.get("labels") else []),
