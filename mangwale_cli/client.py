@@ -20,7 +20,7 @@ import math
 import os
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Self
 from urllib.parse import quote
 
 from . import __version__
@@ -451,33 +451,58 @@ class Client:
         beside ``dest``, moved there only once complete: ``dest`` is never half written. An
         existing ``dest`` is an ``InvalidInput`` unless ``overwrite`` (checked before the
         download, and again, atomically, when the file is put in place)."""
-        path = f"{_job(job_id)}/artifact"
-        dest = Path(dest)
-        if not overwrite and (dest.exists() or dest.is_symlink()):
-            raise _exists(dest)
-        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-        size = 0
+        return self._download(f"{_job(job_id)}/artifact", Path(dest), overwrite)
+
+    def list_artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """The files a job left (``name``, ``size``, ``sha256`` or None), by name."""
+        return self._json("GET", f"{_job(job_id)}/artifacts")
+
+    def download_file(self, job_id: str, name: str, dest: Path | BinaryIO, *, overwrite: bool = False) -> int:
+        """Stream one file of a job into ``dest`` (a path, written as ``download_artifact`` does,
+        or an open binary stream such as stdout) and return its size."""
+        if "/" in name:
+            raise InvalidInput(f"artifact name {name!r} holds a '/'; artifact names never do", field="name")
+        path = f"{_job(job_id)}/artifacts/{seg(name)}"
+        if isinstance(dest, (str, Path)):
+            return self._download(path, Path(dest), overwrite)
+        return self._stream(path, dest)
+
+    def _stream(self, path: str, out: BinaryIO) -> int:
+        """GET ``path`` and copy its body to ``out`` as it comes; returns the bytes copied."""
         import httpx  # a download streams: httpx's path, whichever the client's
 
+        size = 0
         try:
             with self._http.stream("GET", path) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     _checked(resp)
-                with open(tmp, "wb") as f:
-                    for chunk in resp.iter_bytes():
-                        f.write(chunk)
-                        size += len(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if overwrite:
-                os.replace(tmp, dest)
-            else:
-                os.link(tmp, dest)  # fails if dest appeared meanwhile, where a rename would replace it
+                for chunk in resp.iter_bytes():
+                    out.write(chunk)
+                    size += len(chunk)
+                expected = resp.headers.get("content-length")
+                if expected is not None and expected.isdigit() and int(expected) != size:
+                    raise Unreachable(f"GET {self.url}{path}: the connection closed after {size} of {expected} bytes")
+            out.flush()
         except _Foreign as foreign:
             raise self._foreign(foreign) from None
         except httpx.HTTPError as exc:
             raise _transport_error(self.url, "GET", path, exc) from None
+        return size
+
+    def _download(self, path: str, dest: Path, overwrite: bool) -> int:
+        """GET ``path`` into ``dest``, atomically (see ``download_artifact``)."""
+        if not overwrite and (dest.exists() or dest.is_symlink()):
+            raise _exists(dest)
+        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                size = self._stream(path, f)
+                os.fsync(f.fileno())
+            if overwrite:
+                os.replace(tmp, dest)
+            else:
+                os.link(tmp, dest)  # fails if dest appeared meanwhile, where a rename would replace it
         except FileExistsError:
             raise _exists(dest) from None
         except OSError as exc:
@@ -586,6 +611,33 @@ class AsyncClient:
         """The dataset of a job this worker holds (409 ``stale`` when it does not)."""
         path = f"/workers/{seg(worker_id)}/jobs/{seg(job_id)}/dataset"
         return await self._json("GET", path, headers={"X-Mangwale-Worker-Secret": secret})
+
+    async def worker_base_model(self, worker_id: str, secret: str, job_id: str, dest: Path) -> int:
+        """Stream the base model of a fine-tune job this worker holds into ``dest`` (a temp file
+        beside it, renamed in once complete); returns its size. 409 ``stale`` when the worker
+        does not hold the job."""
+        import httpx
+
+        path = f"/workers/{seg(worker_id)}/jobs/{seg(job_id)}/base-model"
+        tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{id(dest)}")
+        size = 0
+        try:
+            async with self._http.stream("GET", path, headers={"X-Mangwale-Worker-Secret": secret}) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _checked(resp)
+                with tmp.open("wb") as f:
+                    async for chunk in resp.aiter_bytes():
+                        f.write(chunk)
+                        size += len(chunk)
+            os.replace(tmp, dest)
+        except _Foreign as foreign:
+            raise await self._foreign(foreign) from None
+        except httpx.HTTPError as exc:
+            raise _transport_error(self.url, "GET", path, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size
 
     async def upload_artifact(self, job_id: str, name: str, path: Path, *, holder: str, token: int, chunk: int = 1 << 20) -> None:
         """Upload one file of a job this worker holds, as a stream: ``PUT

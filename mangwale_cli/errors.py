@@ -58,7 +58,7 @@ EXIT_CODES: dict[ExitCode, str] = {  # each fits one line of an 80-column `--hel
     ExitCode.UNAUTHORIZED: "not authorised (401/403)",
     ExitCode.TIMEOUT: "--timeout reached",
     ExitCode.GAVE_UP: "gave up reconnecting (--max-retries, --give-up-after)",
-    ExitCode.UNREACHABLE: "no mangwale server at the URL (watch: within --connect-timeout)",
+    ExitCode.UNREACHABLE: "no mangwale server at the URL (watch, worker: within --connect-timeout)",
     ExitCode.INTERNAL: "a bug in mangwale: please report it (MANGWALE_DEBUG=1 for details)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

@@ -53,7 +53,7 @@ from .followitems import (
     is_terminal,
     outcome_code,
 )
-from .reconnect import FollowSettings, backoff, classify, describe_failure
+from .reconnect import FollowSettings, backoff, classify, describe_failure, never_reached
 from .wire import MsgType
 
 __all__ = [
@@ -201,11 +201,7 @@ class Follower:
         except TimeoutError:
             if self.reached or self._reach_deadline is None or not self._reach_deadline.expired():
                 raise
-            last = f" (last: {reason[-1]})" if reason else ""
-            raise Unreachable(
-                f"cannot reach {self.url} within {self.connect_timeout:g} s (--connect-timeout): "
-                f"is `mangwale serve` running there?{last}"
-            ) from None
+            raise never_reached(self.url, self.connect_timeout, reason[-1] if reason else None) from None
 
     def _mark_reached(self) -> None:
         if not self.reached:

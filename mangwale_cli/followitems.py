@@ -38,6 +38,7 @@ class JobView:
     job_seq: int | None = None  # last jobSeq handled
     deleted: str | None = None  # "deleted" / "pruned" once a job_deleted event named it
     worker: str | None = None  # the remote worker of the current or last attempt
+    waiting_for: str | None = None  # queued, and no live taker can run it: what it waits for
 
     @property
     def terminal(self) -> bool:
@@ -67,6 +68,7 @@ class JobView:
             self.message = ev.get("message")
             self.attempt = attempt
             self.worker = ev.get("worker")
+            self.waiting_for = ev.get("waitingFor") if status == "queued" else None
             self.eta = ev.get("eta")
             self.eta_at = ts
             self.error = ev.get("error")
@@ -87,6 +89,7 @@ class JobView:
         self.message = doc.get("message")
         self.attempt = doc.get("attempt", self.attempt)
         self.worker = doc.get("worker")
+        self.waiting_for = doc.get("waitingFor") if self.status == "queued" else None
         self.error = doc.get("error")
         if doc.get("metrics"):
             self.metrics = doc["metrics"]
@@ -96,7 +99,7 @@ class JobView:
 
     def summary(self) -> dict[str, Any]:
         """The job's entry in ``watch --json``'s summary line."""
-        return {
+        out = {
             "status": self.status,
             "progress": self.progress,
             "attempt": self.attempt,
@@ -104,6 +107,9 @@ class JobView:
             "error": self.error,
             "metrics": self.metrics,
         }
+        if self.waiting_for and self.status == "queued":  # only then: other summaries keep their shape
+            out["waitingFor"] = self.waiting_for
+        return out
 
 
 @dataclass(frozen=True)

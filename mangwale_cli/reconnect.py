@@ -78,6 +78,15 @@ class FollowSettings:
         return backoff(self.backoff_initial, self.backoff_max)
 
 
+def never_reached(url: str, timeout: float, last: str | None = None) -> Unreachable:
+    """The error of a client that got no answer from ``url`` within ``--connect-timeout``
+    (exit 8): ``watch`` and ``worker`` say it in the same words."""
+    tail = f" (last: {last})" if last else ""
+    return Unreachable(
+        f"cannot reach {url} within {timeout:g} s (--connect-timeout): is `mangwale serve` running there?{tail}"
+    )
+
+
 def backoff(
     initial: float = 1.0,
     maximum: float = 30.0,

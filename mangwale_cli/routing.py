@@ -25,6 +25,9 @@ def waiting_for(job: Job, takers: Iterable[tuple[Collection[str], Collection[str
     wants = []
     if job.labels:
         wants.append(f"labels {', '.join(job.labels)}")
-    if not job.labels and not any(job.kind in kinds for _, kinds in takers):
+    # The kind is named when the labels are not the whole story: no labels asked for, or a
+    # taker has them but does not run the kind ("labels gpu and kind steps").
+    labelled = [kinds for labels, kinds in takers if all(label in labels for label in job.labels)]
+    if not job.labels or labelled:
         wants.append(f"kind {job.kind}")
-    return "waiting for a worker with " + " and ".join(wants or ["room"])
+    return "waiting for a worker with " + " and ".join(wants)

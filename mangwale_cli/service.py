@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__, routing, wire
+from . import __version__, artifacts, wire
 from .errors import ConfigError, Conflict, InvalidInput, MangwaleError, NotFound, StoreError
 from .events import EventBus
 from .nlu import modelfile
@@ -341,12 +341,10 @@ class Service:
             raise NotFound(f"dataset {body.dataset_id} does not exist", field="datasetId", code="unknown_dataset")
         return await self._store_job(body, idempotency_key)
 
-    def waiting_for(self, job: Job) -> str | None:
-        """What a queued job waits for when no taker (this runner, a live worker) can run it."""
-        assert self.runner is not None
-        local = [(self.runner.labels, self.trainers.names())] if self.runner.concurrency > 0 else []
-        hub = getattr(self, "hub", None)
-        return routing.waiting_for(job, [*local, *(hub.takers() if hub is not None else [])])
+    async def waiting_for(self, job: Job) -> str | None:
+        """What a queued job waits for when no live taker (a runner, a worker) can run it."""
+        hub = getattr(self, "hub", None)  # None until start()
+        return await hub.waiting.waiting_for(job) if hub is not None else None
 
     async def _store_job(self, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
         t = self._stamp()
@@ -360,8 +358,7 @@ class Service:
             updated_at=t,
             labels=list(body.labels),
         )
-        if not self.shared:  # instances of a shared store each know only their own workers
-            job.message = self.waiting_for(job)
+        job.waiting_for = job.message = await self.waiting_for(job)
         idem = (idempotency_key, body.fingerprint()) if idempotency_key else None
         job, created = await self.store.create_job(job, idem)
         if created:
@@ -527,6 +524,29 @@ class Service:
     ) -> dict[str, Any]:
         """Store a file of a running job, uploaded by the holder of its lease (``uploads``)."""
         return await self.uploads.receive(job_id, name, body, lease=lease, sha256=sha256, length=length)
+
+    async def job_artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        """The files the job left (its model, a worker's uploads), by name (``artifacts``)."""
+        root = await self._artifact_root(await self.get_job(job_id))
+        return [f.to_dict() for f in await asyncio.to_thread(artifacts.list_files, root)]
+
+    async def artifact_file(self, job_id: str, name: str) -> artifacts.ArtifactFile:
+        """One file of the job, to serve: 400 for a name no artifact can have, 404 ``jobId`` for
+        an unknown job and 404 ``name`` for a file it does not have."""
+        problem = wire.artifact_name_problem(name)
+        if problem is not None:
+            raise InvalidInput(problem, field="name", code="bad_name", status=400)
+        root = await self._artifact_root(await self.get_job(job_id))
+        found = await asyncio.to_thread(artifacts.find, root, name)
+        if found is None:
+            raise NotFound(f"job {job_id} has no artifact {name!r} (mangwale jobs artifacts {job_id} lists them)",
+                           field="name", code="unknown_artifact")  # fmt: skip
+        return found
+
+    async def _artifact_root(self, job: Job) -> Path:
+        if job.status.terminal:
+            return await self.store.load_artifacts(job.id)  # a shared store's published files, here
+        return self.store.artifact_dir(job.id)
 
     # --- events ---------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Messages (server to client) on ``/ws/training`` and ``/training/events``:
 * ``connected``      greeting, not logged: ``message``, ``timestamp``, ``headSeq``, ``epoch``
 * ``job_created``    logged: ``job`` (the job document)
 * ``training_update`` logged: ``jobId``, ``status``, ``progress``, ``message``, ``timestamp``,
-  ``attempt`` and, when the trainer reports them, ``metrics`` and ``eta``
+  ``attempt`` and, when the trainer reports them, ``metrics`` and ``eta``; ``worker`` when a
+  remote worker runs it; ``waitingFor`` while it is queued and no live taker can run it
 * ``dataset_update`` logged: ``datasetId``, ``action`` (created/updated/deleted)
 * ``job_log``        logged: ``jobId``, ``stream`` (stdout/stderr/trainer), ``line``, ``lineNo``,
   ``attempt``, ``timestamp``; numbered by ``seq`` but not by ``jobSeq``, and kept within its own
@@ -367,6 +368,14 @@ class ArtifactOut(BaseModel):
     sha256: str = Field(description="hex digest of the stored bytes")
 
 
+class ArtifactEntryOut(BaseModel):
+    """One file of a job, as ``GET /training/jobs/{id}/artifacts`` lists it."""
+
+    name: str
+    size: int = Field(description="bytes")
+    sha256: str | None = Field(description="hex digest, known for uploaded files (also the download's ETag)")
+
+
 def artifact_out(job_id: str, name: str, size: int, sha256: str) -> dict[str, Any]:
     return {"jobId": job_id, "name": name, "size": size, "sha256": sha256}
 
@@ -396,6 +405,7 @@ class Job:
     lease: dict[str, Any] | None = None  # the current attempt's runner: {"holder", "token"}
     labels: list[str] = field(default_factory=list)  # a taker must have every one of them
     worker: str | None = None  # name of the remote worker of the current or last attempt
+    waiting_for: str | None = None  # queued, and no live taker can run it: what it waits for (waiting.py)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -423,6 +433,8 @@ class Job:
             out["labels"] = self.labels
         if self.worker is not None:
             out["worker"] = self.worker
+        if self.waiting_for is not None and self.status is JobStatus.QUEUED:
+            out["waitingFor"] = self.waiting_for
         return out
 
     @classmethod
@@ -448,6 +460,7 @@ class Job:
             lease=d.get("lease"),
             labels=list(d.get("labels") or []),
             worker=d.get("worker"),
+            waiting_for=d.get("waitingFor") if d.get("status", "queued") == "queued" else None,
         )
 
 
@@ -523,6 +536,9 @@ class JobOut(BaseModel):
     )
     labels: list[str] | None = Field(None, description="labels a taker must all have to run the job")
     worker: str | None = Field(None, description="name of the remote worker of the current or last attempt")
+    waitingFor: str | None = Field(
+        None, description="a queued job no live taker can run: what it waits for (\"waiting for a worker with labels gpu\")"
+    )
 
 
 class DatasetSummaryOut(BaseModel):
@@ -604,6 +620,8 @@ def training_update(
         msg["stalled"] = True
     if job.worker is not None:
         msg["worker"] = job.worker
+    if job.waiting_for is not None and job.status is JobStatus.QUEUED:
+        msg["waitingFor"] = job.waiting_for
     return msg
 
 

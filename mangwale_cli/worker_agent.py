@@ -32,12 +32,13 @@ from typing import Any
 
 from . import __version__, wire
 from .client import AsyncClient
-from .errors import MangwaleError, Unauthorized
-from .reconnect import FollowSettings
+from .errors import InvalidInput, MangwaleError, Unauthorized
+from .reconnect import FollowSettings, never_reached
+from .reconnect import describe_failure as describe_drop
 from .trainers import Registry
 from .trainers.base import TrainingContext
 from .trainers.command import INPUT_DIR
-from .trainers.nlu import NluTrainer
+from .trainers.nlu import FineTuneTrainer, NluTrainer
 from .trainers.process import describe_failure
 from .trainers.simulate import SimulateTrainer
 from .wire import Dataset, Job
@@ -48,12 +49,12 @@ RELEASE_WAIT = 2.0  # seconds SIGTERM waits for hand-backs to leave
 
 
 def local_trainers(config: Path | None) -> Registry:
-    """What this worker runs: the built-ins that need nothing from the server's store, plus
-    the ``[trainers.*]`` commands of its own config file."""
+    """What this worker runs: the built-ins (fine-tune fetches its base model over REST, for
+    a job it holds), plus the ``[trainers.*]`` commands of its own config file."""
     from .settings import load
     from .trainers.command import command_trainers
 
-    builtins = [SimulateTrainer(), NluTrainer()]
+    builtins = [SimulateTrainer(), NluTrainer(), FineTuneTrainer()]
     commands = command_trainers(load({"config_file": config})) if config is not None else []
     return Registry([*builtins, *commands])
 
@@ -108,6 +109,7 @@ class WorkerAgent:
         work_dir: Path | None = None,
         kill_grace: float = 3.0,
         follow: FollowSettings | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         self.rest = AsyncClient(url, token=token)
         self.url = self.rest.url
@@ -119,6 +121,9 @@ class WorkerAgent:
         self.work_dir = work_dir or Path(tempfile.mkdtemp(prefix="mangwale-worker-"))
         self.kill_grace = kill_grace
         self.follow = follow or FollowSettings.from_env()
+        self.connect_timeout = self.follow.connect_timeout if connect_timeout is None else connect_timeout
+        self.reached = False  # the server has answered once: from then on, reconnect for ever
+        self._connected = False  # registered on the current connection
         self.id: str | None = None
         self.secret: str | None = None
         self.lease = 30.0
@@ -133,7 +138,9 @@ class WorkerAgent:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, reconnect with backoff, until ``stop`` (SIGTERM)."""
+        """Connect, reconnect with backoff, until ``stop`` (SIGTERM). A server that never
+        answers within ``connect_timeout`` is ``Unreachable`` (exit 8); a refused token is
+        ``Unauthorized`` (exit 5); one that answered once is waited for as long as it takes."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -141,11 +148,23 @@ class WorkerAgent:
         watchdog = asyncio.create_task(self._watch_leases(), name="worker-leases")
         sender = asyncio.create_task(self._sender(), name="worker-sender")
         delays = self.follow.backoff()
+        deadline = time.monotonic() + self.connect_timeout
+        last: str | None = None
         try:
             while not self._stop.is_set():
+                if not self.reached and time.monotonic() >= deadline:
+                    raise never_reached(self.url, self.connect_timeout, last)
                 session = asyncio.create_task(self._session())
                 stop = asyncio.create_task(self._stop.wait())
-                await asyncio.wait([session, stop], return_when=asyncio.FIRST_COMPLETED)
+                while not (session.done() or stop.done()):
+                    wait = None if self.reached else max(0.0, deadline - time.monotonic())
+                    done, _ = await asyncio.wait([session, stop], timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                    if not done and not self.reached:  # still connecting when the time ran out
+                        stop.cancel()
+                        session.cancel()
+                        with contextlib.suppress(BaseException):
+                            await session
+                        raise never_reached(self.url, self.connect_timeout, last or "no answer in time")
                 if self._stop.is_set():
                     await self._hand_back()
                     session.cancel()
@@ -156,12 +175,22 @@ class WorkerAgent:
                 exc = session.exception()
                 if isinstance(exc, Unauthorized):
                     raise exc
-                if exc is not None:
-                    log.warning("worker: connection to %s lost: %s", self.url, _describe(exc))
-                else:
+                if exc is None:
                     delays = self.follow.backoff()
+                    last = "closed by the server"
+                else:
+                    last = (describe_drop(exc).splitlines() or ["?"])[0][:200]
                 delay = next(delays)
-                log.info("worker: reconnecting in %.1f s", delay)
+                if not self.reached:
+                    # Silent until --connect-timeout: then one line says what the last try met.
+                    log.debug("worker: cannot reach %s yet (%s); trying again in %.1f s", self.url, last, delay)
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))
+                elif self._connected:
+                    self._connected = False  # the first failure after a good session says so
+                    why = "" if last == "connection lost" else f" ({last})"
+                    log.warning("worker: connection lost%s; reconnecting in %.1f s", why, delay)
+                else:
+                    log.info("worker: reconnect failed (%s); trying again in %.1f s", last, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
@@ -204,6 +233,7 @@ class WorkerAgent:
                            ping_interval=self.follow.ping_interval, ping_timeout=self.follow.ping_timeout,
                            close_timeout=2, max_size=2**24)  # fmt: skip
             async with conn as ws:
+                self.reached = True
                 await ws.send(wire.dumps(self._register()))
                 reply = wire.loads(await asyncio.wait_for(ws.recv(), 10))
                 if reply.get("type") != wire.WorkerMsg.REGISTERED:
@@ -252,6 +282,7 @@ class WorkerAgent:
                      ", ".join(self.labels) or "none")  # fmt: skip
         else:
             log.info("worker %s connected again to %s", self.id, self.url)
+        self._connected = True
         self.registered.set()
 
     async def _send(self, msg: dict[str, Any]) -> None:
@@ -358,6 +389,8 @@ class WorkerAgent:
                     dataset = Dataset.from_dict(await self.rest.worker_dataset(self.id, self.secret, job.id))
                 params = trainer.validate_params(job.params)
                 workdir.mkdir(parents=True, exist_ok=True)
+                if isinstance(trainer, FineTuneTrainer):
+                    await self._fetch_base_model(job, str(params["baseJobId"]))
                 ctx = TrainingContext(job, dataset, params, _Reporter(self, a), workdir, self.kill_grace)
                 metrics = await trainer.run(ctx)
                 await self._upload(a, workdir)
@@ -375,6 +408,21 @@ class WorkerAgent:
             shutil.rmtree(workdir, ignore_errors=True)
             if self.jobs.get(job.id) is a:
                 del self.jobs[job.id]
+
+    async def _fetch_base_model(self, job: Job, base_id: str) -> None:
+        """Put the base model of a fine-tune where the trainer reads it (beside the job's
+        directory, as on a server), fetched over REST: the server hands it only to the worker
+        that holds the job. A base model fetched for an earlier job is used again (a finished
+        job's model never changes)."""
+        assert self.id is not None and self.secret is not None
+        if "/" in base_id or "\\" in base_id or base_id.startswith("."):  # a directory name, never a path
+            raise InvalidInput(f"params.baseJobId {base_id[:80]!r} is not a job id", field="params.baseJobId")
+        base_dir = self.work_dir / base_id
+        if (base_dir / wire.MODEL_ARTIFACT).is_file():
+            return
+        base_dir.mkdir(parents=True, exist_ok=True)
+        size = await self.rest.worker_base_model(self.id, self.secret, job.id, base_dir / wire.MODEL_ARTIFACT)
+        log.info("worker: job %s: base model of %s fetched (%d bytes)", job.id, base_id, size)
 
     async def _upload(self, a: _Attempt, workdir: Path) -> None:
         """Upload what the trainer left in its directory, before the job is reported finished."""
@@ -402,7 +450,3 @@ class WorkerAgent:
         if self.jobs.get(a.job.id) is a:
             del self.jobs[a.job.id]
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]

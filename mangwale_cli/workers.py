@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import routing, wire
 from .errors import MangwaleError, NotFound, StaleWrite, Unauthorized
 from .store.base import Expect, Store
+from .waiting import Waiting
 from .wire import Job, JobStatus, now_ms
 from .workerboard import Board, LocalBoard
 
@@ -149,6 +150,8 @@ class WorkerHub:
         self._announced: dict[str, str] = {}
         self._announce_lock = asyncio.Lock()
         self._pending: set[asyncio.Task[Any]] = set()
+        self.waiting = Waiting(store, instance, self._own_takers, stale_after=max(1.0, self.lease * 1.5))
+        self._keep: set[asyncio.Task[Any]] = set()
 
     @property
     def lease(self) -> float:
@@ -168,9 +171,9 @@ class WorkerHub:
 
     async def stop(self) -> None:
         """Stop handing out jobs. Jobs workers hold keep running: their leases are theirs."""
-        for t in self._tasks:
+        for t in [*self._tasks, *self._keep]:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._keep, return_exceptions=True)
         for rem in self._remotes.values():
             rem.outbox.cancel()
         await asyncio.gather(*self._pending, return_exceptions=True)
@@ -227,6 +230,7 @@ class WorkerHub:
                  worker_id, worker.name, sorted(worker.labels) or "-", ", ".join(sorted(worker.kinds)),
                  worker.concurrency, len(worker.running))  # fmt: skip
         self._wake.set()
+        self._takers_changed()
         return worker, wire.worker_registered(worker_id, self._secret(worker_id), self.lease, self.heartbeat, kept)
 
     def disconnect(self, worker: Worker, session: Session) -> None:
@@ -237,6 +241,7 @@ class WorkerHub:
             call_soon(lambda: self.announce(worker), self._pending)
             log.info("worker %s (%s) disconnected; its %d jobs keep their leases until they expire",
                      worker.id, worker.name, len(worker.running))  # fmt: skip
+            self._takers_changed()
 
     async def describe_all(self) -> list[dict[str, Any]]:
         """Every instance's workers (shared store): this instance's own rows, and the rows the
@@ -332,6 +337,22 @@ class WorkerHub:
 
     def takers(self) -> list[tuple[frozenset[str], frozenset[str]]]:
         return [(w.labels, frozenset(w.kinds)) for w in self.live()]
+
+    def _own_takers(self) -> list[tuple[frozenset[str], frozenset[str]]]:
+        """This instance's takers: its runner, when it runs jobs, and its live workers."""
+        runner = self.runner
+        local = [(frozenset(runner.labels), frozenset(runner.trainers.names()))] if runner.concurrency > 0 else []
+        return [*local, *self.takers()]
+
+    def _takers_changed(self) -> None:
+        """A worker came or went: tell the queued jobs what they wait for now."""
+        call_soon(self._refresh_waiting, self._keep)
+
+    async def _refresh_waiting(self) -> None:
+        try:
+            await self.waiting.refresh(publish=True)
+        except MangwaleError as exc:  # the store is away: the next sweep tries again
+            log.warning("workers: could not update what queued jobs wait for: %s", exc)
 
     # --- dispatch -------------------------------------------------------------------------
 
@@ -581,6 +602,7 @@ class WorkerHub:
             await self.board.sweep(self.lease / 2 * 1000)  # the workers of instances that died
         except Exception as exc:  # noqa: BLE001 - Redis away: the next sweep does it
             log.warning("workers: could not sweep the shared worker rows (%s)", exc)
+        await self.waiting.refresh(publish=True)  # a worker fell silent; another instance's came or went
 
     async def forget(self, worker: Worker) -> None:
         """Drop a long-lost worker, and announce it ``gone`` (unless another instance has it now)."""

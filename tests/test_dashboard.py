@@ -589,3 +589,28 @@ def test_page_without_token_gets_no_data(
     page.wait_for_selector(row(job))
     assert page.evaluate("() => sessionStorage.getItem('mangwale.token')") == token
     assert not [u for u in urls if token in u], "the token went into a URL"
+
+
+@needs_chromium
+def test_a_queued_job_says_what_it_waits_for(server_factory: Callable[..., ServerProcess], page: Page,
+                                             console: Console, tmp_path: Path) -> None:  # fmt: skip
+    """serve --concurrency 0: a job labelled gpu says "waiting for a worker with labels gpu" in its
+    row and its detail, live; a gpu worker joins and the row reaches succeeded, the wait gone."""
+    from test_workers import WorkerProcess
+
+    wait = "waiting for a worker with labels gpu"
+    server = server_factory(args=["--concurrency", "0"], env={"MANGWALE_RUNNER_SAMPLE_DATASET": "false"})
+    open_dashboard(page, server)
+    resp = httpx.post(server.url + "/training/jobs", json={"kind": "simulate", "labels": ["gpu"],
+                                                             "params": {"steps": 3, "stepMs": 50}}, timeout=10)  # fmt: skip
+    job_id = resp.json()["id"]
+    wait_js(page, "([sel, text]) => document.querySelector(sel + ' .msg')?.textContent === text", [row(job_id), wait])
+    page.click(row(job_id))
+    wait_js(page, "(text) => document.querySelector('.step-msg')?.textContent === text", wait)
+    worker = WorkerProcess(server.url, tmp_path, "--label", "gpu").start()
+    try:
+        wait_row_status(page, job_id, "succeeded")
+    finally:
+        worker.kill()
+    assert wait not in page.inner_text(f"{row(job_id)} .msg")
+    assert console.errors == []

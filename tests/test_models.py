@@ -168,7 +168,14 @@ def error(resp: httpx.Response, status: int) -> dict[str, Any]:
 
 def job_files(server: ServerProcess, job_id: str) -> list[str]:
     root = server.data_dir / "artifacts" / job_id
-    return sorted(p.name for p in root.iterdir() if p.name not in wire.RESERVED_ARTIFACTS) if root.is_dir() else []
+    return files_in(root, wire.RESERVED_ARTIFACTS)
+
+
+def files_in(root: Path, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The names in ``root``, without the sha256 sidecar of an uploaded file that is there
+    (``.NAME.sha256``, artifacts.py): anything else left behind shows."""
+    names = {p.name for p in root.iterdir() if p.name not in ignore} if root.is_dir() else set()
+    return sorted(n for n in names if not (n.startswith(".") and n.endswith(".sha256") and n[1:-7] in names))
 
 
 def wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
@@ -315,7 +322,7 @@ def test_on_redis_uploads_go_to_the_shared_artifacts_dir(
         for http in (http_a, http_b):
             resp = put(http, job, f"via-{http is http_b}.bin", data)
             assert resp.status_code == 201, resp.text
-        assert sorted(p.name for p in (shared / job["id"]).iterdir()) == ["via-False.bin", "via-True.bin"]
+        assert files_in(shared / job["id"]) == ["via-False.bin", "via-True.bin"]
         http_a.post(f"/training/jobs/{job['id']}/cancel")
     c = server_factory(data_dir=tmp_path / "c", env={"MANGWALE_RUNNER_LEASE": "5"},
                        args=["--store", redis_server.url, "--concurrency", "0"])  # fmt: skip

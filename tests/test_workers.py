@@ -554,3 +554,234 @@ def test_workers_list_states_and_forget_after(api: Any) -> None:
             ws.receive_text()
             ws.receive_text()
         assert closed.value.code == 4401
+
+
+# --- connecting: a wrong URL, a refused token, a server that went away ------------------------------
+
+
+def run_worker(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **WORKER_ENV, **(env or {})}
+    full.pop("MANGWALE_URL", None)
+    return subprocess.run([sys.executable, "-m", "mangwale_cli", "worker", *args], env=full, capture_output=True,
+                          text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_a_worker_that_never_reaches_its_server_exits_8() -> None:
+    """Nothing listens at --url: the worker exits 8 once --connect-timeout (or
+    MANGWALE_CONNECT_TIMEOUT) has passed, with one line on stderr and no traceback."""
+    from ports import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = run_worker("--url", url, "--connect-timeout", "1")
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 8, r.stderr
+    assert r.stderr == (f"mangwale: error: cannot reach {url} within 1 s (--connect-timeout): "
+                        "is `mangwale serve` running there? (last: connection refused)\n")  # fmt: skip
+    assert elapsed < 10, elapsed  # 1 s of trying plus the interpreter's start-up (default: 30 s)
+    r = run_worker("--url", url, env={"MANGWALE_CONNECT_TIMEOUT": "0.5"})
+    assert r.returncode == 8 and r.stderr.count("\n") == 1 and "within 0.5 s" in r.stderr, r.stderr
+
+
+def test_a_worker_with_a_bad_url_or_timeout_is_a_usage_error() -> None:
+    """--url without a scheme or with another scheme, a --connect-timeout that is not a positive
+    number and an unknown --log-level are one usage line and exit 2, as for the other commands."""
+    cases = {
+        ("--url", "localhost:8080"): "mangwale: error: --url 'localhost:8080' has no scheme: give http://HOST:PORT (did you mean http://localhost:8080?)\n",
+        ("--url", "ftp://localhost:8080"): "mangwale: error: --url 'ftp://localhost:8080' is not an http:// or https:// URL: give http://HOST:PORT\n",
+        ("--url", "http://127.0.0.1:1", "--connect-timeout", "0"): "mangwale: error: --connect-timeout must be a positive number of seconds, got 0\n",
+        ("--url", "http://127.0.0.1:1", "--log-level", "loud"): "mangwale: error: --log-level must be one of critical, error, warning, info, debug, got 'loud'\n",
+    }  # fmt: skip
+    for args, line in cases.items():
+        r = run_worker(*args)
+        assert (r.returncode, r.stderr) == (2, line), (args, r.stderr)
+    r = run_worker("--url", "http://127.0.0.1:1", env={"MANGWALE_CONNECT_TIMEOUT": "soon"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "MANGWALE_CONNECT_TIMEOUT" in r.stderr, r.stderr
+
+
+def test_a_worker_with_a_refused_token_exits_5(server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """A token the server does not know, or one without the worker scope: exit 5 at once, one line."""
+    from tokentools import new_token, write_config
+
+    reader = new_token()
+    cfg = write_config(tmp_path / "auth.toml", {"ci": (reader, ["read", "write"])})
+    server = server_factory(env=FAST, args=["--concurrency", "0", "--config", str(cfg)])
+    for token in (new_token(), reader):
+        r = run_worker("--url", server.url, "--token", token, "--connect-timeout", "20")
+        assert r.returncode == 5, r.stderr
+        [line] = [x for x in r.stderr.splitlines() if "error" in x.lower()]
+        assert line.startswith("mangwale: error: the server refused this worker's token (HTTP 40"), r.stderr
+        assert "Traceback" not in r.stderr and token not in r.stderr
+
+
+def test_a_worker_keeps_reconnecting_to_a_server_it_reached(only_serves: ServerProcess,
+                                                            workers: Callable[..., WorkerProcess]) -> None:  # fmt: skip
+    """Once the server has answered, --connect-timeout no longer applies: a server that goes away
+    for longer is waited for ("connection lost"), and the worker runs jobs again once it is back."""
+    url = only_serves.url
+    w = workers(url, "--connect-timeout", "0.5", "--name", "patient")
+    only_serves.kill()
+    wait_for(lambda: "connection lost" in w.output(), 10, what="the worker to notice")
+    t_lost = time.monotonic()
+    wait_for(lambda: time.monotonic() - t_lost > 1.5 and w.output().count("reconnect failed") >= 3, 10,
+             what="several failed reconnects past --connect-timeout")  # fmt: skip
+    assert w.proc is not None and w.proc.poll() is None, w.output()
+    only_serves.start()
+    wait_for(lambda: "connected again" in w.output(), 10, what="the worker to reconnect")
+    j = create(url, steps=2, stepMs=10)
+    done = wait_status(url, j["id"], "succeeded", "failed")
+    assert done["status"] == "succeeded" and done["worker"] == "patient", done
+
+
+# --- what a queued job waits for ---------------------------------------------------------------------
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **WORKER_ENV, "COLUMNS": "120"}
+    env.pop("MANGWALE_URL", None)
+    return subprocess.run([sys.executable, "-m", "mangwale_cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+GPU_WAIT = "waiting for a worker with labels gpu"
+
+
+def test_a_queued_job_says_what_it_waits_for(only_serves: ServerProcess, workers: Callable[..., WorkerProcess],
+                                            tmp_path: Path) -> None:  # fmt: skip
+    """serve --concurrency 0 and a job labelled gpu: GET, jobs show, and watch (plain lines and
+    --json) say it waits for a worker with labels gpu; a gpu worker joins and it runs. When the
+    only gpu worker leaves, a queued gpu job says so again, in a training_update; one whose kind
+    the next gpu worker does not run says that."""
+    url = only_serves.url
+    made = cli("jobs", "create", "simulate", "--label", "gpu", "-p", "steps=3", "-p", "stepMs=20", "-q", "--url", url)
+    assert made.returncode == 0, made.stderr
+    job_id = made.stdout.strip()
+    assert job(url, job_id)["waitingFor"] == GPU_WAIT
+    shown = cli("jobs", "show", job_id, "--url", url)
+    assert shown.returncode == 0 and f"message   {GPU_WAIT}" in shown.stdout and "waits for" not in shown.stdout, shown
+    env = {**os.environ, "MANGWALE_URL": url}
+    outs = {mode: tmp_path / f"watch-{mode}.out" for mode in ("json", "plain")}
+    watchers = {mode: subprocess.Popen([sys.executable, "-m", "mangwale_cli", "watch", job_id, "--output", mode],
+                                       stdout=out.open("w"), stderr=subprocess.PIPE, text=True, env=env)
+                for mode, out in outs.items()}  # fmt: skip
+    wait_for(lambda: all(GPU_WAIT in out.read_text() for out in outs.values()), 20, what="both watches to say it waits")
+    config, _ = trainer_config(tmp_path, steps=400)
+    gpu = workers(url, "--label", "gpu", "--config", str(config), "--name", "gpu-box")
+    for mode, proc in watchers.items():
+        assert proc.wait(30) == 0, (mode, proc.stderr.read() if proc.stderr else "")
+    lines = [json.loads(line) for line in outs["json"].read_text().splitlines()]
+    assert lines[0]["type"] == "job_created" and lines[0]["job"]["waitingFor"] == GPU_WAIT
+    assert lines[-1]["type"] == "summary" and lines[-1]["jobs"][job_id]["status"] == "succeeded"
+    assert "waitingFor" not in lines[-1]["jobs"][job_id]
+    plain = outs["plain"].read_text()
+    assert f"{job_id}  queued      0%  created (simulate), {GPU_WAIT}\n" in plain and "succeeded" in plain, plain
+    assert "waitingFor" not in job(url, job_id)
+
+    # A gpu worker that is live but busy: nothing to wait for but room. It leaves: now it waits.
+    long = create(url, "steps", labels=["gpu"])
+    wait_status(url, long["id"], "running")
+    nxt = create(url, labels=["gpu"], steps=2, stepMs=10)
+    assert "waitingFor" not in job(url, nxt["id"]) and nxt["message"] is None
+    assert gpu.terminate() == 0
+    wait_for(lambda: job(url, nxt["id"]).get("waitingFor") == GPU_WAIT, 10, what="the job to say it waits again")
+    wait_for(lambda: job(url, long["id"]).get("waitingFor") == GPU_WAIT, 10, what="the handed-back job to say it waits")
+    shown = cli("jobs", "show", long["id"], "--url", url)  # re-queued: its message says why, a line what it waits for
+    assert shown.returncode == 0 and f"waits for  {GPU_WAIT}" in shown.stdout and "handed it back" in shown.stdout, shown
+    update = [e for e in events(url, nxt["id"]) if e["type"] == "training_update"][-1]
+    assert update["status"] == "queued" and update["waitingFor"] == GPU_WAIT and update["message"] == GPU_WAIT
+    workers(url, "--label", "gpu", "--name", "second")
+    assert wait_status(url, nxt["id"], "succeeded", "failed")["status"] == "succeeded"
+    # The handed-back job of a kind only the first worker ran: a gpu worker is back, not its kind.
+    wait_for(lambda: job(url, long["id"]).get("waitingFor") == "waiting for a worker with labels gpu and kind steps", 10,
+             what="the steps job to name its kind")  # fmt: skip
+
+
+def test_a_queued_job_says_what_it_waits_for_on_a_shared_store(server_factory: Callable[..., ServerProcess],
+                                                               redis_server: Any, workers: Callable[..., WorkerProcess],
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    """Two instances on one Redis, a gpu worker connected to one: a gpu job queued through the
+    other waits for nothing while that worker is live, busy or not; once it leaves, the job says
+    it waits for a worker with labels gpu, through either instance."""
+    env = {**FAST, "MANGWALE_STORE_TIMEOUT": "1"}
+    a, b = (server_factory(data_dir=tmp_path / "shared", env=env, args=["--store", redis_server.url, "--concurrency", "0"])
+            for _ in range(2))  # fmt: skip
+    assert create(b.url, labels=["tpu"])["waitingFor"] == "waiting for a worker with labels tpu"
+    config, _ = trainer_config(tmp_path, steps=400)
+    gpu = workers(a.url, "--label", "gpu", "--config", str(config), "--name", "gpu-box")
+    long = create(b.url, "steps", labels=["gpu"])
+    wait_status(b.url, long["id"], "running")
+    nxt = create(b.url, labels=["gpu"], steps=2, stepMs=10)
+    wait_for(lambda: "waitingFor" not in job(b.url, nxt["id"]), 10, what="b to know of a's gpu worker")
+    assert gpu.terminate() == 0
+    for server in (a, b):
+        wait_for(lambda s=server: job(s.url, nxt["id"]).get("waitingFor") == GPU_WAIT, 10, what="the job to say it waits")
+    workers(b.url, "--label", "gpu", "--name", "second")
+    assert wait_status(a.url, nxt["id"], "succeeded", "failed")["status"] == "succeeded"
+
+
+def test_watch_says_what_a_requeued_job_waits_for() -> None:
+    """watch's step text adds what a queued job waits for to its message, once, and drops it when the job runs."""
+    from mangwale_cli.cli.watchview import step_text
+    from mangwale_cli.followitems import JobView
+
+    v = JobView("job-1")
+    v.apply_doc({"status": "queued", "message": GPU_WAIT, "waitingFor": GPU_WAIT, "attempt": 0})
+    assert step_text(v) == GPU_WAIT and v.summary()["waitingFor"] == GPU_WAIT
+    v.apply_event({"type": "training_update", "status": "queued", "progress": 0, "attempt": 1, "timestamp": 1,
+                   "message": "re-queued: worker gpu-box handed it back", "waitingFor": GPU_WAIT})  # fmt: skip
+    assert step_text(v) == f"re-queued: worker gpu-box handed it back; {GPU_WAIT}"
+    v.apply_event({"type": "training_update", "status": "running", "progress": 5, "attempt": 2, "timestamp": 2,
+                   "message": "step 1/10", "waitingFor": GPU_WAIT})  # fmt: skip
+    assert step_text(v) == "attempt 2: step 1/10" and "waitingFor" not in v.summary()
+
+
+# --- fine-tune on a worker ---------------------------------------------------------------------------
+
+
+def test_a_worker_runs_nlu_train_then_fine_tune(only_serves: ServerProcess, workers: Callable[..., WorkerProcess]) -> None:
+    """A worker advertises fine-tune; it runs nlu-train, then a fine-tune of that model, fetching
+    the base model over REST for the job it holds; the server predicts the new intent with the
+    model the worker uploaded. Another worker asking for that base model is refused (409)."""
+    from trainingdata import TIP_UTTERANCES
+
+    from mangwale_cli.datafile import load_sample_examples
+
+    url = only_serves.url
+    box = workers(url, "--name", "nlu-box")
+    listed = httpx.get(url + "/workers", timeout=5).json()
+    assert "fine-tune" in listed[0]["kinds"]
+    examples = load_sample_examples()
+    base_ds = httpx.post(url + "/training/datasets", json={"name": "base", "examples": examples}, timeout=10).json()
+    base = httpx.post(url + "/training/jobs", json={"kind": "nlu-train", "datasetId": base_ds["id"], "params": {"epochs": 2}},
+                      timeout=10).json()  # fmt: skip
+    done = wait_status(url, base["id"], "succeeded", "failed", timeout=60)
+    assert done["status"] == "succeeded" and done["worker"] == "nlu-box", done
+    tips = examples[::3] + [{"text": t, "intent": "tip_driver"} for t in TIP_UTTERANCES]
+    ds = httpx.post(url + "/training/datasets", json={"name": "with-tips", "examples": tips}, timeout=10).json()
+    tune = httpx.post(url + "/training/jobs", timeout=10,
+                      json={"kind": "fine-tune", "datasetId": ds["id"], "params": {"baseJobId": base["id"], "epochs": 2}}).json()  # fmt: skip
+    tuned = wait_status(url, tune["id"], "succeeded", "failed", timeout=60)
+    assert tuned["status"] == "succeeded" and tuned["worker"] == "nlu-box", tuned
+    assert tuned["metrics"]["baseJobId"] == base["id"] and tuned["metrics"]["newIntents"] == ["tip_driver"]
+    assert "base model of " + base["id"] + " fetched" in box.output()
+    tip = httpx.post(f"{url}/training/jobs/{tune['id']}/predict", json={"text": "please add a tip for my driver"}, timeout=30)
+    assert tip.status_code == 200 and tip.json()["intent"] == "tip_driver", tip.text
+    fake = FakeWorker(only_serves, "probe")
+    refused = httpx.get(f"{url}/workers/{fake.id}/jobs/{tune['id']}/base-model", timeout=5,
+                        headers={"X-Mangwale-Worker-Secret": fake.registered["secret"]})  # fmt: skip
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "stale"
+    fake.close()
+
+
+def test_waiting_for_names_what_is_missing() -> None:
+    """The labels when no taker has them; the kind too when one has them but does not run it; the kind alone without labels."""
+    from mangwale_cli.routing import waiting_for
+    from mangwale_cli.wire import Job
+
+    gpu_sim = (frozenset({"gpu"}), frozenset({"simulate"}))
+    job = Job("j", "steps", None, labels=["gpu"])
+    assert waiting_for(job, []) == GPU_WAIT
+    assert waiting_for(job, [(frozenset({"cpu"}), frozenset({"steps"}))]) == GPU_WAIT
+    assert waiting_for(job, [gpu_sim]) == "waiting for a worker with labels gpu and kind steps"
+    assert waiting_for(Job("j", "steps", None), [gpu_sim]) == "waiting for a worker with kind steps"
+    assert waiting_for(Job("j", "simulate", None), [gpu_sim]) is None

@@ -305,6 +305,56 @@ def jobs_artifact(
     typer.echo(f"saved the model of {job_id} to {output} ({size} bytes)", err=True)
 
 
+@jobs_app.command("artifacts", cls=Command)
+def jobs_artifacts(
+    job_id: JobArg,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the names")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the files a job left: its model, what a worker uploaded. Fetch one with `jobs download`."""
+    from . import render
+
+    rows = client_for(url, token).list_artifacts(job_id)
+    if as_json:
+        render.print_json(rows)
+    elif quiet:
+        for row in rows:
+            typer.echo(row["name"])
+    elif not rows:
+        typer.echo(f"job {job_id} has no artifacts", err=True)
+    else:
+        render.artifacts_table(rows)
+
+
+@jobs_app.command("download", cls=Command)
+def jobs_download(
+    job_id: JobArg,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the file's name, as `jobs artifacts` lists it", show_default=False)],
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", metavar="FILE", help="file to write, put in place only once complete; - for stdout [default: ./NAME]", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace FILE if it exists")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no note on stderr once saved")] = False,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Download one file of a job (see `jobs artifacts`). An existing FILE is kept (exit 2)
+    unless --force; an unknown job or file is exit 4."""
+    import sys
+
+    client = client_for(url, token)
+    if output == "-":
+        client.download_file(job_id, name, sys.stdout.buffer)
+        return
+    dest = Path(output) if output else Path(name)
+    size = client.download_file(job_id, name, dest, overwrite=force)
+    if not quiet:
+        typer.echo(f"saved {name} of {job_id} to {dest} ({size} bytes)", err=True)
+
+
 def register(root: typer.Typer) -> None:
     """Add ``jobs`` to the ``mangwale`` app."""
     root.add_typer(jobs_app, name="jobs")

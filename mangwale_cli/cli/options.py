@@ -27,6 +27,23 @@ TokenOpt = Annotated[str | None, typer.Option("--token", metavar="TOKEN", help=T
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 JobArg = Annotated[str, typer.Argument(metavar="JOB_ID", help="job id", show_default=False)]
 DatasetArg = Annotated[str, typer.Argument(metavar="DATASET", help="dataset id or name", show_default=False)]
+ConnectTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--connect-timeout", metavar="S",
+        help="exit 8 if the server has not answered once within S seconds (a wrong --url) [default: $MANGWALE_CONNECT_TIMEOUT or 30]",
+        show_default=False,
+    ),
+]
+
+
+def check_connect_timeout(value: float | None) -> float | None:
+    """``--connect-timeout`` as given (None: the environment's or the default), or a usage error."""
+    from ..errors import InvalidInput
+
+    if value is not None and not value > 0:
+        raise InvalidInput(f"--connect-timeout must be a positive number of seconds, got {value:g}", field="connect-timeout")
+    return value
 
 
 class Before:

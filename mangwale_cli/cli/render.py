@@ -214,6 +214,18 @@ def jobs_table(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def artifacts_table(rows: list[dict[str, Any]]) -> None:
+    """A job's files: name, size in bytes, sha256 (when the server knows it)."""
+    columns = [Column("NAME", whole=True), Column("SIZE", whole=True, right=True), Column("SHA256", drop=1)]
+    print_table(columns, [[r["name"], str(r["size"]), r.get("sha256") or "-"] for r in rows])
+
+
+def _waits(j: dict[str, Any]) -> bool:
+    """Whether a job's detail needs a line for what it waits for (not when its message says it)."""
+    wait = j.get("waitingFor")
+    return bool(wait) and j.get("status") == "queued" and wait not in (j.get("message") or "")
+
+
 def job_detail(j: dict[str, Any]) -> None:
     c = console()
     c.print(
@@ -225,6 +237,7 @@ def job_detail(j: dict[str, Any]) -> None:
         ("dataset", j.get("datasetId") or "-"),
         ("agent", j.get("agentId") or "-"),
         ("message", j.get("message") or "-"),
+        *([("waits for", j["waitingFor"])] if _waits(j) else []),
         ("attempt", str(j.get("attempt", 0))),
         *([("worker", j["worker"])] if j.get("worker") else []),
         *([("labels", ", ".join(j["labels"]))] if j.get("labels") else []),

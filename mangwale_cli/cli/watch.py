@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import Conflict, InvalidInput, MangwaleError
+from .options import ConnectTimeoutOpt, check_connect_timeout
 
 if TYPE_CHECKING:
     from ..follow import Follower
@@ -75,14 +76,7 @@ def watch(
     give_up_after: Annotated[
         float | None, typer.Option("--give-up-after", min=0, metavar="S", help="give up after S seconds without a connection (exit 7) [default: never]")
     ] = None,
-    connect_timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--connect-timeout", metavar="S",
-            help="exit 8 if the server has not answered once within S seconds (a wrong --url) [default: $MANGWALE_CONNECT_TIMEOUT or 30]",
-            show_default=False,
-        ),
-    ] = None,
+    connect_timeout: ConnectTimeoutOpt = None,
     cancel_on_interrupt: Annotated[
         bool, typer.Option("--cancel-on-interrupt", help="Ctrl-C cancels the followed jobs instead of detaching")
     ] = False,
@@ -108,8 +102,7 @@ def watch(
         raise InvalidInput("name the jobs to follow: JOB_ID ..., --latest or --all (one of them)", field="jobs")
     if cancel_on_interrupt and all_jobs:
         raise InvalidInput("--cancel-on-interrupt needs job ids or --latest, not --all", field="cancel-on-interrupt")
-    if connect_timeout is not None and not connect_timeout > 0:
-        raise InvalidInput(f"--connect-timeout must be a positive number of seconds, got {connect_timeout:g}", field="connect-timeout")
+    check_connect_timeout(connect_timeout)
     code = run_watch(
         url=url,
         job_ids=ids,

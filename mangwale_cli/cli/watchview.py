@@ -51,6 +51,8 @@ def fmt_metrics(metrics: dict[str, Any] | None) -> str:
 def step_text(v: JobView) -> str:
     """The job's current step, led by its attempt once it has been re-run ("attempt 2: ...")."""
     message = v.message or ""
+    if v.status == "queued" and v.waiting_for and v.waiting_for not in message:
+        message = f"{message}; {v.waiting_for}" if message else v.waiting_for
     where = f" on {v.worker}" if v.worker and v.status == "running" else ""
     if v.attempt > 1 and v.status not in (None, "queued"):
         return f"attempt {v.attempt}{where}: {message}" if message else f"attempt {v.attempt}{where}"
@@ -152,8 +154,10 @@ class PlainRenderer(LineRenderer):
         elif isinstance(item, EventItem):
             ev = item.event
             if item.job is not None:
+                v = item.job
                 created = ev.get("type") == "job_created"
-                self._job_line(item.job, f"created ({item.job.kind})" if created else None)
+                waits = f", {v.waiting_for}" if v.waiting_for and v.status == "queued" else ""
+                self._job_line(v, f"created ({v.kind}){waits}" if created else None)
             elif ev.get("type") == "dataset_update":
                 self._write(f"dataset {ev.get('datasetId')} {ev.get('action')}")
             for v in item.gone:

@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InvalidInput
 from .command import Command
+from .options import ConnectTimeoutOpt, check_connect_timeout
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 LabelOpt = Annotated[list[str], typer.Option("--label", "-l", metavar="LABEL", help="a label; repeatable")]
 
 
@@ -20,12 +23,17 @@ def worker(
     name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="display name [default: the host name]")] = None,
     config: Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TOML file whose [trainers.*] this worker runs too")] = None,
     log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="critical, error, warning, info, debug")] = "info",
+    connect_timeout: ConnectTimeoutOpt = None,
 ) -> None:
     """Run jobs for a server from this machine: dial out to --url, take the jobs whose labels
     are all among this worker's labels and whose kind it runs, and report on them live.
 
-    It needs no store access: HTTP(S) and one WebSocket. SIGTERM (or Ctrl-C) hands running
-    jobs back to the server at once, then it exits.
+    It needs no store access: HTTP(S) and one WebSocket. A server never reached within
+    --connect-timeout (a wrong --url, a server not started) ends it with exit 8, a refused token
+    with exit 5. A worker is long-lived: once the server has answered, a lost connection is
+    retried with backoff for as long as it runs ($MANGWALE_BACKOFF_INITIAL,
+    $MANGWALE_BACKOFF_MAX). SIGTERM (or Ctrl-C) hands running jobs back to the server at once,
+    then it exits.
     """
     import asyncio
     import logging
@@ -33,10 +41,13 @@ def worker(
     from ..worker_agent import WorkerAgent, local_trainers
     from .options import settings_for
 
+    check_connect_timeout(connect_timeout)
+    if log_level.upper() not in LOG_LEVELS:
+        raise InvalidInput(f"--log-level must be one of {', '.join(LOG_LEVELS).lower()}, got {log_level!r}", field="log-level")
     settings = settings_for(url, token)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     agent = WorkerAgent(settings.url, token=settings.token, labels=label, concurrency=concurrency, name=name,
-                        trainers=local_trainers(config))  # fmt: skip
+                        trainers=local_trainers(config), connect_timeout=connect_timeout)  # fmt: skip
     asyncio.run(agent.run())
 
 

@@ -277,6 +277,31 @@ async def download_artifact(request: Request, job_id: str) -> Response:
     return FileResponse(path, media_type="application/zip", filename=f"{job_id}-model.skops")
 
 
+@router.get("/training/jobs/{job_id}/artifacts", response_model=list[wire.ArtifactEntryOut], responses=ERRORS, tags=["jobs"])
+async def list_job_artifacts(request: Request, job_id: str) -> Response:
+    """The files a job left (its model, what a worker uploaded), by name, with size and sha256."""
+    return JSONOut(await svc(request).job_artifacts(job_id))
+
+
+@router.get(
+    "/training/jobs/{job_id}/artifacts/{name:path}",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}, "description": "the file"}, 304: {"description": "Not modified"}},
+    response_class=FileResponse,
+    tags=["jobs"],
+)
+async def get_job_artifact(request: Request, job_id: str, name: str) -> Response:
+    """Download one file of a job, streamed, with its ``Content-Length``; an uploaded file's
+    ``ETag`` is its sha256 (``If-None-Match`` -> 304). 404 names ``jobId`` or ``name``."""
+    found = await svc(request).artifact_file(job_id, name)
+    headers = {}
+    if found.sha256 is not None:
+        etag = f'"{found.sha256}"'
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers={"etag": etag})
+        headers["etag"] = etag
+    return FileResponse(found.path, media_type="application/octet-stream", filename=found.name, headers=headers)
+
+
 @router.put(
     "/training/jobs/{job_id}/artifacts/{name:path}",
     status_code=201,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..artifacts import write_digest
 from ..errors import StaleWrite
 from ..eventlog import EventRing, Record
 from ..wire import ACTIVE, TERMINAL, Dataset, Job, JobStatus
@@ -329,12 +330,13 @@ class Store(ABC):
         the rename is atomic); the rename and the directory's fsync make it durable before the
         caller answers, hence before the job can be recorded terminal. Returns the new path."""
         dest = self.artifact_dir(job_id) / name
-        await asyncio.to_thread(_rename_durably, src, dest)
+        await asyncio.to_thread(_rename_durably, src, dest, sha256)
         return dest
 
 
-def _rename_durably(src: Path, dest: Path) -> None:
+def _rename_durably(src: Path, dest: Path, sha256: str) -> None:
     src.replace(dest)
+    write_digest(dest, sha256)  # its ETag when it is downloaded (artifacts.py)
     fsync_path(dest.parent)
 
 

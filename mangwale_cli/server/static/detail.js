@@ -5,6 +5,7 @@
 
 import { api } from "./api.js";
 import { lineChart } from "./chart.js";
+import { jobMessage } from "./jobs.js";
 import { $, TERMINAL, clock, dateTime, duration, elapsed, etaLeft, h, metric, pct } from "./format.js";
 
 const MAX_LOG_LINES = 2000;
@@ -153,7 +154,7 @@ export class JobDetail {
         bar,
         h("span", { class: "pct" }, `${p} %`),
       ),
-      h("p", { class: "step-msg" }, job.message || (job.status === "queued" ? "Waiting for a runner…" : "")),
+      h("p", { class: "step-msg" }, job.status === "queued" && job.waitingFor ? jobMessage(job) : job.message || (job.status === "queued" ? "Waiting for a runner…" : "")),
       job.error ? h("p", { class: "error-text" }, job.error) : null,
       h("dl", { class: "facts" }, ...facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v)))),
     ];

@@ -4,7 +4,15 @@
 import { TERMINAL, duration, elapsed, etaLeft, h, pct, shortId } from "./format.js";
 
 const STAGE = { queued: 0, running: 1, succeeded: 2, failed: 2, cancelled: 2 };
-const LIVE_FIELDS = ["status", "progress", "message", "attempt", "stalled", "error", "startedAt", "finishedAt", "updatedAt", "worker"];
+const LIVE_FIELDS = ["status", "progress", "message", "attempt", "stalled", "error", "startedAt", "finishedAt", "updatedAt", "worker", "waitingFor"];
+
+/** What a job's message cell says: the error of a failed job, what a queued one waits for. */
+export function jobMessage(job) {
+  if (job.status === "failed" && job.error) return job.error;
+  const msg = job.message || "";
+  if (job.status === "queued" && job.waitingFor && !msg.includes(job.waitingFor)) return msg ? `${msg}; ${job.waitingFor}` : job.waitingFor;
+  return msg || (job.status === "queued" ? "Queued" : "");
+}
 
 /** The REST document `doc`, keeping the live fields of `known` where live events got further. */
 export function newer(doc, known) {
@@ -26,7 +34,10 @@ export function mergeUpdate(job, ev) {
   if (ev.status === "running" && (!job.startedAt || !same)) job.startedAt = ev.timestamp;
   job.status = ev.status;
   job.attempt = ev.attempt ?? job.attempt;
+  // A message that only said what the job waited for goes when the wait is over.
+  if (job.waitingFor && job.message === job.waitingFor && !ev.waitingFor) job.message = ev.message ?? null;
   if (ev.message !== undefined && ev.message !== null) job.message = ev.message;
+  job.waitingFor = ev.status === "queued" ? ev.waitingFor ?? null : null;
   job.stalled = Boolean(ev.stalled);
   if (ev.error) job.error = ev.error;
   job.updatedAt = Math.max(job.updatedAt || 0, ev.timestamp || 0);
@@ -87,7 +98,7 @@ export class JobsTable {
     bar.setAttribute("aria-valuenow", String(p));
     bar.firstChild.style.width = `${p}%`;
     tr.querySelector(".pct").textContent = `${p} %`;
-    const msg = job.status === "failed" && job.error ? job.error : job.message || (job.status === "queued" ? "Queued" : "");
+    const msg = jobMessage(job);
     const m = tr.querySelector(".msg");
     m.textContent = msg;
     m.title = msg;
