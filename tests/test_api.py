@@ -1036,3 +1036,29 @@ def test_ws_origin_of_the_server_itself_is_admitted(api: TestClient) -> None:
         api.websocket_connect("/ws/training", headers={**headers, "origin": "http://evil.example:8080"}) as ws,
     ):
         ws.receive_json()
+
+
+def test_an_artifact_deleted_between_lookup_and_send_is_a_404(api: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download route opens the file before it answers: a file that goes (its job pruned)
+    after the lookup found it is a 404 naming ``name``, not a 500 from a send that cannot open it."""
+    from mangwale_cli import artifacts
+
+    job = create_job(api, {"steps": 1, "stepMs": 1})
+    wait_status(api, job["id"], "succeeded")
+    folder = api.app.state.service.store.artifact_dir(job["id"])  # type: ignore[attr-defined]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.txt").write_text("accuracy 1.0\n")
+    names = [a["name"] for a in api.get(f"/training/jobs/{job['id']}/artifacts").json()]
+    assert names == ["report.txt"]
+    r = api.get(f"/training/jobs/{job['id']}/artifacts/{names[0]}")
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content) > 0
+    find = artifacts.find
+
+    def find_then_lose(root: Any, name: str) -> Any:
+        found = find(root, name)
+        if found is not None:
+            found.path.unlink()
+        return found
+
+    monkeypatch.setattr(artifacts, "find", find_then_lose)
+    assert_error(api.get(f"/training/jobs/{job['id']}/artifacts/{names[0]}"), 404, "name", "unknown_artifact")

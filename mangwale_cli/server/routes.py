@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.routing import APIRoute
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, Response, StreamingResponse
 
 from .. import wire
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from ..service import Service
 from ..store.base import Cursor
 from ..wire import DatasetCreate, DatasetPatch, JobCreate, JobStatus
@@ -299,7 +302,25 @@ async def get_job_artifact(request: Request, job_id: str, name: str) -> Response
         if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
             return Response(status_code=304, headers={"etag": etag})
         headers["etag"] = etag
-    return FileResponse(found.path, media_type="application/octet-stream", filename=found.name, headers=headers)
+    # Opened here, not when the body is sent: a file deleted meanwhile (its job pruned) is a
+    # 404 now, and one deleted while it streams is still read whole through this descriptor.
+    try:
+        f = await asyncio.to_thread(open, found.path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"job {job_id} has no artifact {name!r} any more", field="name", code="unknown_artifact") from None
+    size = os.fstat(f.fileno()).st_size
+    quoted = quote(found.name)
+    disposition = f"attachment; filename*=utf-8''{quoted}" if quoted != found.name else f'attachment; filename="{found.name}"'
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while chunk := await asyncio.to_thread(f.read, 1 << 20):
+                yield chunk
+        finally:
+            f.close()
+
+    headers |= {"content-length": str(size), "content-disposition": disposition}
+    return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
 
 @router.put(
