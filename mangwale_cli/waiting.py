@@ -20,13 +20,15 @@ import logging
 from collections.abc import Callable
 
 from . import routing, wire
-from .errors import StaleWrite
-from .store.base import Expect, Store
+from .errors import MangwaleError, StaleWrite
+from .store.base import Cursor, Expect, Store
 from .wire import Job, JobStatus, now_ms
 
 log = logging.getLogger(__name__)
 
 Taker = tuple[frozenset[str], frozenset[str]]  # (labels, kinds)
+
+PAGE = 500  # queued jobs read per step of a pass
 
 TAKERS_META = "takers"  # shared store: instance -> {"takers": [[labels, kinds], ...], "seen": ms}
 
@@ -40,6 +42,7 @@ class Waiting:
         self.own = own  # this instance's takers: its runner (if it runs jobs) and its live workers
         self.stale_after = stale_after  # seconds: another instance's entry older than this is gone
         self._lock = asyncio.Lock()
+        self._last: frozenset[Taker] | None = None  # the takers the last complete pass answered for
 
     async def takers(self) -> list[Taker]:
         """Every live taker this instance knows of: its own, and (shared store) the others'."""
@@ -71,23 +74,54 @@ class Waiting:
         """What ``job`` waits for, were it queued now (None: some live taker can run it)."""
         return routing.waiting_for(job, await self.takers())
 
+    async def answer(self, job: Job) -> str | None:
+        """``waiting_for`` of a job being written now (re-queued). When the takers cannot be
+        read (the store is away), None, and the next pass reads the whole queue again."""
+        try:
+            return await self.waiting_for(job)
+        except MangwaleError:
+            self._last = None
+            return None
+
     async def refresh(self, *, publish: bool = False) -> None:
-        """Write the queued jobs whose ``waitingFor`` changed (each with its ``training_update``)."""
+        """Write the queued jobs whose ``waitingFor`` changed (each with its ``training_update``).
+
+        A queued job's answer changes only when the takers do: a job created or re-queued gets
+        its answer as it is written (``Service.create_job``, ``WorkerHub._requeue``). So with
+        the same takers as at the last pass this reads nothing (the hub's sweep calls it every
+        few seconds, and a queue of 65,000 jobs read each time held the loop for half a second:
+        POST p99 261 ms in bench/rest.py). A pass reads the queue a page at a time, giving the
+        loop back between pages."""
         async with self._lock:
             if publish:
                 await self.publish()
             takers = await self.takers()
-            for job in await self.store.list_jobs(statuses=[JobStatus.QUEUED]):
-                now = routing.waiting_for(job, takers)
-                if now == job.waiting_for:
-                    continue
-                if job.message is None or job.message == job.waiting_for:
-                    job.message = now  # the message said what it waited for: say the new answer
-                job.waiting_for = now
-                job.updated_at = now_ms()
-                try:
-                    await self.store.write_job(job, wire.training_update(job),
-                                               expect=Expect(attempt=job.attempt, statuses=frozenset({"queued"})))  # fmt: skip
-                except StaleWrite:
-                    continue  # it started (or ended) meanwhile: nothing waits any more
-                log.info("job %s: %s", job.id, now or "a taker that can run it is live")
+            seen = frozenset(takers)
+            if seen == self._last:
+                return
+            after: Cursor | None = None
+            while True:
+                page = await self.store.list_jobs(statuses=[JobStatus.QUEUED], limit=PAGE, after=after)
+                for job in page:
+                    await self._settle(job, takers)
+                if len(page) < PAGE:
+                    break
+                after = Cursor(page[-1].created_at, page[-1].id)
+                await asyncio.sleep(0)
+            self._last = seen
+
+    async def _settle(self, job: Job, takers: list[Taker]) -> None:
+        """Write ``job`` if what it waits for is not what it says."""
+        now = routing.waiting_for(job, takers)
+        if now == job.waiting_for:
+            return
+        if job.message is None or job.message == job.waiting_for:
+            job.message = now  # the message said what it waited for: say the new answer
+        job.waiting_for = now
+        job.updated_at = now_ms()
+        try:
+            await self.store.write_job(job, wire.training_update(job),
+                                       expect=Expect(attempt=job.attempt, statuses=frozenset({"queued"})))  # fmt: skip
+        except StaleWrite:
+            return  # it started (or ended) meanwhile: nothing waits any more
+        log.info("job %s: %s", job.id, now or "a taker that can run it is live")

@@ -626,6 +626,7 @@ class WorkerHub:
         else:
             job.status = JobStatus.QUEUED
             job.message = message
+            job.waiting_for = await self.waiting.answer(job)  # the sweep's pass skips it while the takers stay
         job.updated_at = now_ms()
         job.lease = None
         job.stalled = False

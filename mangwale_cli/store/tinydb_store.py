@@ -658,8 +658,11 @@ class TinyDBStore(Store):
             assert stored is not None
             job.job_seq = int(stored.get("jobSeq") or 0) + (1 if event is not None else 0)
             doc = job.to_dict()
-            changed = {k: v for k, v in doc.items() if k not in stored or stored[k] != v}
-            return Staged([["set", JOBS, job.id, changed], *extra], event, job.id if event is not None else None,
+            if any(k not in doc for k in stored):  # a field went away (waitingFor): the whole document
+                op = ["put", JOBS, job.id, doc]
+            else:  # the fields that changed: a progress report logs a few bytes, not the record
+                op = ["set", JOBS, job.id, {k: v for k, v in doc.items() if k not in stored or stored[k] != v}]
+            return Staged([op, *extra], event, job.id if event is not None else None,
                           job.job_seq if event is not None else None, Job.from_dict(doc))  # fmt: skip
 
         return stage
