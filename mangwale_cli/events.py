@@ -11,10 +11,10 @@ neither delay the others nor grow memory without bound.
 ``subscribe`` computes the replay and registers the subscriber in one synchronous step, so
 there is no gap and no duplicate between replayed and live events (see docs/protocol.md).
 
-A batch goes to at most ``FANOUT_SLICE`` subscribers per event-loop callback. With more
-subscribers, the rest of the round runs in later callbacks, so requests and other connections
-are served between slices (1,000 watchers written in one callback held the loop 10-50 ms, the
-worst loop lag under load: bench/history.py). Batches committed while a round is under way
+A batch goes to subscribers for at most ``FANOUT_BUDGET`` seconds per event-loop callback; the
+rest of the round runs in later callbacks, so requests and other connections are served between
+slices (1,000 watchers written in one callback held the loop 10-50 ms, the worst loop lag under
+load: bench/history.py; slices of 256 watchers still took up to 15 ms when batches were large). Batches committed while a round is under way
 wait for it and then go out together, as one batch (fewer, larger writes when the loop is
 busy). Each subscriber still gets every record once and in seq order: rounds never overlap,
 and a subscriber that joined while records were waiting skips those its replay (or its live
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,8 @@ from .eventlog import EventRing, Notice, Record
 
 log = logging.getLogger(__name__)
 
-FANOUT_SLICE = 256  # subscribers handed a batch per event-loop callback
+FANOUT_STEP = 64  # subscribers handed a batch between two looks at the clock
+FANOUT_BUDGET = 0.002  # seconds of handing out per event-loop callback, then the rest later
 
 class Subscriber:
     """A consumer of live events with a bounded buffer."""
@@ -162,7 +164,7 @@ class EventBus:
             return
         if self._round is not None:
             self._waiting.extend(batch)
-        elif len(self.subscribers) <= FANOUT_SLICE:
+        elif len(self.subscribers) <= FANOUT_STEP:
             for sub in self.subscribers:
                 sub.offer_batch(batch)
         else:
@@ -171,19 +173,23 @@ class EventBus:
             listener(batch)
 
     def _fan_out(self, batch: list[Record], subs: list[Subscriber], start: int, *, at_once: bool = False) -> None:
-        """A round from ``start``: one slice, the rest in later callbacks (all now with
-        ``at_once``); then, in a later callback, what was committed meanwhile as the next round."""
+        """A round from ``start`` for ``FANOUT_BUDGET`` seconds, the rest in later callbacks (all
+        now with ``at_once``); then, in a later callback, what was committed meanwhile."""
+        clock = time.perf_counter
         while True:
-            end = start + FANOUT_SLICE
-            for sub in subs[start:end]:
-                sub.offer_batch(batch)
-            if end < len(subs):
-                start = end
-            elif self._waiting:
+            stop = clock() + FANOUT_BUDGET
+            end = len(subs)
+            while start < end:
+                for sub in subs[start : start + FANOUT_STEP]:
+                    sub.offer_batch(batch)
+                start += FANOUT_STEP
+                if not at_once and clock() >= stop:
+                    break
+            if start >= end:
+                if not self._waiting:
+                    self._round = self._next = None
+                    return
                 batch, self._waiting, subs, start = self._waiting, [], list(self.subscribers), 0
-            else:
-                self._round = self._next = None
-                return
             if not at_once:
                 self._next = (batch, subs, start)
                 self._round = asyncio.get_running_loop().call_soon(self._resume)

@@ -179,13 +179,15 @@ def test_slow_subscriber_is_dropped_without_holding_back_others() -> None:
 
 
 def test_a_fan_out_in_slices_gives_every_subscriber_each_event_once_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past FANOUT_SLICE subscribers a batch goes out one slice per loop callback; batches
-    committed meanwhile wait and go out together after it. Subscribers that join while records
+    """Past FANOUT_STEP subscribers a batch goes out one slice per loop callback (here a step:
+    the time budget is spent at once); batches committed meanwhile wait and go out together
+    after it. Subscribers that join while records
     wait get them by replay (since=) or not at all (live only), never twice; one that leaves
     mid-round gets nothing more; stop() finishes a round under way first."""
     from mangwale_cli import events
 
-    monkeypatch.setattr(events, "FANOUT_SLICE", 2)
+    monkeypatch.setattr(events, "FANOUT_STEP", 2)
+    monkeypatch.setattr(events, "FANOUT_BUDGET", 0.0)
 
     async def main() -> None:
         feed = Feed()

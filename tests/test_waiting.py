@@ -80,7 +80,7 @@ def test_a_cleared_wait_stays_cleared_after_a_restart(tmp_path: Path) -> None:
     async def main() -> None:
         async with opened(tmp_path) as store:
             await store.create_job(job)
-            board = Waiting(store, "a", lambda: [], stale_after=5)
+            board = Waiting(store, "a", list, stale_after=5)
             await board.refresh()
             assert (await store.get_job(job.id)).waiting_for == "waiting for a worker with labels gpu"
             board.own = lambda: [GPU]
