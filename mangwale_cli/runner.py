@@ -167,8 +167,9 @@ class _Reporter:
             lines = ("metrics", [point])
         self.runner.write(self.outbox, job, wire.training_update(job, metrics=metrics, eta=eta), self.expect, lines=lines)
 
-    async def log(self, stream: str, line: str) -> None:
-        """A log line from the trainer: a line in the job's logs and its ``job_log`` event."""
+    async def log(self, stream: str, line: str, report: int | None = None) -> None:
+        """A log line from the trainer: a line in the job's logs and its ``job_log`` event
+        (``report``: the remote worker's report number, kept with the line)."""
         self.last_report = time.monotonic()
         limit = self.runner.log_lines_per_job
         if self.lines >= limit:
@@ -178,6 +179,8 @@ class _Reporter:
         text = line[:MAX_LINE]
         event = wire.job_log(self.job.id, stream, text, self.lines, self.job.attempt)
         entry = {"lineNo": self.lines, "stream": stream, "line": text, "attempt": self.job.attempt, "timestamp": event["timestamp"]}
+        if report is not None:
+            entry["report"] = report
         if self.lines == limit:
             entry["note"] = f"log limit of {limit} lines reached; later lines are dropped"
         store, job_id, expect = self.runner.store, self.job.id, self.expect

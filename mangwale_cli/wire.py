@@ -406,6 +406,10 @@ class Job:
     labels: list[str] = field(default_factory=list)  # a taker must have every one of them
     worker: str | None = None  # name of the remote worker of the current or last attempt
     waiting_for: str | None = None  # queued, and no live taker can run it: what it waits for (waiting.py)
+    # [attempt, n]: the newest report of a remote worker written into this record, so an
+    # instance that gets it again (the worker moved, or the server restarted before its ack)
+    # acknowledges it without writing it twice (workers.py).
+    report: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -435,6 +439,8 @@ class Job:
             out["worker"] = self.worker
         if self.waiting_for is not None and self.status is JobStatus.QUEUED:
             out["waitingFor"] = self.waiting_for
+        if self.report is not None:
+            out["workerReport"] = self.report
         return out
 
     @classmethod
@@ -461,6 +467,7 @@ class Job:
             labels=list(d.get("labels") or []),
             worker=d.get("worker"),
             waiting_for=d.get("waitingFor") if d.get("status", "queued") == "queued" else None,
+            report=d.get("workerReport"),
         )
 
 
@@ -538,6 +545,9 @@ class JobOut(BaseModel):
     worker: str | None = Field(None, description="name of the remote worker of the current or last attempt")
     waitingFor: str | None = Field(
         None, description="a queued job no live taker can run: what it waits for (\"waiting for a worker with labels gpu\")"
+    )
+    workerReport: list[int] | None = Field(
+        None, description="[attempt, n]: the newest report of a remote worker written into the record"
     )
 
 

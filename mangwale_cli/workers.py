@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import routing, wire
+from . import faults, routing, wire
 from .errors import MangwaleError, NotFound, StaleWrite, Unauthorized
 from .store.base import Expect, Store
 from .waiting import Waiting
@@ -441,9 +441,16 @@ class WorkerHub:
         from .runner import _Outbox, _Reporter
 
         outbox = _Outbox(self.runner, job, lambda why: None)
-        lines = await self.runner._count(job.id, "logs", "lineNo")
+        logged = await self.store.read_job_lines(job.id, "logs")
+        lines = max((int(e.get("lineNo", 0)) for e in logged), default=0)
         points = await self.runner._count(job.id, "metrics", "pointNo")
         rem = _Remote(job, holder, token, _Reporter(self.runner, job, outbox, lines, points), outbox)
+        # The newest report any instance wrote for this attempt: a report resent after a move or
+        # a restart (its ack never arrived) is acknowledged again, not written twice.
+        done = [int(e.get("report", 0)) for e in logged if e.get("attempt") == job.attempt]
+        if job.report is not None and job.report[0] == job.attempt:
+            done.append(job.report[1])
+        rem.applied = max(done, default=0)
         self._remotes[job_id] = rem
         return rem
 
@@ -471,18 +478,20 @@ class WorkerHub:
         if msg.n <= rem.applied:
             return wire.worker_ack(msg.jobId, msg.n)  # delivered again after a reconnect
         try:
+            rem.job.report = [rem.job.attempt, msg.n]  # written with the report, in the same record
             if msg.what == "progress":
                 await rem.reporter.progress(rem.job.progress if msg.progress is None else msg.progress, msg.message,
                                             metrics=msg.metrics, eta=msg.eta)  # fmt: skip
                 await rem.outbox.flush()
             elif msg.what == "log":
-                await rem.reporter.log(msg.stream or "stdout", msg.line or "")
+                await rem.reporter.log(msg.stream or "stdout", msg.line or "", report=msg.n)
                 await rem.outbox.flush()
             else:
                 await rem.outbox.flush()
                 await self._finish(rem, msg)
         except (LeaseLost, StaleWrite) as exc:
             return self._not_held(worker, msg.jobId, msg.token, msg.n, str(exc))
+        faults.point("worker-report-written")  # written, not yet acknowledged
         rem.applied = msg.n
         if msg.what == "finish":
             worker.running.pop(msg.jobId, None)

@@ -404,6 +404,44 @@ def test_a_server_restart_does_not_stop_remote_training(only_serves: ServerProce
     assert pids.read_text().split() == [str(pid)]  # the one trainer ran throughout
 
 
+LOGGING_TRAINER = """\
+import json, os, time
+steps = int(os.environ.get("STEPS", "40"))
+for i in range(1, steps + 1):
+    time.sleep(0.05)
+    print(f"working on step {i}", flush=True)
+    print(json.dumps({"progress": 100 * i / steps, "message": f"step {i}/{steps}"}), flush=True)
+"""
+
+
+def test_a_report_resent_after_a_restart_is_written_once(server_factory: Callable[..., ServerProcess],
+                                                         workers: Callable[..., WorkerProcess], tmp_path: Path) -> None:  # fmt: skip
+    """The server dies (kill -9, a crash point) right after writing a worker's report and before
+    acknowledging it. The worker sends that report again to the restarted server, which knows it
+    from the job record (or the log line) and acknowledges it without writing it twice: every
+    progress update and every log line of the job is there once."""
+    server = server_factory(env={**FAST, "MANGWALE_RUNNER_LEASE": "8", "MANGWALE_FAULT": "worker-report-written:12"},
+                            args=["--concurrency", "0"])  # fmt: skip
+    script = tmp_path / "train.py"
+    script.write_text(LOGGING_TRAINER)
+    config = tmp_path / "worker.toml"
+    config.write_text(f"[trainers.steps]\ncommand = [{json.dumps(sys.executable)}, {json.dumps(str(script))}]\n"
+                      "requires_dataset = false\nenv = { STEPS = \"30\" }\n")  # fmt: skip
+    workers(server.url, "--config", str(config))
+    j = create(server.url, "steps")
+    assert server.proc is not None
+    assert server.proc.wait(30) == -9  # the 12th report was written, its ack never sent
+    del server.env["MANGWALE_FAULT"]
+    server.start()
+    done = wait_status(server.url, j["id"], "succeeded", "failed", timeout=60)
+    assert done["status"] == "succeeded" and done["attempt"] == 1, done
+    steps = [e["message"] for e in events(server.url, j["id"]) if e["type"] == "training_update" and e["status"] == "running"
+             and e.get("message", "").startswith("step ")]  # fmt: skip
+    assert steps == [f"step {i}/30" for i in range(1, 31)], steps
+    lines = [e["line"] for e in httpx.get(f"{server.url}/training/jobs/{j['id']}/logs", timeout=10).json()]
+    assert lines == [f"working on step {i}" for i in range(1, 31)], lines
+
+
 # --- the worker scope ------------------------------------------------------------------------------
 
 
