@@ -68,6 +68,10 @@ class LocalQueue:
     async def done(self, lease: Lease) -> None:
         pass
 
+    async def forget(self, job_id: str) -> bool:
+        """Nothing to delete: the runner skips a job it finds taken."""
+        return False
+
     async def requeue(self, lease: Lease) -> None:
         """The job goes back for the next start (it is ``queued`` in the store)."""
 
@@ -92,11 +96,36 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
 """
 _RENEW = _OWNED + "redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')\nreturn 1"
-_DONE = _OWNED + "redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])\nredis.call('XDEL', KEYS[1], ARGV[3])\nreturn 1"
-_REQUEUE = _OWNED + (
-    "redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])\nredis.call('XDEL', KEYS[1], ARGV[3])\n"
-    "redis.call('XADD', KEYS[1], '*', 'job', ARGV[4])\nreturn 1"
+# Every entry is listed under its job in KEYS[1] .. ENTRIES_SUFFIX (job id -> entry id), so an
+# entry nobody read can be deleted when its job no longer needs it (``forget``). An entry is
+# unlisted only by the script that deletes it, and only if it is still the one listed.
+_UNLIST = (
+    f"if redis.call('HGET', KEYS[1] .. '{redis_keys.ENTRIES_SUFFIX}', ARGV[4]) == ARGV[3] then\n"
+    f"  redis.call('HDEL', KEYS[1] .. '{redis_keys.ENTRIES_SUFFIX}', ARGV[4])\nend\n"
 )
+# ARGV: group, consumer, entry id, job id
+_DONE = _OWNED + "redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])\nredis.call('XDEL', KEYS[1], ARGV[3])\n" + _UNLIST + "return 1"
+_REQUEUE = _OWNED + (
+    "redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])\nredis.call('XDEL', KEYS[1], ARGV[3])\n" + _UNLIST
+    + f"redis.call('HSET', KEYS[1] .. '{redis_keys.ENTRIES_SUFFIX}', ARGV[4], redis.call('XADD', KEYS[1], '*', 'job', ARGV[4]))\n"
+    "return 1"
+)
+# KEYS: queue. ARGV: job id.
+_PUT = (
+    f"local e = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])\n"
+    f"redis.call('HSET', KEYS[1] .. '{redis_keys.ENTRIES_SUFFIX}', ARGV[1], e)\nreturn e"
+)
+# KEYS: queue. ARGV: group, job id. Delete the job's entry if no instance has read it (one that
+# was read is the reader's: it finds the job taken and removes the entry itself). 1 if deleted.
+_FORGET = f"""
+local entries = KEYS[1] .. '{redis_keys.ENTRIES_SUFFIX}'
+local e = redis.call('HGET', entries, ARGV[2])
+if not e then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], e, e, 1) > 0 then return 0 end
+redis.call('XDEL', KEYS[1], e)
+redis.call('HDEL', entries, ARGV[2])
+return 1
+"""
 
 
 class RedisQueue:
@@ -130,6 +159,8 @@ class RedisQueue:
         self._renew = redis.register_script(_RENEW)
         self._done = redis.register_script(_DONE)
         self._requeue = redis.register_script(_REQUEUE)
+        self._put = redis.register_script(_PUT)
+        self._forget = redis.register_script(_FORGET)
         self._failing = False
         self.depth = 0  # entries never delivered, as of the last look
 
@@ -160,7 +191,17 @@ class RedisQueue:
                 raise
 
     async def put(self, job_id: str) -> None:
-        await self.r.xadd(self.k.queue, {"job": job_id})
+        await self._put(keys=[self.k.queue], args=[job_id])
+
+    async def forget(self, job_id: str) -> bool:
+        """The job no longer needs its entry (a remote worker started it): delete it, unless an
+        instance has read it already. True if deleted. Never raises: an entry left behind is
+        removed by the next runner that reads it (the job is taken)."""
+        try:
+            return bool(await self._forget(keys=[self.k.queue], args=[redis_keys.WORKERS_GROUP, job_id]))
+        except (RedisError, OSError) as exc:  # NOGROUP (Redis lost its data) too
+            log.warning("job queue: could not delete the entry of %s (%s)", job_id, exc)
+            return False
 
     async def take(self) -> Lease:
         """Wait for a job: a stale entry of a dead instance first, else a new one."""
@@ -216,10 +257,10 @@ class RedisQueue:
                 return Lease(fields[b"job"].decode(), entry_id, 1)
         return None
 
-    async def _owned(self, script: AsyncScript, lease: Lease, *extra: str) -> bool:
+    async def _owned(self, script: AsyncScript, lease: Lease) -> bool:
         if lease.entry is None:
             return False
-        ok = await script(keys=[self.k.queue], args=[redis_keys.WORKERS_GROUP, self.consumer, lease.entry, *extra])
+        ok = await script(keys=[self.k.queue], args=[redis_keys.WORKERS_GROUP, self.consumer, lease.entry, lease.job_id])
         return bool(ok)
 
     async def done(self, lease: Lease) -> None:
@@ -232,7 +273,7 @@ class RedisQueue:
         """Hand the job back at once (graceful shutdown), not after the lease runs out."""
         self.held.pop(lease.entry or b"", None)
         if not lease.lost.is_set():
-            await self._owned(self._requeue, lease, lease.job_id)
+            await self._owned(self._requeue, lease)
 
     def release(self, lease: Lease) -> None:
         """Stop renewing: once the lease runs out, an instance takes the job again."""
@@ -257,12 +298,13 @@ class RedisQueue:
                     lease.lost.set()
 
     async def _undelivered(self) -> int:
-        info = await self.r.xinfo_groups(self.k.queue)
-        for g in info:
-            if g.get("name") in (redis_keys.WORKERS_GROUP, redis_keys.WORKERS_GROUP.encode()):
-                lag = g.get("lag")
-                return int(lag) if lag is not None else 0
-        return 0
+        """Entries in the stream that no instance holds: all of them but the pending ones (the
+        group's ``lag`` is unknown to Redis once an entry nobody read was deleted: ``forget``)."""
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.k.queue)
+            pipe.xpending(self.k.queue, redis_keys.WORKERS_GROUP)
+            length, pending = await pipe.execute()
+        return max(0, int(length) - int(pending.get("pending") or 0))
 
     async def request_cancel(self, job_id: str) -> None:
         await self.r.set(self.k.cancel(job_id), b"1", ex=CANCEL_TTL)

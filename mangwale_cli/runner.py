@@ -450,7 +450,9 @@ class Runner:
 
     async def _cancel_queued(self, job: Job) -> Job:
         expect = Expect(attempt=job.attempt, statuses=frozenset({"queued"}))
-        return await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started", expect=expect)
+        done = await self._finish(job, JobStatus.CANCELLED, "Cancelled before it started", expect=expect)
+        await self.queue.forget(job.id)  # its entry, if nobody read it (a reader would skip it)
+        return done
 
     async def _cancel_shared(self, job: Job) -> Job:
         """Cancel a job this instance does not run: it may be queued, or running elsewhere."""

@@ -415,6 +415,9 @@ class WorkerHub:
         job.worker = worker.name
         if not await self.store.begin_attempt(job, previous, wire.training_update(job)):
             return  # another taker started it first, or it was cancelled
+        # A shared queue's entry for the job, unless a runner read it (that runner finds the job
+        # taken and removes it): with every instance at --concurrency 0, nobody else would.
+        await self.runner.queue.forget(job.id)
         stored = await self.store.get_job(job.id) or job
         worker.running[job.id] = job.attempt
         log.info("job %s (%s) offered to worker %s (%s), attempt %d", job.id, job.kind, worker.id, worker.name, job.attempt)

@@ -533,6 +533,35 @@ def test_redis_killing_the_instance_that_handed_the_job_out(server_factory: Call
     assert job(b.url, stuck["id"])["status"] == "queued"
 
 
+def test_redis_queue_entries_go_when_only_workers_run_jobs(server_factory: Callable[..., ServerProcess],
+                                                          redis_server: Any, workers: Callable[..., WorkerProcess],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """Every instance at --concurrency 0 on Redis: no runner ever reads the job queue. The entry of
+    each job a worker starts, and of a job cancelled while queued, is deleted as it goes, so the
+    stream, its index and the queue depth do not grow with every job ever created; the entry of
+    a job still waiting for a taker stays."""
+    import redis
+
+    a = server_factory(data_dir=tmp_path / "a", env=FAST, args=["--store", redis_server.url, "--concurrency", "0"])
+    config, _ = trainer_config(tmp_path, steps=2)
+    workers(a.url, "--config", str(config))
+    ran = [create(a.url, "steps")["id"] for _ in range(4)]
+    for job_id in ran:
+        assert wait_status(a.url, job_id, "succeeded", "failed")["status"] == "succeeded"
+    cancelled = create(a.url, "steps", labels=["tpu"])
+    assert httpx.post(f"{a.url}/training/jobs/{cancelled['id']}/cancel", timeout=10).json()["status"] == "cancelled"
+    waiting = create(a.url, "steps", labels=["tpu"])
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        assert r.xlen("mangwale:queue") == 1
+        assert r.hgetall("mangwale:queue:entries").keys() == {waiting["id"].encode()}
+    finally:
+        r.close()
+    metrics = httpx.get(f"{a.url}/metrics", timeout=10).text
+    wait_for(lambda: "mangwale_runner_queue_jobs 1.0" in httpx.get(f"{a.url}/metrics", timeout=10).text, 10,
+             what=f"the queue gauge to say 1: {[m for m in metrics.splitlines() if 'queue' in m]}")  # fmt: skip
+
+
 def test_dashboard_has_a_workers_panel(api: Any) -> None:
     """The dashboard ships a workers panel that reads GET /workers; with no worker the list is empty."""
     assert 'id="workers-card"' in api.get("/").text

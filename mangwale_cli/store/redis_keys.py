@@ -29,6 +29,8 @@ The record (``RedisStore``; each change is one Lua script, ``redis_scripts``)::
 The job queue (``jobqueue.RedisQueue``)::
 
     queue                stream  runnable job ids, read by the consumer group ``WORKERS_GROUP``
+    queue:entries        hash    job id -> its entry in ``queue``: an entry nobody read is deleted
+                                 when a remote worker starts the job (``RedisQueue.forget``)
     cancel:{id}          string  a cancel request for a job, seen by whoever takes it next
     cancel               channel job ids to cancel, for the instance running them now
 
@@ -54,6 +56,7 @@ from dataclasses import dataclass
 from ..wire import JobStatus
 
 DEFAULT_PREFIX = "mangwale:"
+ENTRIES_SUFFIX = ":entries"  # the queue's key + this: job id -> stream entry id
 WORKERS_GROUP = "workers"  # the queue's consumer group: a name inside ``queue``, not a key
 #: a field of ``artifact:{job}`` that no relative file name can be: the digest of the set
 ARTIFACT_DIGEST_FIELD = "/digest"

@@ -144,7 +144,9 @@ if KEYS[10] then
   redis.call('HSET', KEYS[10], 'jobId', id, 'fingerprint', ARGV[9])
   redis.call('PEXPIRE', KEYS[10], ARGV[11])
 end
-if ARGV[8] == '1' then redis.call('XADD', KEYS[9], '*', 'job', id) end
+if ARGV[8] == '1' then
+  redis.call('HSET', KEYS[9] .. ':entries', id, redis.call('XADD', KEYS[9], '*', 'job', id))
+end
 return finish({'created'})
 """
 
@@ -208,7 +210,7 @@ redis.call('RPUSH', KEYS[7], ARGV[4])
 return finish({'ok'})
 """
 
-# Finished jobs and their lines, leases and artifacts, with one job_deleted
+# Finished jobs and their lines, leases, artifacts and queue entries, with one job_deleted
 # naming them. Reply: the ids deleted (none: nothing written, no event).
 # KEYS: 1-4 (PRELUDE), jobs, status indexes (STATUSES)
 # ARGV: 1-2 (PRELUDE), key prefix, event text before the ids, after the ids, then per job:
@@ -236,6 +238,11 @@ for _, id in ipairs(gone) do
   redis.call('ZREM', KEYS[5], id)
   redis.call('DEL', prefix .. 'job:' .. id, prefix .. 'lease:' .. id,
     prefix .. 'lines:' .. id .. ':logs', prefix .. 'lines:' .. id .. ':metrics', prefix .. 'artifact:' .. id)
+  local entry = redis.call('HGET', prefix .. 'queue:entries', id)
+  if entry then  -- the queue entry of a finished job nobody read (jobqueue.RedisQueue.forget)
+    redis.call('HDEL', prefix .. 'queue:entries', id)
+    redis.call('XDEL', prefix .. 'queue', entry)
+  end
 end
 return finish(gone)
 """
