@@ -360,8 +360,12 @@ class WorkerHub:
         self._wake.set()
 
     def _on_events(self, batch: list[Any]) -> None:
+        """Wake the dispatcher for an event that may make a job runnable or a worker free: a
+        create, a re-queue, an end. Not for a running job's progress, which changes neither
+        (each pass reads the whole queue; progress comes many times a second). A wake missed
+        here is only a pass later: the dispatcher also runs every ``lease / 3`` s."""
         for rec in batch:
-            if not rec.is_log and rec.job_id:
+            if not rec.is_log and rec.job_id and _RUNNING not in rec.text:
                 self._wake.set()
                 return
 
@@ -655,6 +659,9 @@ class WorkerHub:
             if self.runner.queue.shared or self.local_takes(job):
                 await self.runner.queue.put(job.id)  # for a runner that can take it
             self._wake.set()
+
+
+_RUNNING = '"status":"running"'  # in a training_update's compact JSON (wire.dumps): a job that runs
 
 
 def call_soon(fn: Callable[[], Coroutine[Any, Any, Any]], keep: set[asyncio.Task[Any]]) -> None:

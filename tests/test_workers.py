@@ -562,6 +562,29 @@ def test_redis_queue_entries_go_when_only_workers_run_jobs(server_factory: Calla
              what=f"the queue gauge to say 1: {[m for m in metrics.splitlines() if 'queue' in m]}")  # fmt: skip
 
 
+def test_the_dispatcher_wakes_for_creates_requeues_and_ends_not_progress() -> None:
+    """Each dispatch pass reads the whole queue, so a running job's progress (many a second) must
+    not wake it; a create, a re-queue or an end must."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mangwale_cli.eventlog import Record
+    from mangwale_cli.wire import Job, JobStatus, dumps, job_created, job_log, training_update
+    from mangwale_cli.workers import WorkerHub
+
+    def woken(event: dict[str, Any], is_log: bool = False) -> bool:
+        hub = SimpleNamespace(_wake=asyncio.Event())
+        WorkerHub._on_events(hub, [Record(1, "job-1", None if is_log else 1, dumps(event), is_log)])  # type: ignore[arg-type]
+        return hub._wake.is_set()
+
+    job = Job(id="job-1", kind="simulate", dataset_id=None, message='said "status":"queued"')
+    assert woken(job_created(job))
+    for status in JobStatus:
+        job.status = status
+        assert woken(training_update(job)) is (status is not JobStatus.RUNNING), status
+    assert not woken(job_log("job-1", "stdout", "x", 1, 1), is_log=True)
+
+
 def test_dashboard_has_a_workers_panel(api: Any) -> None:
     """The dashboard ships a workers panel that reads GET /workers; with no worker the list is empty."""
     assert 'id="workers-card"' in api.get("/").text
