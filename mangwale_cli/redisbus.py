@@ -252,6 +252,16 @@ class RedisEventBus(EventBus):
             await asyncio.sleep(0.05)
         if not self._reader_ok:
             raise Unavailable(f"the event stream at {self.url} is unreachable; try again", code="store_unavailable")
+        if since is not None:
+            # A replay is computed from this instance's copy, which may be behind the shared
+            # stream (a busy instance): a job created on another instance a moment ago would be
+            # missing from it, and its history reported trimmed. So first read up to what was
+            # committed before the request came: the shared seq, now.
+            try:
+                since = max(since, int(await self.r.get(self.k.seq) or 0))
+            except (RedisError, OSError) as exc:
+                raise Unavailable(f"the event stream at {self.url} is unreachable ({exc}); try again",
+                                  code="store_unavailable") from None  # fmt: skip
         while since is not None and since > self.log.head and loop.time() < end:
             try:
                 async with asyncio.timeout(end - loop.time()):  # not wait_for: see redis_store

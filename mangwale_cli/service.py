@@ -554,6 +554,7 @@ class Service:
         """The texts of the job's kept events with ``seq > since``, oldest first."""
         await self.get_job(job_id)
         assert self.bus is not None
+        await self.bus.catch_up(since)  # a shared stream: this instance's copy holds what the job has
         return await self.bus.texts(self.bus.history(since, {job_id}))
 
     async def job_logs(self, job_id: str, since: int = 0) -> list[dict[str, Any]]:
