@@ -213,3 +213,29 @@ def test_usage_lines_use_upper_case_metavars(path: list[str]) -> None:
     assert "{" not in usage, usage
     assert not re.search(r"\{[A-Za-z_]+\}", text), text
     assert not re.search(r"<(str|int|float|path|int range|float range)>", text), text
+
+
+def test_jobs_show_of_a_requeued_job_names_its_last_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-queued job keeps its last attempt's start and worker: `jobs show` says they are the
+    last attempt's and counts no duration while the job waits; a running job's are its own."""
+    from rich.console import Console
+
+    from mangwale_cli.cli import render
+
+    def shown(doc: dict[str, Any]) -> dict[str, str]:
+        out = Console(width=200, record=True, force_terminal=False)
+        monkeypatch.setattr(render, "_out", out)
+        render.job_detail(doc)
+        rows = (re.match(r"\s*(\S+)\s{2,}(.*?)\s*$", line) for line in out.export_text().splitlines()[1:])
+        return {m[1]: m[2] for m in rows if m}
+
+    started = 1_700_000_000_000
+    doc = {"id": "job-1", "kind": "simulate", "status": "queued", "progress": 40, "attempt": 1, "worker": "gpu-box",
+           "createdAt": started - 1000, "startedAt": started, "finishedAt": None,
+           "message": "re-queued: worker gpu-box stopped renewing its lease during attempt 1"}  # fmt: skip
+    rows = shown(doc)
+    assert rows["worker"] == "gpu-box (last attempt)" and rows["started"].endswith(" (last attempt)"), rows
+    assert rows["duration"] == "-", rows
+    rows = shown({**doc, "status": "running", "attempt": 2})
+    assert rows["worker"] == "gpu-box" and rows["started"][:2] == "20" and "last" not in rows["started"], rows
+    assert rows["duration"] != "-", rows

@@ -233,18 +233,21 @@ def job_detail(j: dict[str, Any]) -> None:
             (j["id"], "bold"), f"  {j['kind']}  ", status_text(j["status"]), f"  {j['progress']:.0f}%"
         )
     )
+    # A queued job that ran before (re-queued) keeps its last attempt's start and worker: say
+    # so, and count no duration while it waits.
+    last = " (last attempt)" if j.get("status") == "queued" else ""
     rows = [
         ("dataset", j.get("datasetId") or "-"),
         ("agent", j.get("agentId") or "-"),
         ("message", j.get("message") or "-"),
         *([("waits for", j["waitingFor"])] if _waits(j) else []),
         ("attempt", str(j.get("attempt", 0))),
-        *([("worker", j["worker"])] if j.get("worker") else []),
+        *([("worker", j["worker"] + last)] if j.get("worker") else []),
         *([("labels", ", ".join(j["labels"]))] if j.get("labels") else []),
         ("created", when(j.get("createdAt"))),
-        ("started", when(j.get("startedAt"))),
+        ("started", when(j.get("startedAt")) + (last if j.get("startedAt") else "")),
         ("finished", when(j.get("finishedAt"))),
-        ("duration", duration(j.get("startedAt"), j.get("finishedAt"))),
+        ("duration", "-" if last else duration(j.get("startedAt"), j.get("finishedAt"))),
     ]
     if j.get("error"):
         rows.append(("error", j["error"]))
