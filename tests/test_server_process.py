@@ -285,7 +285,9 @@ def test_failing_trainer_fails_job_with_message(server: ServerProcess) -> None:
 
 
 def test_rest_stays_responsive_during_nlu_training(server: ServerProcess) -> None:
-    """/healthz answers within 0.3 s all through an nlu-train job (its work runs in a child process)."""
+    """/healthz answers all through an nlu-train job (its work runs in a child process): no answer
+    waits for half as long as the training, which is what the training would cost an event loop
+    it ran in (one stall for all of it); the typical answer is fast."""
     with server.client() as http:
         ds = next(d for d in http.get("/training/datasets").json() if d["size"] > 0)
         resp = http.post(
@@ -304,9 +306,14 @@ def test_rest_stays_responsive_during_nlu_training(server: ServerProcess) -> Non
                 latencies.append(time.perf_counter() - t0)
             time.sleep(0.01)  # pacing of the probe, not a wait for a condition
         assert status == "succeeded"
-    # The job computes for seconds (200 epochs): run in the event loop, that is one long stall.
+        doc = http.get(f"/training/jobs/{job_id}").json()
+    # The job computes for seconds (200 epochs): run in the event loop, that is one long stall. A
+    # fixed bound (0.3 s) failed once in a fresh-clone CI run (0.74 s, three test workers and the
+    # trainer on two cores) while the training took seconds: the bound is the training's own.
+    training = (doc["finishedAt"] - doc["startedAt"]) / 1000
     assert len(latencies) >= 20
-    assert max(latencies) < 0.3, f"max /healthz latency {max(latencies):.3f}s"
+    assert max(latencies) < training / 2, f"max /healthz latency {max(latencies):.3f}s, training {training:.1f}s"
+    assert sorted(latencies)[len(latencies) // 2] < 0.05, f"median /healthz latency {sorted(latencies)[len(latencies) // 2]:.3f}s"
 
 
 # --- restart -------------------------------------------------------------------------------------
