@@ -214,14 +214,7 @@ class WorkerHub:
                         msg.concurrency, session, last_heartbeat=now_ms(), silent_after=self.lease / 2)  # fmt: skip
         if old is not None and old.session is not None and old.session is not session:
             log.info("worker %s (%s) connected again; the older connection is dropped", worker_id, msg.name)
-        kept: dict[str, bool] = {}
-        for job_id, token in msg.running.items():
-            ok = await self.store.renew_lease(job_id, worker.holder, token)
-            kept[job_id] = ok
-            if ok:
-                worker.running[job_id] = token
-            else:
-                self._remotes.pop(job_id, None)
+        kept = await self._renew_leases(worker, msg.running)
         self.workers[worker_id] = worker
         if self.store.shared:
             await self._advertise(worker)
@@ -530,17 +523,24 @@ class WorkerHub:
     async def heartbeat_from(self, worker: Worker, msg: wire.WorkerHeartbeat) -> dict[str, Any]:
         """Renew the leases of the jobs the worker runs; say which are no longer its own."""
         worker.last_heartbeat = now_ms()
+        out = await self._renew_leases(worker, msg.jobs)
+        await self.announce(worker, heartbeat=True)
+        return wire.worker_renewed(out)
+
+    async def _renew_leases(self, worker: Worker, jobs: dict[str, int]) -> dict[str, bool]:
+        """Renew the worker's lease on each job it names (job id -> fencing token). A job whose
+        lease is no longer its own leaves it, and this instance's copy of the attempt goes."""
         out: dict[str, bool] = {}
-        for job_id, token in msg.jobs.items():
+        for job_id, token in jobs.items():
             ok = await self.store.renew_lease(job_id, worker.holder, token)
             out[job_id] = ok
             if ok:
                 worker.running[job_id] = token
-            elif worker.running.pop(job_id, None) is not None:
-                self._remotes.pop(job_id, None)
-                self._wake.set()
-        await self.announce(worker, heartbeat=True)
-        return wire.worker_renewed(out)
+                continue
+            self._remotes.pop(job_id, None)
+            if worker.running.pop(job_id, None) is not None:
+                self._wake.set()  # a slot came free
+        return out
 
     async def release(self, worker: Worker, msg: wire.WorkerRelease) -> None:
         """The worker hands a job back (it is stopping): re-queue it now, not after the lease,
