@@ -79,6 +79,19 @@ def test_token_goes_before_or_after_the_command_flag_then_env(guarded: tuple[Ser
     assert wrong not in line
 
 
+def test_watch_takes_the_token_after_the_command_too(guarded: tuple[ServerProcess, str]) -> None:
+    """`watch JOB --token T` works as `--token T watch JOB` does, and beats MANGWALE_TOKEN; a wrong one is exit 5."""
+    srv, token = guarded
+    wrong = new_token()
+    job = ok("--token", token, "jobs", "create", "simulate", "-p", "steps=1", "-p", "stepMs=0", "-q", url=srv.url).strip()
+    for args in (("--token", token, "watch", job), ("watch", job, "--token", token)):
+        proc = cli(*args, "--json", url=srv.url, env={"MANGWALE_TOKEN": wrong})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1])["exitCode"] == 0
+    line = error_line(cli("watch", job, "--token", wrong, url=srv.url, env={"MANGWALE_TOKEN": token}), 5)
+    assert wrong not in line and token not in line
+
+
 @pytest.mark.parametrize("where", ["--token before", "--token after", "MANGWALE_TOKEN"])
 def test_a_token_no_header_can_carry_is_a_usage_error_that_never_shows_it(where: str) -> None:
     """A token with a space or control character exits 2 naming the setting, and the token is not printed."""
@@ -143,16 +156,19 @@ def test_a_kind_that_needs_a_dataset_names_the_flag(live: ServerProcess) -> None
         ("http://[::1", "flag before"),
     ],
 )
-def test_a_url_without_an_http_scheme_is_a_usage_error(bad: str, how: str) -> None:
-    """A URL without http:// or https:// exits 2 with one line naming the setting and showing http://HOST:PORT."""
+@pytest.mark.parametrize("command", [("jobs", "list"), ("watch", "job-1"), ("worker",)], ids=lambda c: " ".join(c))
+def test_a_url_without_an_http_scheme_is_a_usage_error(bad: str, how: str, command: tuple[str, ...]) -> None:
+    """A URL without http:// or https:// exits 2 with one line naming the one setting it came
+    from (--url or MANGWALE_URL, not both) and showing http://HOST:PORT; watch and worker too."""
     if how == "flag after":
-        proc = cli("jobs", "list", "--url", bad)
+        proc = cli(*command, "--url", bad)
     elif how == "flag before":
-        proc = cli("--url", bad, "jobs", "list")
+        proc = cli("--url", bad, *command)
     else:
-        proc = cli("jobs", "list", url=bad)
+        proc = cli(*command, url=bad)
     line = error_line(proc, 2)
-    assert ("MANGWALE_URL" if how == "env" else "--url") in line
+    named, other = ("MANGWALE_URL", "--url") if how == "env" else ("--url", "MANGWALE_URL")
+    assert named in line and other not in line
     assert "http://HOST:PORT" in line and repr(bad) in line
 
 
