@@ -197,7 +197,8 @@ def _not_mangwale(url: str, foreign: _Foreign) -> NotMangwale:
     return NotMangwale(
         f"{url} does not look like a mangwale server ({req.method} {req.url.path} answered {said}"
         + (f"; server: {server[:40]}" if server else "")
-        + "): check --url / MANGWALE_URL"
+        + "): check --url / MANGWALE_URL",
+        answered=resp.status_code,
     )
 
 
@@ -570,6 +571,20 @@ class AsyncClient:
         except httpx.HTTPError:
             mangwale = False
         return foreign.error if mangwale else _not_mangwale(self.url, foreign)
+
+    async def not_mangwale(self) -> NotMangwale | None:
+        """Who answered a WebSocket handshake with something other than the upgrade: the
+        ``NotMangwale`` error when ``/healthz`` is not mangwale's either, None when it is (or
+        when nothing answers it now: a server going away, to be retried)."""
+        import httpx
+
+        try:
+            resp = await self._http.get("/healthz", timeout=5)
+        except httpx.HTTPError:
+            return None
+        if _is_health(resp):
+            return None
+        return _not_mangwale(self.url, _Foreign(resp, from_response(resp.status_code, None)))
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,3 +120,24 @@ def fake_server(answer: Answer) -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def plain_http_server(directory: Path, protocol: str = "HTTP/1.0") -> Iterator[str]:
+    """A real ``python -m http.server`` process (what a wrong port often finds) speaking
+    ``protocol``, on a port the OS picks; yields its URL. Its banner is printed after the socket
+    listens, so the URL is usable as soon as it is read: nothing to poll."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+         "--protocol", protocol, "--directory", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        found = re.search(r"port (\d+)", banner)
+        assert found, f"http.server said {banner!r}"
+        yield f"http://127.0.0.1:{found.group(1)}"
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from clitools import cli, error_line, fake_server, http_path, ok, ok_json, quick_job, wait_done  # noqa: F401 - http_path: an autouse fixture, both request paths
+from clitools import (  # noqa: F401 - http_path: an autouse fixture, both request paths
+    cli,
+    error_line,
+    fake_server,
+    http_path,
+    ok,
+    ok_json,
+    plain_http_server,
+    quick_job,
+    wait_done,
+)
 from conftest import ServerProcess, free_port, wait_for
 from tokentools import new_token, write_config
 
@@ -254,6 +264,19 @@ def test_a_server_that_is_not_mangwale_is_named_as_such(args: tuple[str, ...]) -
         line = error_line(cli(*args, url=url), 8)
     assert "does not look like a mangwale server" in line and url in line and "HTTP" in line
     assert "GET /healthz" in seen  # asked only once something went wrong
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"], ids=["http1.0", "http1.1"])
+@pytest.mark.parametrize("args", [("watch", "job-1"), ("watch", "--all"), ("worker",)], ids=lambda a: " ".join(a))
+def test_watch_and_worker_at_a_server_that_is_not_mangwale_exit_8_at_once(
+    args: tuple[str, ...], protocol: str, tmp_path: Path
+) -> None:
+    """`watch` and `worker` at a plain web server (python -m http.server) exit 8 at once with one
+    line saying the URL does not look like mangwale: no retrying until --connect-timeout."""
+    with plain_http_server(tmp_path, protocol) as url:
+        # 10 minutes: a retry loop would make the test time out rather than pass late
+        line = error_line(cli(*args, "--connect-timeout", "600", url=url, timeout=60), 8)
+    assert "does not look like a mangwale server" in line and url in line
 
 
 def test_a_mangwale_error_is_not_taken_for_another_server(live: ServerProcess) -> None:
