@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -277,6 +277,49 @@ def test_watch_and_worker_at_a_server_that_is_not_mangwale_exit_8_at_once(
         # 10 minutes: a retry loop would make the test time out rather than pass late
         line = error_line(cli(*args, "--connect-timeout", "600", url=url, timeout=60), 8)
     assert "does not look like a mangwale server" in line and url in line
+
+
+def _redirect_to(target: str) -> Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]:
+    """A server that sends every request on to ``target`` (as an http:// URL of an https site does)."""
+
+    def answer(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        return 302, {"Location": target + h.path}, b""
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("jobs", "list"), ("jobs", "show", "job-1"), ("jobs", "create", "simulate"), ("datasets", "list"), ("watch", "job-1")],
+    ids=lambda a: " ".join(a),
+)
+def test_a_redirect_is_exit_8_in_one_line(live: ServerProcess, args: tuple[str, ...]) -> None:
+    """A 3xx answer is exit 8 and one line naming the redirect, never followed (not even to a
+    mangwale) nor taken for an empty answer."""
+    with fake_server(_redirect_to(live.url)) as (url, _):
+        line = error_line(cli(*args, url=url), 8)
+    assert "does not look like a mangwale server" in line and "redirect to " + live.url in line
+
+
+def test_an_artifact_download_that_is_redirected_leaves_no_file(live: ServerProcess, tmp_path: Path) -> None:
+    """`jobs artifact -o FILE` answered by a redirect exits 8 and leaves neither FILE nor a part file."""
+    dest = tmp_path / "model.skops"
+    with fake_server(_redirect_to(live.url)) as (url, _):
+        line = error_line(cli("jobs", "artifact", "job-1", "-o", str(dest), url=url), 8)
+        error_line(cli("jobs", "download", "job-1", "model.skops", "-o", str(dest), url=url), 8)
+    assert "redirect" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("jobs", "show", ""), ("jobs", "logs", ""), ("jobs", "cancel", ""), ("datasets", "show", ""), ("watch", "")],
+    ids=lambda a: " ".join(a[:-1]),
+)
+def test_an_empty_id_is_a_usage_error(live: ServerProcess, args: tuple[str, ...]) -> None:
+    """`jobs show ""` (an unset shell variable) exits 2 with one line, not "not found" nor a bug."""
+    line = error_line(cli(*args, url=live.url), 2)
+    assert "id is empty" in line
 
 
 def test_a_mangwale_error_is_not_taken_for_another_server(live: ServerProcess) -> None:
