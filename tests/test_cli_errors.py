@@ -358,7 +358,24 @@ def test_a_huge_number_in_an_error_is_cut(live: ServerProcess) -> None:
     """A bound error about a 310-digit value prints a short line, not the number (the server cuts
     long values in its messages; the client cuts what it prints too)."""
     line = error_line(cli("jobs", "create", "simulate", "-p", "steps=1" + "0" * 309, url=live.url), 2)
-    assert "params.steps" in line and "digits" in line and "0" * 60 not in line and len(line) < 200
+    assert "params.steps" in line and "(310 digits)" in line and "0" * 60 not in line and len(line) < 200
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("-p", "steps=1" + "0" * 4999), "params.steps"),
+        (("-p", 'a={"b": 1' + "0" * 4999 + "}"), "params.a.b"),
+        (("--params", '{"steps": 1' + "0" * 4999 + "}"), "params.steps"),
+    ],
+    ids=["-p steps", "-p a.b", "--params"],
+)
+def test_a_number_too_long_to_read_is_one_line_exit_2(live: ServerProcess, args: tuple[str, ...], field: str) -> None:
+    """-p steps=<5000 digits> exits 2 with one line naming params.steps and its 5000 digits, in
+    mangwale's words (not Python's "Exceeds the limit (4300 digits)", nor "must be an integer")."""
+    line = error_line(cli("jobs", "create", "simulate", *args, url=live.url), 2)
+    assert field in line and "5000 digits" in line and "at most 4300" in line, line
+    assert "Exceeds" not in line and "integer" not in line and len(line) < 200
 
 
 def test_logs_follow_of_a_job_that_fails_says_so(live: ServerProcess) -> None:
