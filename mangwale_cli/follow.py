@@ -233,7 +233,7 @@ class Follower:
                 raise
             except _Dropped as exc:
                 reason = str(exc)
-            except Exception as exc:  # noqa: BLE001  (classify re-raises what is not a network failure)
+            except Exception as exc:  # noqa: BLE001 - classify re-raises what is not a network failure
                 if not self.reached and (foreign := await foreign_server(exc, self.rest)):
                     raise foreign from None  # a wrong --url: no point in retrying it
                 if _is_answer(exc):

@@ -74,7 +74,7 @@ def error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
 
 
 def wait_done(url: str, job_id: str, timeout: float = 20) -> dict[str, Any]:
-    return wait_for(  # type: ignore[no-any-return]
+    return wait_for(
         lambda: (j := ok_json("jobs", "show", job_id, url=url))["status"] in TERMINAL and j,
         timeout=timeout,
         what=f"job {job_id} to finish",
