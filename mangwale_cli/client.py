@@ -54,7 +54,10 @@ def seg(value: str) -> str:
 
 def _job(job_id: str) -> str:
     """The path of a job. The server decodes ``%2F`` before routing, so no id it gives holds a
-    ``/``, and one that does names no job (not a route the server would answer about)."""
+    ``/``, and one that does names no job (not a route the server would answer about). An empty
+    id would name the list instead (``/training/jobs/``)."""
+    if not job_id:
+        raise InvalidInput("the job id is empty: give a job id (mangwale jobs list shows them)", field="jobId")
     if "/" in job_id:
         raise NotFound(f"job {job_id} not found", field="jobId")
     return f"/training/jobs/{seg(job_id)}"
@@ -62,6 +65,8 @@ def _job(job_id: str) -> str:
 
 def _dataset(dataset_id: str) -> str:
     """The path of a dataset (see ``_job``)."""
+    if not dataset_id:
+        raise InvalidInput("the dataset id is empty: give a dataset id or name", field="datasetId")
     if "/" in dataset_id:
         raise NotFound(f"dataset {dataset_id} not found", field="datasetId")
     return f"/training/datasets/{seg(dataset_id)}"
@@ -168,6 +173,10 @@ class _Foreign(Exception):
 
 
 def _checked(resp: Answer) -> Answer:
+    if 300 <= resp.status_code < 400:
+        # mangwale never redirects, and neither path follows one: an http:// URL of an https
+        # site, a login page, a path of another server's.
+        raise _Foreign(resp, MangwaleError(f"HTTP {resp.status_code}"))
     if resp.status_code >= 400:
         try:
             body = resp.json()
@@ -178,6 +187,10 @@ def _checked(resp: Answer) -> Answer:
             raise _Foreign(resp, error)
         raise error
     return resp
+
+
+def _redirect(foreign: _Foreign) -> bool:
+    return 300 <= foreign.resp.status_code < 400
 
 
 def _is_health(resp: Answer) -> bool:
@@ -193,11 +206,18 @@ def _not_mangwale(url: str, foreign: _Foreign) -> NotMangwale:
     resp = foreign.resp
     req = resp.request
     server = resp.headers.get("server")
-    said = f"HTTP {resp.status_code}" if resp.status_code >= 400 else "something that is not JSON"
+    if 300 <= resp.status_code < 400:
+        location = resp.headers.get("location")
+        said = f"HTTP {resp.status_code}, a redirect" + (f" to {location[:80]}" if location else "")
+    elif resp.status_code >= 400:
+        said = f"HTTP {resp.status_code}"
+    else:
+        said = "something that is not JSON"
     return NotMangwale(
         f"{url} does not look like a mangwale server ({req.method} {req.url.path} answered {said}"
         + (f"; server: {server[:40]}" if server else "")
-        + "): check --url / MANGWALE_URL"
+        + "): check --url / MANGWALE_URL",
+        answered=resp.status_code,
     )
 
 
@@ -284,7 +304,10 @@ class Client:
 
     def _foreign(self, foreign: _Foreign) -> MangwaleError:
         """The error for an answer no mangwale server gives: ``NotMangwale`` unless ``/healthz``
-        says mangwale is there after all (a proxy between answered), then the plain error."""
+        says mangwale is there after all (a proxy between answered), then the plain error. A
+        redirect is ``NotMangwale`` either way: mangwale never sends one."""
+        if _redirect(foreign):
+            return _not_mangwale(self.url, foreign)
         try:
             mangwale = _is_health(self._send("GET", "/healthz", timeout=5))
         except Unreachable:
@@ -321,7 +344,8 @@ class Client:
 
     def find_dataset(self, ref: str) -> dict[str, Any]:
         """The dataset (summary) whose id, else whose name, is ``ref``. ``NotFound`` when none
-        matches; ``InvalidInput`` when several datasets share that name."""
+        matches; ``InvalidInput`` when several datasets share that name, or ``ref`` is empty."""
+        _dataset(ref)  # an empty ref names nothing, whatever the server holds
         rows = self.list_datasets()
         for d in rows:
             if d.get("id") == ref:
@@ -474,7 +498,7 @@ class Client:
         size = 0
         try:
             with self._http.stream("GET", path) as resp:
-                if resp.status_code >= 400:
+                if resp.status_code >= 300:
                     resp.read()
                     _checked(resp)
                 for chunk in resp.iter_bytes():
@@ -565,11 +589,27 @@ class AsyncClient:
         """As ``Client._foreign``."""
         import httpx
 
+        if _redirect(foreign):
+            return _not_mangwale(self.url, foreign)
         try:
             mangwale = _is_health(await self._http.get("/healthz", timeout=5))
         except httpx.HTTPError:
             mangwale = False
         return foreign.error if mangwale else _not_mangwale(self.url, foreign)
+
+    async def not_mangwale(self) -> NotMangwale | None:
+        """Who answered a WebSocket handshake with something other than the upgrade: the
+        ``NotMangwale`` error when ``/healthz`` is not mangwale's either, None when it is (or
+        when nothing answers it now: a server going away, to be retried)."""
+        import httpx
+
+        try:
+            resp = await self._http.get("/healthz", timeout=5)
+        except httpx.HTTPError:
+            return None
+        if _is_health(resp):
+            return None
+        return _not_mangwale(self.url, _Foreign(resp, from_response(resp.status_code, None)))
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -623,7 +663,7 @@ class AsyncClient:
         size = 0
         try:
             async with self._http.stream("GET", path, headers={"X-Mangwale-Worker-Secret": secret}) as resp:
-                if resp.status_code >= 400:
+                if resp.status_code >= 300:
                     await resp.aread()
                     _checked(resp)
                 with tmp.open("wb") as f:

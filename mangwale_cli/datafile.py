@@ -15,6 +15,9 @@ import json
 from importlib import resources
 from typing import Any, TypeGuard
 
+from .errors import InvalidInput
+from .jsonin import read_json
+
 __all__ = [
     "SUPPORTED_FORMATS",
     "DataFileError",
@@ -61,8 +64,12 @@ def _reject_constant(name: str) -> Any:
 
 
 def _loads(text: str) -> Any:
-    """Decode strict JSON, rejecting NaN/Infinity constants."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """Decode strict JSON, rejecting NaN/Infinity constants (and numbers too long to read, in
+    mangwale's words: ``jsonin``)."""
+    try:
+        return read_json(text, "the value", parse_constant=_reject_constant)
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
 
 
 def _decode(data: bytes | str) -> str:

@@ -177,9 +177,19 @@ class Unreachable(MangwaleError):
 
 class NotMangwale(Unreachable):
     """Something answers at the URL, but not as a mangwale server does (no mangwale error body,
-    and its ``/healthz`` is not mangwale's): a wrong port or path in the URL."""
+    and its ``/healthz`` is not mangwale's): a wrong port or path in the URL. ``answered`` is
+    the HTTP status it gave; ``gateway`` says whether that was a proxy's 502/503/504, whose
+    mangwale behind it may just not be up yet."""
 
     code = "not_mangwale"
+
+    def __init__(self, message: str, *, answered: int | None = None) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+    @property
+    def gateway(self) -> bool:
+        return self.answered in (502, 503, 504)
 
 
 class TimedOut(MangwaleError):

@@ -53,7 +53,14 @@ from .followitems import (
     is_terminal,
     outcome_code,
 )
-from .reconnect import FollowSettings, backoff, classify, describe_failure, never_reached
+from .reconnect import (
+    FollowSettings,
+    backoff,
+    classify,
+    describe_failure,
+    foreign_server,
+    never_reached,
+)
 from .wire import MsgType
 
 __all__ = [
@@ -226,7 +233,9 @@ class Follower:
                 raise
             except _Dropped as exc:
                 reason = str(exc)
-            except Exception as exc:  # noqa: BLE001  (classify re-raises what is not a network failure)
+            except Exception as exc:  # noqa: BLE001 - classify re-raises what is not a network failure
+                if not self.reached and (foreign := await foreign_server(exc, self.rest)):
+                    raise foreign from None  # a wrong --url: no point in retrying it
                 if _is_answer(exc):
                     self._mark_reached()
                 fatal = classify(exc, self._server_error)

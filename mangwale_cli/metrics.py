@@ -185,7 +185,7 @@ class _LiveCollector(Collector):
             yield CounterMetricFamily(
                 "mangwale_store_durable_records",
                 "Log records fsynced before they were answered (creates, final states...); over fsyncs: the batching",
-                value=svc.store.durable_records,  # type: ignore[attr-defined]
+                value=svc.store.durable_records,  # type: ignore[attr-defined]  # only the embedded store has it, as fsyncs above says
             )
         buffers = [len(s.buffer) for s in svc.bus.subscribers]
         yield GaugeMetricFamily(

@@ -25,6 +25,7 @@ from .errors import (
     InvalidInput,
     MangwaleError,
     NotFound,
+    NotMangwale,
     Unauthorized,
     Unreachable,
 )
@@ -157,6 +158,25 @@ def classify(exc: BaseException, server_error: Mapping[str, Any] | None = None) 
     if isinstance(exc, (OSError, TimeoutError, EOFError, WebSocketException)):
         return None
     raise exc
+
+
+async def foreign_server(exc: BaseException, rest: Any) -> NotMangwale | None:
+    """For a client that has not reached its server yet: the ``NotMangwale`` error (exit 8, at
+    once) when ``exc`` shows that what answers at the URL is not mangwale, else None (retried
+    until ``--connect-timeout``). A REST answer has been asked about already; a WebSocket
+    handshake answered with anything but the upgrade (an HTTP status other than 401/403, a
+    reply that is not HTTP/1.1) is checked against ``/healthz`` through ``rest``. A proxy's
+    502/503/504 is a mangwale not up yet, not another server."""
+    from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+    found: NotMangwale | None = None
+    if isinstance(exc, NotMangwale):
+        found = exc
+    elif isinstance(exc, InvalidHandshake) and not (
+        isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
+    ):
+        found = await rest.not_mangwale()
+    return found if found is not None and not found.gateway else None
 
 
 def _error_message(body: bytes | bytearray | None) -> str | None:

@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .jsonin import cut_digits
+
 PROTOCOL_VERSION = 1
 
 
@@ -122,7 +124,7 @@ def show(value: Any, limit: int = 40) -> str:
         return f"a JSON array of {len(value)}"
     if value is None or isinstance(value, bool):
         return dumps(value)
-    text = repr(value) if isinstance(value, str) else str(value)
+    text = cut_digits(repr(value) if isinstance(value, str) else str(value))  # "1000000000…(310 digits)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from . import __version__, wire
 from .client import AsyncClient
 from .errors import InvalidInput, MangwaleError, Unauthorized
-from .reconnect import FollowSettings, never_reached
+from .reconnect import FollowSettings, foreign_server, never_reached
 from .reconnect import describe_failure as describe_drop
 from .trainers import Registry
 from .trainers.base import TrainingContext
@@ -175,6 +175,8 @@ class WorkerAgent:
                 exc = session.exception()
                 if isinstance(exc, Unauthorized):
                     raise exc
+                if exc is not None and not self.reached and (foreign := await foreign_server(exc, self.rest)):
+                    raise foreign  # a wrong --url: no point in retrying it
                 if exc is None:
                     delays = self.follow.backoff()
                     last = "closed by the server"

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,7 +74,7 @@ def error_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
 
 
 def wait_done(url: str, job_id: str, timeout: float = 20) -> dict[str, Any]:
-    return wait_for(  # type: ignore[no-any-return]
+    return wait_for(
         lambda: (j := ok_json("jobs", "show", job_id, url=url))["status"] in TERMINAL and j,
         timeout=timeout,
         what=f"job {job_id} to finish",
@@ -118,3 +120,24 @@ def fake_server(answer: Answer) -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def plain_http_server(directory: Path, protocol: str = "HTTP/1.0") -> Iterator[str]:
+    """A real ``python -m http.server`` process (what a wrong port often finds) speaking
+    ``protocol``, on a port the OS picks; yields its URL. Its banner is printed after the socket
+    listens, so the URL is usable as soon as it is read: nothing to poll."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+         "--protocol", protocol, "--directory", str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        found = re.search(r"port (\d+)", banner)
+        assert found, f"http.server said {banner!r}"
+        yield f"http://127.0.0.1:{found.group(1)}"
+    finally:
+        proc.kill()
+        proc.wait(10)

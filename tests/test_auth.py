@@ -137,7 +137,7 @@ def test_tokens_file_from_env_or_config_joins_the_config_table(tmp_path: Path) -
     cfg = write_config(tmp_path / "c.toml", {"ci": (ci, ["read", "write"])})
     found = load_tokens(load({"config_file": cfg}, env={"MANGWALE_TOKENS_FILE": str(tokens_file)}))
     assert {t.name for t in found.tokens} == {"ci", "dash"}
-    assert found.verify(dash).name == "dash" and found.verify(ci).name == "ci"  # type: ignore[union-attr]
+    assert found.verify(dash).name == "dash" and found.verify(ci).name == "ci"  # type: ignore[union-attr]  # both tokens are in the file: verify finds them
     assert found.verify("mw_" + "x" * 43) is None and found.verify("") is None
     relative = write_config(
         tmp_path / "rel.toml",
@@ -480,7 +480,7 @@ def test_foreign_origin_gets_http_403_from_a_real_server(
         srv.ws_url,
         origin=Origin("http://localhost:8080"),
         additional_headers=bearer(keys["reader"]),
-    ) as ws:  # type: ignore[arg-type]
+    ) as ws:
         assert json.loads(ws.recv())["type"] == "connected"
 
 
@@ -532,7 +532,7 @@ def test_no_token_appears_in_any_server_log(
             {"subprotocols": ["mangwale.v1", bearer_subprotocol(token)]},
         ):
             try:
-                with connect(srv.ws_url, open_timeout=5, **kwargs) as ws:  # type: ignore[arg-type]
+                with connect(srv.ws_url, open_timeout=5, **kwargs) as ws:
                     ws.recv()
             except InvalidStatus:
                 pass

@@ -11,13 +11,23 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import pytest
-from clitools import cli, error_line, fake_server, http_path, ok, ok_json, quick_job, wait_done  # noqa: F401 - http_path: an autouse fixture, both request paths
+from clitools import (  # noqa: F401 - http_path: an autouse fixture, both request paths
+    cli,
+    error_line,
+    fake_server,
+    http_path,
+    ok,
+    ok_json,
+    plain_http_server,
+    quick_job,
+    wait_done,
+)
 from conftest import ServerProcess, free_port, wait_for
 from tokentools import new_token, write_config
 
@@ -77,6 +87,19 @@ def test_token_goes_before_or_after_the_command_flag_then_env(guarded: tuple[Ser
     assert ok("datasets", "list", "--json", url=srv.url, env={"MANGWALE_TOKEN": token}).startswith("[")
     line = error_line(cli("jobs", "list", "--token", wrong, url=srv.url, env={"MANGWALE_TOKEN": token}), 5)
     assert wrong not in line
+
+
+def test_watch_takes_the_token_after_the_command_too(guarded: tuple[ServerProcess, str]) -> None:
+    """`watch JOB --token T` works as `--token T watch JOB` does, and beats MANGWALE_TOKEN; a wrong one is exit 5."""
+    srv, token = guarded
+    wrong = new_token()
+    job = ok("--token", token, "jobs", "create", "simulate", "-p", "steps=1", "-p", "stepMs=0", "-q", url=srv.url).strip()
+    for args in (("--token", token, "watch", job), ("watch", job, "--token", token)):
+        proc = cli(*args, "--json", url=srv.url, env={"MANGWALE_TOKEN": wrong})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout.splitlines()[-1])["exitCode"] == 0
+    line = error_line(cli("watch", job, "--token", wrong, url=srv.url, env={"MANGWALE_TOKEN": token}), 5)
+    assert wrong not in line and token not in line
 
 
 @pytest.mark.parametrize("where", ["--token before", "--token after", "MANGWALE_TOKEN"])
@@ -143,16 +166,19 @@ def test_a_kind_that_needs_a_dataset_names_the_flag(live: ServerProcess) -> None
         ("http://[::1", "flag before"),
     ],
 )
-def test_a_url_without_an_http_scheme_is_a_usage_error(bad: str, how: str) -> None:
-    """A URL without http:// or https:// exits 2 with one line naming the setting and showing http://HOST:PORT."""
+@pytest.mark.parametrize("command", [("jobs", "list"), ("watch", "job-1"), ("worker",)], ids=lambda c: " ".join(c))
+def test_a_url_without_an_http_scheme_is_a_usage_error(bad: str, how: str, command: tuple[str, ...]) -> None:
+    """A URL without http:// or https:// exits 2 with one line naming the one setting it came
+    from (--url or MANGWALE_URL, not both) and showing http://HOST:PORT; watch and worker too."""
     if how == "flag after":
-        proc = cli("jobs", "list", "--url", bad)
+        proc = cli(*command, "--url", bad)
     elif how == "flag before":
-        proc = cli("--url", bad, "jobs", "list")
+        proc = cli("--url", bad, *command)
     else:
-        proc = cli("jobs", "list", url=bad)
+        proc = cli(*command, url=bad)
     line = error_line(proc, 2)
-    assert ("MANGWALE_URL" if how == "env" else "--url") in line
+    named, other = ("MANGWALE_URL", "--url") if how == "env" else ("--url", "MANGWALE_URL")
+    assert named in line and other not in line
     assert "http://HOST:PORT" in line and repr(bad) in line
 
 
@@ -240,6 +266,62 @@ def test_a_server_that_is_not_mangwale_is_named_as_such(args: tuple[str, ...]) -
     assert "GET /healthz" in seen  # asked only once something went wrong
 
 
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"], ids=["http1.0", "http1.1"])
+@pytest.mark.parametrize("args", [("watch", "job-1"), ("watch", "--all"), ("worker",)], ids=lambda a: " ".join(a))
+def test_watch_and_worker_at_a_server_that_is_not_mangwale_exit_8_at_once(
+    args: tuple[str, ...], protocol: str, tmp_path: Path
+) -> None:
+    """`watch` and `worker` at a plain web server (python -m http.server) exit 8 at once with one
+    line saying the URL does not look like mangwale: no retrying until --connect-timeout."""
+    with plain_http_server(tmp_path, protocol) as url:
+        # 10 minutes: a retry loop would make the test time out rather than pass late
+        line = error_line(cli(*args, "--connect-timeout", "600", url=url, timeout=60), 8)
+    assert "does not look like a mangwale server" in line and url in line
+
+
+def _redirect_to(target: str) -> Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]:
+    """A server that sends every request on to ``target`` (as an http:// URL of an https site does)."""
+
+    def answer(h: BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        return 302, {"Location": target + h.path}, b""
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("jobs", "list"), ("jobs", "show", "job-1"), ("jobs", "create", "simulate"), ("datasets", "list"), ("watch", "job-1")],
+    ids=lambda a: " ".join(a),
+)
+def test_a_redirect_is_exit_8_in_one_line(live: ServerProcess, args: tuple[str, ...]) -> None:
+    """A 3xx answer is exit 8 and one line naming the redirect, never followed (not even to a
+    mangwale) nor taken for an empty answer."""
+    with fake_server(_redirect_to(live.url)) as (url, _):
+        line = error_line(cli(*args, url=url), 8)
+    assert "does not look like a mangwale server" in line and "redirect to " + live.url in line
+
+
+def test_an_artifact_download_that_is_redirected_leaves_no_file(live: ServerProcess, tmp_path: Path) -> None:
+    """`jobs artifact -o FILE` answered by a redirect exits 8 and leaves neither FILE nor a part file."""
+    dest = tmp_path / "model.skops"
+    with fake_server(_redirect_to(live.url)) as (url, _):
+        line = error_line(cli("jobs", "artifact", "job-1", "-o", str(dest), url=url), 8)
+        error_line(cli("jobs", "download", "job-1", "model.skops", "-o", str(dest), url=url), 8)
+    assert "redirect" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("jobs", "show", ""), ("jobs", "logs", ""), ("jobs", "cancel", ""), ("datasets", "show", ""), ("watch", "")],
+    ids=lambda a: " ".join(a[:-1]),
+)
+def test_an_empty_id_is_a_usage_error(live: ServerProcess, args: tuple[str, ...]) -> None:
+    """`jobs show ""` (an unset shell variable) exits 2 with one line, not "not found" nor a bug."""
+    line = error_line(cli(*args, url=live.url), 2)
+    assert "id is empty" in line
+
+
 def test_a_mangwale_error_is_not_taken_for_another_server(live: ServerProcess) -> None:
     """A mangwale 404 stays "not found" (exit 4), without asking /healthz."""
     line = error_line(cli("jobs", "show", "job-nope", url=live.url), 4)
@@ -276,7 +358,24 @@ def test_a_huge_number_in_an_error_is_cut(live: ServerProcess) -> None:
     """A bound error about a 310-digit value prints a short line, not the number (the server cuts
     long values in its messages; the client cuts what it prints too)."""
     line = error_line(cli("jobs", "create", "simulate", "-p", "steps=1" + "0" * 309, url=live.url), 2)
-    assert "params.steps" in line and "digits" in line and "0" * 60 not in line and len(line) < 200
+    assert "params.steps" in line and "(310 digits)" in line and "0" * 60 not in line and len(line) < 200
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("-p", "steps=1" + "0" * 4999), "params.steps"),
+        (("-p", 'a={"b": 1' + "0" * 4999 + "}"), "params.a.b"),
+        (("--params", '{"steps": 1' + "0" * 4999 + "}"), "params.steps"),
+    ],
+    ids=["-p steps", "-p a.b", "--params"],
+)
+def test_a_number_too_long_to_read_is_one_line_exit_2(live: ServerProcess, args: tuple[str, ...], field: str) -> None:
+    """-p steps=<5000 digits> exits 2 with one line naming params.steps and its 5000 digits, in
+    mangwale's words (not Python's "Exceeds the limit (4300 digits)", nor "must be an integer")."""
+    line = error_line(cli("jobs", "create", "simulate", *args, url=live.url), 2)
+    assert field in line and "5000 digits" in line and "at most 4300" in line, line
+    assert "Exceeds" not in line and "integer" not in line and len(line) < 200
 
 
 def test_logs_follow_of_a_job_that_fails_says_so(live: ServerProcess) -> None:

@@ -76,7 +76,7 @@ class Watcher:
             pass
 
     def wait_greeting(self) -> dict[str, Any]:
-        return wait_for(lambda: self.greeting, what="the connected greeting")  # type: ignore[no-any-return]
+        return wait_for(lambda: self.greeting, what="the connected greeting")
 
     def join(self) -> None:
         self._thread.join(10)
@@ -296,7 +296,7 @@ def start_and_crash_mid_job(server: ServerProcess) -> str:
         )
     server.kill()
     server.start()
-    return job_id  # type: ignore[no-any-return]
+    return job_id
 
 
 def test_job_running_at_kill_is_requeued_and_finishes(

@@ -138,7 +138,7 @@ def wait_row_status(page: Page, job_id: str, status: str, timeout: float = WAIT_
 
 
 def page_events(page: Page, job_id: str) -> list[dict[str, Any]]:
-    return page.evaluate("(id) => window.__mangwale.events.filter((e) => e.jobId === id)", job_id)  # type: ignore[no-any-return]
+    return page.evaluate("(id) => window.__mangwale.events.filter((e) => e.jobId === id)", job_id)
 
 
 def create_job(

@@ -214,7 +214,7 @@ def test_duplicates_dropped_and_resume_from_last_handled() -> None:
                 await ws.send(json.dumps(ev))
             await ws.wait_closed()
 
-    follower, items, queries = run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=fast))  # type: ignore[arg-type]
+    follower, items, queries = run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=fast))  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
     assert [i.seq for i in items if isinstance(i, EventItem)] == [1, 2, 3, 4, 5]
     assert follower.duplicates == 3
     assert queries[0] == {"since": ["0"], "jobs": [JOB]}
@@ -241,7 +241,7 @@ def test_last_handled_advances_only_after_the_handler_returns() -> None:
     holder: list[Follower] = []
 
     def make(port: int) -> Follower:
-        holder.append(Follower(jobs=[JOB], rest=FakeRest(port), backoff=fast))  # type: ignore[arg-type]
+        holder.append(Follower(jobs=[JOB], rest=FakeRest(port), backoff=fast))  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
         return holder[0]
 
     with pytest.raises(BrokenPipeError):
@@ -266,7 +266,7 @@ def test_backoff_resets_after_a_good_connection() -> None:
             await ws.send(json.dumps(update(1, "succeeded", 100)))
             await ws.wait_closed()
 
-    _, items, _ = run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=counting))  # type: ignore[arg-type]
+    _, items, _ = run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=counting))  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
     waits = [(i.attempt, i.delay) for i in items if isinstance(i, ConnectionChange) and i.state == "reconnecting"]
     assert waits == [(1, 0.001)] * 3
     assert len(made) == 4  # the first, then a fresh one after each good connection
@@ -285,7 +285,7 @@ def test_job_that_ended_while_away_is_read_over_rest() -> None:
     def make(port: int) -> Follower:
         rest.append(FakeRest(port, ["running", "succeeded"]))
         rest[0].events = [update(2), update(3, progress=90), update(4, "succeeded", 100)]
-        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]
+        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
 
     follower, items, queries = run_scripted(script, make)
     assert [i.seq for i in items if isinstance(i, EventItem)] == [1, 2, 3, 4]
@@ -305,7 +305,7 @@ def test_job_that_ended_with_its_last_events_gone_gets_a_snapshot() -> None:
 
     def make(port: int) -> Follower:
         rest.append(FakeRest(port, ["running", "failed"]))
-        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]
+        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
 
     follower, items, _ = run_scripted(script, make)
     snaps = [i for i in items if isinstance(i, SnapshotItem)]
@@ -332,7 +332,7 @@ def test_rest_says_ended_but_its_last_event_is_still_to_come() -> None:
     def make(port: int) -> Follower:
         rest.append(FakeRest(port, ["running", "succeeded"], job_seq=4))
         rest[0].events = [update(2), update(3, progress=90)]  # the log REST reads lags the record by one event
-        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]
+        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
 
     follower, items, queries = run_scripted(script, make)
     events = [i.event for i in items if isinstance(i, EventItem)]
@@ -357,7 +357,7 @@ def test_resync_waits_for_a_live_terminal_event_after_its_head() -> None:
     def make(port: int) -> Follower:
         rest.append(FakeRest(port, ["running", "succeeded"], job_seq=7))
         rest[0].events = [update(11, progress=90, job_seq=6), update(12, "succeeded", 100, job_seq=7)]
-        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]
+        return Follower(jobs=[JOB], rest=rest[0], backoff=fast)  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
 
     follower, items, _ = run_scripted(script, make)
     shown = [i for i in items if not isinstance(i, ConnectionChange)]
@@ -384,7 +384,7 @@ def test_job_deleted_before_its_end_was_seen_exits_4() -> None:
         await ws.wait_closed()
 
     with pytest.raises(NotFound) as exc:
-        run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=fast), items.append)  # type: ignore[arg-type]
+        run_scripted(script, lambda p: Follower(jobs=[JOB], rest=FakeRest(p), backoff=fast), items.append)  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
     assert exc.value.exit_code == ExitCode.NOT_FOUND and exc.value.code == "pruned"
     assert exc.value.message == f"job {JOB} was pruned by the server's retention before watch saw it end"
     gone = [i for i in items if isinstance(i, EventItem) and i.event["type"] == "job_deleted"]
@@ -403,7 +403,7 @@ def test_job_deleted_after_it_ended_keeps_its_outcome() -> None:
         await ws.send(json.dumps(update(4, "succeeded", 100, job=other)))
         await ws.wait_closed()
 
-    follower, items, _ = run_scripted(script, lambda p: Follower(jobs=[JOB, other], rest=FakeRest(p), backoff=fast))  # type: ignore[arg-type]
+    follower, items, _ = run_scripted(script, lambda p: Follower(jobs=[JOB, other], rest=FakeRest(p), backoff=fast))  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
     assert [i.seq for i in items if isinstance(i, EventItem)] == [1, 2, 3, 4]
     assert follower.jobs[JOB].deleted == "deleted"
     assert {j: v.status for j, v in follower.outcome().jobs.items()} == {JOB: "failed", other: "succeeded"}
@@ -424,7 +424,7 @@ def test_all_jobs_forgets_deleted_jobs() -> None:
     holder: list[Follower] = []
 
     def make(port: int) -> Follower:
-        holder.append(Follower(all_jobs=True, rest=FakeRest(port), backoff=fast))  # type: ignore[arg-type]
+        holder.append(Follower(all_jobs=True, rest=FakeRest(port), backoff=fast))  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
         return holder[0]
 
     async def script(ws: ServerConnection, n: int) -> None:
@@ -446,7 +446,7 @@ def test_fatal_rest_answer_is_not_retried() -> None:
     rest = FakeRest(free_port())
     rest.error = Unauthorized("token expired")
     with pytest.raises(Unauthorized):
-        asyncio.run(Follower(jobs=[JOB], rest=rest, backoff=fast).run(items.append))  # type: ignore[arg-type]
+        asyncio.run(Follower(jobs=[JOB], rest=rest, backoff=fast).run(items.append))  # type: ignore[arg-type]  # FakeRest stands in for AsyncClient
     assert [i.state for i in items] == ["connecting"]
 
 
@@ -511,7 +511,7 @@ def test_server_that_went_away_keeps_the_reconnect_rules() -> None:
         port = next(iter(server.sockets)).getsockname()[1]
         f = Follower(f"http://127.0.0.1:{port}", jobs=[JOB], connect_timeout=0.05, max_retries=4,
                      backoff=lambda: iter([0.05] * 10))
-        f.rest.get_job = FakeRest(port).get_job  # type: ignore[method-assign]
+        f.rest.get_job = FakeRest(port).get_job
         task = asyncio.create_task(f.run(items.append))
         await greeted.wait()
         server.close()  # closes the connection (1001) and refuses new ones

@@ -173,7 +173,7 @@ class Bystander:
                         break
                     self.events.append(msg)
                 self._stop.wait(0.2)
-        except BaseException as exc:  # noqa: BLE001  (reported by close())
+        except BaseException as exc:  # noqa: BLE001 - reported by close()
             self.error = exc
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ def run_job(http: httpx.Client | TestClient, steps: int) -> dict[str, Any]:
         j = http.get(f"/training/jobs/{job['id']}").json()
         return j if j["status"] == "succeeded" else None
 
-    return wait_for(done, 15, what="job to succeed")  # type: ignore[no-any-return]
+    return wait_for(done, 15, what="job to succeed")
 
 
 def test_metrics_move_on_a_real_server(server: ServerProcess) -> None:

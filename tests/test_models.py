@@ -142,7 +142,7 @@ def running_job(http: httpx.Client, seconds: float = 60.0) -> dict[str, Any]:
         doc: dict[str, Any] = http.get(f"/training/jobs/{job_id}").json()
         return doc if doc["status"] == "running" and doc.get("lease") else None
 
-    return wait_for(started, 20, 0.05, f"job {job_id} to run")  # type: ignore[no-any-return]
+    return wait_for(started, 20, 0.05, f"job {job_id} to run")
 
 
 def lease_of(job: dict[str, Any]) -> str:
@@ -183,7 +183,7 @@ def wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, 
         doc: dict[str, Any] = http.get(f"/training/jobs/{job_id}").json()
         return doc if doc["status"] in TERMINAL else None
 
-    return wait_for(ended, timeout, 0.05, f"job {job_id} to end")  # type: ignore[no-any-return]
+    return wait_for(ended, timeout, 0.05, f"job {job_id} to end")
 
 
 def test_an_uploaded_skops_model_predicts(server: ServerProcess, model_dir: Path) -> None:

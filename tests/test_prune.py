@@ -23,11 +23,11 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def create(api: TestClient, **params: Any) -> str:
     r = api.post("/training/jobs", json={"kind": "simulate", "params": {"steps": 1, "stepMs": 1, **params}})
     assert r.status_code == 201, r.text
-    return r.json()["id"]  # type: ignore[no-any-return]
+    return r.json()["id"]
 
 
 def settled(api: TestClient, job_id: str) -> dict[str, Any]:
-    return wait_for(lambda: (j := api.get(f"/training/jobs/{job_id}").json())["status"] in TERMINAL and j,  # type: ignore[no-any-return]
+    return wait_for(lambda: (j := api.get(f"/training/jobs/{job_id}").json())["status"] in TERMINAL and j,
                     what=f"{job_id} to finish")  # fmt: skip
 
 

@@ -34,7 +34,7 @@ Q, R, S, F = JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(fn())  # type: ignore[arg-type]
+    return asyncio.run(fn())  # type: ignore[arg-type]  # asyncio.run takes a coroutine; Awaitable is what the lambdas give
 
 
 def make_job(n: int, created: int | None = None) -> Job:
@@ -234,7 +234,7 @@ def test_a_lease_that_expired_refuses_its_holder(tmp_path: Path) -> None:
             with pytest.raises(StaleWrite, match="expired"):
                 await store.write_job(job, wire.training_update(job), expect=Expect.lease_of(job))
             assert not await store.renew_lease(job.id, "me", 1)
-            taken = await start(store, Job.from_dict((await store.get_job(job.id)).to_dict()), "other")  # type: ignore[union-attr]
+            taken = await start(store, Job.from_dict((await store.get_job(job.id)).to_dict()), "other")  # type: ignore[union-attr]  # the job was just created: get_job finds it
             assert taken.attempt == 2 and await store.lease_live(job.id)
             with pytest.raises(StaleWrite):
                 await store.write_job(job, wire.training_update(job), expect=Expect(holder="me", token=1))

@@ -7,9 +7,11 @@ In-process (``nlu.model.train``, the trainer's own code): a model takes well und
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
+from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,63 @@ def test_held_out_set_is_apart_and_covers_every_intent() -> None:
     for e in examples:
         for span in e.get("entities") or []:
             assert e["text"][span["start"] : span["end"]] == span["value"], e
+
+
+# Two utterances of 3 words or more are near-duplicates when their word sets overlap this much
+# (Jaccard), or their words, spelled out, are this close (edit distance over length): one
+# template with a slot swapped ("they forgot the fries" / "... the rice"), or a word or two
+# added or respelled ("thank u so much!!" / "Thank you so much!"). Shorter ones are exempt:
+# "hi" and "hii" are two greetings, not a template.
+NEAR_MIN_WORDS = 3
+NEAR_JACCARD = 0.7
+NEAR_DISTANCE = 0.15
+
+
+def near_duplicate(a: str, b: str) -> str | None:
+    """Why ``a`` and ``b`` count as near-duplicates ("jaccard 0.75", "distance 0.06"), or None."""
+    wa, wb = key(a).split(), key(b).split()
+    if min(len(wa), len(wb)) < NEAR_MIN_WORDS:
+        return None
+    sa, sb = set(wa), set(wb)
+    if (jaccard := len(sa & sb) / len(sa | sb)) >= NEAR_JACCARD:
+        return f"jaccard {jaccard:.2f}"
+    x, y = " ".join(wa), " ".join(wb)
+    if 2 * min(len(x), len(y)) / (len(x) + len(y)) < 1 - NEAR_DISTANCE:  # the ratio's upper bound
+        return None
+    matcher = SequenceMatcher(None, x, y, autojunk=False)
+    if matcher.quick_ratio() < 1 - NEAR_DISTANCE:
+        return None
+    distance = 1 - matcher.ratio()
+    return f"distance {distance:.2f}" if distance <= NEAR_DISTANCE else None
+
+
+def test_near_duplicate_tells_a_template_from_a_new_sentence() -> None:
+    """The measure below: a swapped slot or a respelling is a near-duplicate; a reworded sentence and a short greeting are not."""
+    assert near_duplicate("they forgot the fries", "they forgot the rice")
+    assert near_duplicate("thank u so much!!", "Thank you so much!")
+    assert near_duplicate("I received somebody else's food", "i received someone else's food")
+    assert not near_duplicate("this bag was meant for another customer", "I received someone else's food")
+    assert not near_duplicate("hi", "hii")
+
+
+def test_the_sample_has_no_templated_near_duplicates() -> None:
+    """No held-out utterance is a near-duplicate of a training one (of any intent: it would
+    measure memory, not generalisation), and no two training utterances of one intent are
+    near-duplicates (padding, not data). Across intents, training pairs such as "repeat my last
+    order" / "rate my last order" are kept: they teach the difference."""
+    trained = load_sample_examples()
+    found = [
+        f"held-out {h['text']!r} ~ training {t['text']!r} ({why})"
+        for h in held_out()
+        for t in trained
+        if (why := near_duplicate(h["text"], t["text"]))
+    ]
+    found += [
+        f"training {a['text']!r} ~ {b['text']!r} ({a['intent']}: {why})"
+        for a, b in itertools.combinations(trained, 2)
+        if a["intent"] == b["intent"] and (why := near_duplicate(a["text"], b["text"]))
+    ]
+    assert found == [], "\n".join(found)
 
 
 def test_default_nlu_train_scores_on_the_held_out_set(models: dict[int, IntentModel]) -> None:

@@ -86,7 +86,7 @@ class Feed:
 def post_job(http: httpx.Client, kind: str = "simulate", **params: Any) -> dict[str, Any]:
     resp = http.post("/training/jobs", json={"kind": kind, "params": params})
     assert resp.status_code == 201, resp.text
-    return resp.json()  # type: ignore[no-any-return]
+    return resp.json()
 
 
 def assert_monotonic_per_attempt(updates: list[dict[str, Any]]) -> None:

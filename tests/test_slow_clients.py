@@ -306,7 +306,7 @@ def test_sigterm_closes_websockets_with_1001_and_watch_resumes(
             what="the job to be under way",
         )
         sent = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        srv.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]  # proc is set: the server was started
         for t in readers:
             t.join(15)
         assert srv.stop() == 0

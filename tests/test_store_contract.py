@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from netproxy import NetProxy, netproxy  # noqa: F401
+from netproxy import NetProxy, netproxy  # noqa: F401 - pytest fixtures, used by name
 from redisserver import RedisServer
 
 from mangwale_cli import wire
@@ -41,7 +41,7 @@ Q, R, S, F, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobSt
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(fn())  # type: ignore[arg-type]
+    return asyncio.run(fn())  # type: ignore[arg-type]  # asyncio.run takes a coroutine; Awaitable is what the lambdas give
 
 
 def make_job(n: int, status: JobStatus = Q, created: int | None = None, attempt: int = 0) -> Job:
@@ -367,7 +367,7 @@ def test_expect_attempt_and_statuses(backend: Backend) -> None:
                     await store.write_job(job, update(job), expect=expect)
                 assert info.value.message.endswith(": " + reason)
             await store.write_job(job, update(job), expect=Expect(attempt=1, statuses=frozenset({"queued"})))
-            assert (await store.get_job(job.id)).status is C  # type: ignore[union-attr]
+            assert (await store.get_job(job.id)).status is C  # type: ignore[union-attr]  # the job exists here: get_job is None only for an unknown id
 
     run(main)
 
@@ -460,7 +460,7 @@ def test_a_write_releasing_the_lease_ends_it(backend: Backend) -> None:
             job.status, job.lease = Q, None
             await store.write_job(job, update(job), expect=Expect(holder="A", token=1))
             assert not await store.lease_live("job-01")
-            assert (await store.get_job("job-01")).lease is None  # type: ignore[union-attr]
+            assert (await store.get_job("job-01")).lease is None  # type: ignore[union-attr]  # the job exists here: get_job is None only for an unknown id
 
     run(main)
 
@@ -568,7 +568,7 @@ def test_each_write_logs_its_event(backend: Backend) -> None:
             assert (await store.write_job(run_, None, expect=Expect.lease_of(run_))).job_seq == 3
             run_.status, run_.lease = S, None
             final = await store.write_job(run_, update(run_), expect=Expect(holder="A", token=1), durable=True)
-            assert final.job_seq == 4 and (await store.get_job(job.id)).job_seq == 4  # type: ignore[union-attr]
+            assert final.job_seq == 4 and (await store.get_job(job.id)).job_seq == 4  # type: ignore[union-attr]  # the job exists here: get_job is None only for an unknown id
             await store.create_dataset(make_dataset(1))
             await store.delete_jobs([job.id])
 
@@ -896,7 +896,7 @@ def test_redis_created_job_is_queued_in_the_same_step(redis_server_module: Redis
 
 
 def test_redis_a_retried_write_changes_nothing_twice(
-    redis_server_module: RedisServer, tmp_path: Path, netproxy: Callable[[int], NetProxy]  # noqa: F811
+    redis_server_module: RedisServer, tmp_path: Path, netproxy: Callable[[int], NetProxy]  # noqa: F811 - pytest fixtures imported by name, received as parameters
 ) -> None:
     """Replies lost on the way back (the script ran): redis-py's retry on a fresh connection, and
     the caller's own retry of the same write, get the first reply back; nothing is appended or
@@ -1119,7 +1119,7 @@ def test_redis_hung_times_out_as_unavailable(redis_server: RedisServer, tmp_path
             assert_unavailable(info.value, redis_server, started)
             assert "did not answer in time" in info.value.message
             redis_server.resume()
-            assert (await store.get_job("job-01")).id == "job-01"  # type: ignore[union-attr]
+            assert (await store.get_job("job-01")).id == "job-01"  # type: ignore[union-attr]  # the job exists here: get_job is None only for an unknown id
         finally:
             redis_server.resume()
             await store.close()
@@ -1251,7 +1251,7 @@ def test_redis_instances_racing_writes_keep_one_order(redis_server_module: Redis
                 assert [e["jobSeq"] for e in mine] == list(range(1, 9))
                 assert mine[0]["type"] == "job_created" and [e.get("status") for e in mine][-1] == "succeeded"
                 assert [e["progress"] for e in mine[2:7]] == [0, 20, 40, 60, 80]
-                assert (await stores[0].get_job(f"job-{n:02d}")).job_seq == 8  # type: ignore[union-attr]
+                assert (await stores[0].get_job(f"job-{n:02d}")).job_seq == 8  # type: ignore[union-attr]  # the job exists here: get_job is None only for an unknown id
         finally:
             for s in stores:
                 await s.close()

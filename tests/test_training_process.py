@@ -149,7 +149,7 @@ def wait_job(http: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, 
         doc: dict[str, Any] = http.get(f"/training/jobs/{job_id}").json()
         return doc if doc["status"] in TERMINAL else None
 
-    return wait_for(ended, timeout, 0.05, f"job {job_id} to end")  # type: ignore[no-any-return]
+    return wait_for(ended, timeout, 0.05, f"job {job_id} to end")
 
 
 def stored_pids(http: httpx.Client, job_id: str) -> tuple[int, int]:
@@ -162,7 +162,7 @@ def stored_pids(http: httpx.Client, job_id: str) -> tuple[int, int]:
                 return int(leader), int(child)
         return None
 
-    return wait_for(pids, 10, 0.05, "the command's pids line")  # type: ignore[no-any-return]
+    return wait_for(pids, 10, 0.05, "the command's pids line")
 
 
 def _live_procs() -> Iterator[tuple[int, str, bytes]]:
@@ -228,7 +228,7 @@ class Feed:
         ]
 
     def wait_terminal(self, job_id: str, timeout: float = 20) -> dict[str, Any]:
-        return wait_for(  # type: ignore[no-any-return]
+        return wait_for(
             lambda: next(
                 (m for m in self.of_job(job_id, "training_update") if m["status"] in TERMINAL), None
             ),

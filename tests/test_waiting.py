@@ -50,7 +50,7 @@ def test_a_pass_reads_the_queue_only_when_the_takers_change(tmp_path: Path) -> N
             for i in range(1, n + 1):
                 await store.create_job(queued(i))
             counting = Counting(store)
-            board = Waiting(counting, "a", lambda: list(takers), stale_after=5)  # type: ignore[arg-type]
+            board = Waiting(counting, "a", lambda: list(takers), stale_after=5)  # type: ignore[arg-type]  # Counting wraps a Store and forwards what Waiting calls
 
             async def answers() -> set[str | None]:
                 return {j.waiting_for for j in await store.list_jobs(statuses=[JobStatus.QUEUED])}

@@ -122,12 +122,12 @@ def create_job(server: ServerProcess, **params: Any) -> str:
 
 def get_job(server: ServerProcess, job_id: str) -> dict[str, Any]:
     with server.client() as c:
-        return c.get(f"/training/jobs/{job_id}").json()  # type: ignore[no-any-return]
+        return c.get(f"/training/jobs/{job_id}").json()
 
 
 def server_events(server: ServerProcess, job_id: str) -> list[dict[str, Any]]:
     with server.client() as c:
-        return c.get(f"/training/jobs/{job_id}/events", params={"since": 0}).json()  # type: ignore[no-any-return]
+        return c.get(f"/training/jobs/{job_id}/events", params={"since": 0}).json()
 
 
 def finished(server: ServerProcess, job_id: str) -> bool:

@@ -97,7 +97,7 @@ class Tail:
                     return w
             return None
 
-        return wait_for(seen, timeout, 0.02, f"worker {worker_id} {state} in a worker_update")  # type: ignore[no-any-return]
+        return wait_for(seen, timeout, 0.02, f"worker {worker_id} {state} in a worker_update")
 
     def close(self) -> None:
         self.ws.close()
@@ -123,8 +123,8 @@ def _worker_id(server: ServerProcess, name: str) -> str:
 
 
 def test_a_job_on_a_worker_is_announced_busy_then_up_without_numbering(
-    only_serves: ServerProcess, workers: Callable[..., WorkerProcess], tails: Callable[..., Tail],  # noqa: F811
-    watches: Callable[..., Watch],  # noqa: F811
+    only_serves: ServerProcess, workers: Callable[..., WorkerProcess], tails: Callable[..., Tail],  # noqa: F811 - pytest fixtures imported by name, received as parameters
+    watches: Callable[..., Watch],  # noqa: F811 - pytest fixtures imported by name, received as parameters
 ) -> None:
     """A watcher sees the worker register (up), take a job (busy, running it), finish it (up) and
     die (lost); the job's numbered events stay gapless from the watcher's head (worker updates
@@ -171,8 +171,8 @@ def test_a_job_on_a_worker_is_announced_busy_then_up_without_numbering(
 
 
 def test_redis_every_instance_lists_and_announces_every_worker(
-    server_factory: Callable[..., ServerProcess], redis_server: Any, workers: Callable[..., WorkerProcess],  # noqa: F811
-    tails: Callable[..., Tail], netproxy: Callable[[int], NetProxy], tmp_path: Path,  # noqa: F811
+    server_factory: Callable[..., ServerProcess], redis_server: Any, workers: Callable[..., WorkerProcess],  # noqa: F811 - pytest fixtures imported by name, received as parameters
+    tails: Callable[..., Tail], netproxy: Callable[[int], NetProxy], tmp_path: Path,  # noqa: F811 - pytest fixtures imported by name, received as parameters
 ) -> None:
     """Two instances on one Redis; a worker connects to A through a balancer. B's GET /workers and
     `workers list` show it (connected to A), and B's watchers see it take a job created on B and
@@ -225,7 +225,7 @@ def test_redis_every_instance_lists_and_announces_every_worker(
 
 
 def test_redis_the_workers_of_a_dead_instance_are_announced_by_another(
-    server_factory: Callable[..., ServerProcess], redis_server: Any, workers: Callable[..., WorkerProcess],  # noqa: F811
+    server_factory: Callable[..., ServerProcess], redis_server: Any, workers: Callable[..., WorkerProcess],  # noqa: F811 - pytest fixtures imported by name, received as parameters
     tails: Callable[..., Tail], tmp_path: Path,
 ) -> None:
     """kill -9 of the instance a worker is connected to leaves nobody there to announce it: B marks

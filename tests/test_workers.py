@@ -574,7 +574,7 @@ def test_the_dispatcher_wakes_for_creates_requeues_and_ends_not_progress() -> No
 
     def woken(event: dict[str, Any], is_log: bool = False) -> bool:
         hub = SimpleNamespace(_wake=asyncio.Event())
-        WorkerHub._on_events(hub, [Record(1, "job-1", None if is_log else 1, dumps(event), is_log)])  # type: ignore[arg-type]
+        WorkerHub._on_events(hub, [Record(1, "job-1", None if is_log else 1, dumps(event), is_log)])  # type: ignore[arg-type]  # a namespace holding the one attribute _on_events uses stands in for the hub
         return hub._wake.is_set()
 
     job = Job(id="job-1", kind="simulate", dataset_id=None, message='said "status":"queued"')

@@ -3,7 +3,6 @@ produced (logs, metrics, predictions, the model), each through one ``Client`` ca
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,11 +22,12 @@ NOT_FINITE = "is not a finite number (NaN, Infinity and numbers past 1.8e308 hav
 
 def _parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
     from ..client import non_finite
+    from ..jsonin import read_json
 
     params: dict[str, Any] = {}
     if raw is not None:
         try:
-            loaded = json.loads(raw)
+            loaded = read_json(raw, "--params", prefix="params.")
         except ValueError as exc:
             raise InvalidInput(f"--params is not valid JSON: {exc}", field="params") from None
         if not isinstance(loaded, dict):
@@ -40,7 +40,7 @@ def _parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
         if not sep or not key:
             raise InvalidInput(f"-p {pair!r} is not KEY=VALUE", field="param")
         try:
-            params[key] = json.loads(value)
+            params[key] = read_json(value, f"params.{key}", prefix=f"params.{key}.")
         except ValueError:
             params[key] = value
         if non_finite(params[key]):

@@ -41,7 +41,8 @@ def error_line(message: str) -> None:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_LONG_NUMBER = re.compile(r"\d{25,}")
+# A run of digits the server has cut already ("1000...") has lost its length: it is not counted.
+_LONG_NUMBER = re.compile(r"\d{25,}(\.\.\.|…)?")
 _LONG_WORD = re.compile(r"\S{121,}")
 MAX_LINE = 600
 
@@ -49,10 +50,11 @@ MAX_LINE = 600
 def one_line(message: str) -> str:
     """``message`` fit for one line of a terminal: control characters shown escaped (a server's
     message cannot move the cursor), numbers past 24 digits and words past 120 characters cut
-    (``1000000000…(310 digits)``), and the whole at most ``MAX_LINE`` characters."""
+    (``1000000000…(310 digits)``; ``1000000000…`` when the server had cut it already), and
+    the whole at most ``MAX_LINE`` characters."""
     text = " ".join(message.split())
     text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-    text = _LONG_NUMBER.sub(lambda m: f"{m.group()[:10]}…({len(m.group())} digits)", text)
+    text = _LONG_NUMBER.sub(lambda m: m.group()[:10] + ("…" if m.group(1) else f"…({len(m.group())} digits)"), text)
     text = _LONG_WORD.sub(lambda m: f"{m.group()[:60]}…({len(m.group())} characters)", text)
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 1] + "…"
 

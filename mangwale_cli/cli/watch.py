@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..errors import Conflict, InvalidInput, MangwaleError
-from .options import ConnectTimeoutOpt, check_connect_timeout
+from .options import ConnectTimeoutOpt, TokenOpt, UrlOpt, check_connect_timeout, settings_for
 
 if TYPE_CHECKING:
     from ..follow import Follower
@@ -83,9 +83,8 @@ def watch(
     since: Annotated[
         int | None, typer.Option("--since", min=0, metavar="SEQ", help="replay the events after this seq [default: a job's whole history; with --all, now]")
     ] = None,
-    url: Annotated[
-        str | None, typer.Option("--url", envvar="MANGWALE_URL", metavar="URL", help="server URL [default: http://localhost:8080]")
-    ] = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Follow jobs live until they end, and exit with their outcome.
 
@@ -103,8 +102,12 @@ def watch(
     if cancel_on_interrupt and all_jobs:
         raise InvalidInput("--cancel-on-interrupt needs job ids or --latest, not --all", field="cancel-on-interrupt")
     check_connect_timeout(connect_timeout)
+    # As every other command: the flag after the command, the one before it, then the
+    # environment, so that a bad URL's error names the one setting it came from.
+    settings = settings_for(url, token)
     code = run_watch(
-        url=url,
+        url=settings.url,
+        token=settings.token,
         job_ids=ids,
         all_jobs=all_jobs,
         latest=latest,
@@ -136,6 +139,7 @@ def default_output() -> Output:
 def run_watch(
     *,
     url: str | None,
+    token: str | None = None,
     job_ids: list[str],
     all_jobs: bool = False,
     latest: bool = False,
@@ -153,6 +157,7 @@ def run_watch(
 
     follower = Follower(
         url,
+        token=token,
         jobs=job_ids,
         all_jobs=all_jobs,
         latest=latest,
@@ -180,7 +185,7 @@ def run_watch(
         except KeyboardInterrupt:
             reason = "cancelled" if cancel_on_interrupt else "detached"
             view.close(reason)
-            code = _interrupted(follower, view, cancel_on_interrupt)
+            code = _interrupted(follower, view, cancel_on_interrupt, token)
         except MangwaleError as exc:
             reason = exc.code
             view.close(reason)
@@ -212,7 +217,7 @@ async def _follow(follower: Follower, view: Renderer) -> Any:
         ticker.cancel()
 
 
-def _interrupted(follower: Follower, view: Renderer, cancel: bool) -> int:
+def _interrupted(follower: Follower, view: Renderer, cancel: bool, token: str | None) -> int:
     from ..client import Client
     from ..follow import outcome_code
     from .watchview import stderr_line
@@ -224,7 +229,7 @@ def _interrupted(follower: Follower, view: Renderer, cancel: bool) -> int:
             ids = " ".join(v.id for v in pending)
             stderr_line(f"detached; still running on the server: {ids} (follow again: mangwale watch {ids})")
         return INTERRUPTED
-    with Client(follower.url) as client:
+    with Client(follower.url, token=token) as client:
         for v in pending:
             try:
                 v.apply_doc(client.cancel_job(v.id))

@@ -46,6 +46,8 @@ def worker(
         raise InvalidInput(f"--log-level must be one of {', '.join(LOG_LEVELS).lower()}, got {log_level!r}", field="log-level")
     settings = settings_for(url, token)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    if log_level.upper() != "DEBUG":  # httpx logs every request at INFO: noise, and a 2nd line on an error
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     agent = WorkerAgent(settings.url, token=settings.token, labels=label, concurrency=concurrency, name=name,
                         trainers=local_trainers(config), connect_timeout=connect_timeout)  # fmt: skip
     asyncio.run(agent.run())

@@ -1,9 +1,11 @@
 """How long a training run has left, from what the run itself has measured so far.
 
-Three parts: the epochs still to go, at the pace of the last few epochs; the validation at the
-end, about one epoch's validation pass; and the save, which on a small data set takes longer than all the epochs together. The save is
-estimated from the model's size, at this machine's present speed: ``SaveCost`` times a small
-sample of what ``modelfile.dump`` will do (writing vocabulary entries as JSON, compressing the weights).
+Four parts: the epochs still to go, at the mean pace of the last three; the validation at the
+end, counted as 1.5 times the last epoch's validation pass; the save, which on a small data set
+takes longer than all the epochs together; and ``FINISH_SECONDS``. The save is estimated from the
+model's size, at this machine's present speed (``save_seconds``: a small sample of what
+``modelfile.dump`` will do, writing vocabulary entries as JSON and compressing the weights, timed
+and scaled up). The entity extractor's training is not counted.
 """
 
 from __future__ import annotations

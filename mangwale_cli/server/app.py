@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .. import __version__, wire
-from ..errors import MangwaleError
+from ..errors import InvalidInput, MangwaleError
+from ..jsonin import read_json, too_long
 from ..metrics import Metrics
 from ..service import Service
 from ..settings import Settings
@@ -137,6 +138,9 @@ def describe_invalid(error: dict[str, Any], field: str | None) -> str:
         return f"unknown field {name}"
     if kind in _KINDS:
         return f"{name} must be {_KINDS[kind]}, got {wire.show(value)}"
+    if kind == "int_parsing_size":  # past Python's 4,300 digits: a query's since=1000...
+        text = str(value).strip()
+        return too_long(name, len(text.lstrip("+-")), text)
     if kind == "finite_number":
         return f"{name} must be a finite number, got {wire.show(value)}"
     if kind in _BOUNDS:
@@ -157,6 +161,18 @@ def describe_invalid(error: dict[str, Any], field: str | None) -> str:
         reason = str(ctx.get("error") or error.get("msg", "")).removeprefix("Value error, ")
         return f"{name} {reason}" if reason.startswith("must") else f"{name}: {reason}"
     return f"{name}: {error.get('msg', 'invalid value')}"  # a kind not worded above
+
+
+async def _body_problem(request: Request) -> MangwaleError | None:
+    """Why ``read_json`` cannot read the request's body (already read by the route, and kept
+    by its ``Request``), or None."""
+    try:
+        read_json(await request.body())
+    except InvalidInput as exc:
+        return exc
+    except (ValueError, RuntimeError):  # a syntax error; or a body no longer there to read
+        return None
+    return None
 
 
 def _allowed_methods(request: Request, fallback: str | None) -> str | None:
@@ -239,6 +255,12 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI's "There was an error parsing the body": json.loads refused what is not a
+        # syntax error (a number of more than 4,300 digits, bytes that are not UTF-8).
+        # read_json says which field, in mangwale's words.
+        unreadable = exc.status_code == 400 and isinstance(exc.__cause__, ValueError) and await _body_problem(request)
+        if unreadable:
+            return error_response(unreadable)
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":

@@ -23,7 +23,6 @@ The routes stay in FastAPI's router too, so the OpenAPI document lists them, and
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,7 +36,8 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import MangwaleError
+from ..errors import InvalidInput, MangwaleError
+from ..jsonin import read_json
 from ..tokens import Scope as TokenScope
 from ..wire import JobCreate
 from . import routes
@@ -146,8 +146,9 @@ class HotRoutes:
     async def create_job(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The usual request (a JSON body that validates, a short or no ``Idempotency-Key``)
         straight to the service; anything else, replayed to FastAPI's handler, which words the
-        error exactly as the document says (so the two parse alike: ``json.loads``, then the
-        model on the Python value, as FastAPI does)."""
+        error exactly as the document says (so the two parse alike: ``jsonin.read_json``, which
+        takes what ``json.loads`` takes, then the model on the Python value, as FastAPI does;
+        what only ``json.loads`` cannot read, the app's error handler rewords with ``read_json``)."""
         scope["app"] = self.app
         content_type = key = None
         for name, value in scope["headers"]:
@@ -174,8 +175,8 @@ class HotRoutes:
             key is None or len(key) <= 200
         ):
             try:
-                job_in = JobCreate.model_validate(json.loads(body))
-            except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                job_in = JobCreate.model_validate(read_json(body))
+            except (ValueError, ValidationError, InvalidInput):  # InvalidInput: a number too long to read, not UTF-8
                 job_in = None
         if job_in is None:
             await self.create(scope, _replay(body), send)

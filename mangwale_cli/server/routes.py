@@ -158,10 +158,11 @@ def _int_param(raw: str | None, name: str, low: int, high: int) -> int | None:
     if raw is None:
         return None
     if not _INT.fullmatch(raw):
-        raise InvalidInput(f"{name} must be an integer, got {raw[:40]!r}", field=name)
-    n = int(raw)
-    if not low <= n <= high:
-        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        raise InvalidInput(f"{name} must be an integer, got {wire.show(raw)}", field=name)
+    # Past 24 digits it is out of any range here, and int() refuses past 4,300 digits.
+    n = int(raw) if len(raw) <= 25 else None
+    if n is None or not low <= n <= high:
+        shown = wire.show(raw).strip("'")  # "1000000000…(5000 digits)"
         raise InvalidInput(f"{name} must be from {low} to {high}, got {shown}", field=name)
     return n
 

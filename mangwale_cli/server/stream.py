@@ -39,6 +39,7 @@ from .. import wire
 from ..errors import InvalidInput, Unavailable
 from ..eventlog import Record
 from ..events import FutureSince, Subscription
+from ..jsonin import MAX_DIGITS, too_long
 from ..metrics import Metrics
 from ..service import Service
 from .auth import admit
@@ -66,12 +67,15 @@ def parse_replay_params(
     """Validate the replay query parameters shared by WebSocket and SSE."""
     since_n: int | None = None
     if since not in (None, ""):
+        digits = since.strip().lstrip("+-")
+        if len(digits) > MAX_DIGITS:  # int() would refuse it in Python's words
+            raise InvalidInput(too_long("since", len(digits), digits), field="since")
         try:
             since_n = int(since)
         except ValueError:
-            raise InvalidInput(f"since must be a non-negative integer, got {since!r}", field="since") from None
+            raise InvalidInput(f"since must be a non-negative integer, got {wire.show(since)}", field="since") from None
         if since_n < 0:
-            raise InvalidInput(f"since must be a non-negative integer, got {since!r}", field="since")
+            raise InvalidInput(f"since must be a non-negative integer, got {wire.show(since)}", field="since")
     job_set: set[str] | None = None
     if jobs:
         job_set = {j.strip() for j in jobs.split(",") if j.strip()}

@@ -171,7 +171,7 @@ class _SendKeepsCancellation:
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         conn: Any = self
         if not conn.socket_timeout:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]  # a mixin ahead of redis-py's Connection, which mypy does not see here
             return
         if not conn.is_connected:
             connect = getattr(conn, "connect_check_health", None)  # redis-py 6+: no health check yet

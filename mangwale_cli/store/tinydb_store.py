@@ -266,7 +266,7 @@ class TinyDBStore(Store):
         self._reset()
         await asyncio.to_thread(migrate_if_needed, self.root)
         self._db = _DB(storage=LiveStorage, tables=self._raw)
-        self._tables = {name: self._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]
+        self._tables = {name: self._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]  # RecordTable is tinydb's Table; _DB's table_class makes every table one
         await asyncio.to_thread(self._load)
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         if self.fsync_interval > 0:
@@ -1000,7 +1000,7 @@ def _inspect_once(root: Path) -> Inspection:
     store = TinyDBStore(DataDir(root))
     store._read_only = True
     store._db = _DB(storage=LiveStorage, tables=store._raw)
-    store._tables = {name: store._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]
+    store._tables = {name: store._db.table(name) for name in (JOBS, DATASETS, IDEM, META)}  # type: ignore[misc]  # as in TinyDBStore.open
     store._load(read_only=True)
     try:
         jobs = {job_id: dict(store.jobs[job_id]) for job_id in list(store.jobs)}

@@ -106,6 +106,9 @@ def validate_declared(params: dict[str, Any], declared: list[Param]) -> dict[str
         elif p.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidInput(f"{field} must be a number, got {show(value)}", field=field)
+            if isinstance(value, int) and abs(value) > 2**1023:  # float() would overflow
+                bound = f"<= {show(p.maximum)}" if p.maximum is not None else "a finite number"
+                raise InvalidInput(f"{field} must be {bound}, got {show(value)}", field=field)
             if not math.isfinite(value):
                 raise InvalidInput(f"{field} must be a finite number, got {show(value)}", field=field)
             value = float(value)

@@ -59,7 +59,7 @@ def _watch_lifeline(lifeline: Connection) -> None:
     for hook in _lifeline_hooks:
         try:
             hook()
-        except Exception:  # noqa: BLE001  (exiting regardless; the next hook still runs)
+        except Exception:  # noqa: BLE001 - exiting regardless; the next hook still runs
             traceback.print_exc()
     os._exit(70)
 

@@ -1,0 +1,121 @@
+"""JSON as mangwale reads it from a client: a request body on the server, ``--params`` and
+``-p KEY=VALUE`` on the command line.
+
+``json.loads`` fails on two kinds of input with words that are Python's, not mangwale's, and
+without naming the field: an integer of more than 4,300 digits (Python refuses to read longer
+ones, as the time it takes grows with the square of the length) and text that is not UTF-8.
+``read_json`` reads them far enough to name the field, and raises an ``InvalidInput`` that says
+what is wrong in mangwale's words. Standard library only: the command line loads it too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .errors import InvalidInput
+
+MAX_DIGITS = 4300  # Python's default sys.get_int_max_str_digits(), which bounds json.loads too
+
+_LONG_RUN = re.compile(r"\d{25,}")
+
+
+def cut_digits(text: str) -> str:
+    """``text`` with each run of more than 24 digits cut to its first ten and its length, as
+    ``1000000000…(310 digits)``: what any error line shows of a long number."""
+    return _LONG_RUN.sub(lambda m: f"{m.group()[:10]}…({len(m.group())} digits)", text)
+
+
+def too_long(name: str, digits: int, head: str) -> str:
+    """How any refusal of a number of more than ``MAX_DIGITS`` digits reads."""
+    return f"{name} is a number of {digits} digits ({head[:10]}…); a number may have at most {MAX_DIGITS}"
+
+
+class _TooLong:
+    """Stands in for an integer literal of more than ``MAX_DIGITS`` digits while reading."""
+
+    def __init__(self, literal: str) -> None:
+        self.digits = len(literal.lstrip("-"))
+        self.head = literal[:10]
+
+
+def _parse_int(literal: str) -> int | _TooLong:
+    return _TooLong(literal) if len(literal.lstrip("-")) > MAX_DIGITS else int(literal)
+
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return f"{path}.{key}" if path else key
+
+
+def _find(value: Any, path: str, numbers: bool = True) -> tuple[str, Any] | None:
+    """The path and value of the first unreadable integer (unless not ``numbers``) or string
+    holding a byte that was not UTF-8 in ``value``."""
+    if (numbers and isinstance(value, _TooLong)) or (isinstance(value, str) and _bad_bytes(value)):
+        return path, value
+    items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _bad_bytes(key):
+            return _join(path, key), key
+        if found := _find(item, _join(path, key), numbers):
+            return found
+    return None
+
+
+def _bad_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def read_json(
+    data: str | bytes,
+    what: str = "the request body",
+    prefix: str = "",
+    parse_constant: Callable[[str], Any] | None = None,
+) -> Any:
+    """``data`` read as ``json.loads`` reads it (NaN and Infinity included: the caller checks
+    for them, to name the field). Bytes may be UTF-8, -16 or -32. An integer of more than ``MAX_DIGITS``
+    digits, or bytes that are not text in that encoding, raise ``InvalidInput`` naming the field
+    (``prefix`` + its path, e.g. ``params.steps``; ``what`` when it is the whole document).
+    Anything else that is not JSON raises ``ValueError`` (``json.JSONDecodeError``), as
+    ``json.loads`` does; ``parse_constant`` is ``json.loads``'s (to refuse NaN and Infinity)."""
+    if isinstance(data, (bytes, bytearray)):
+        encoding = json.detect_encoding(data)
+        try:
+            text = bytes(data).decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise _not_text(bytes(data), encoding, exc, what, prefix) from None
+    else:
+        text = data
+    doc = json.loads(text, parse_int=_parse_int, parse_constant=parse_constant)
+    found = _find(doc, "")
+    if found is not None:
+        path, value = found
+        field = prefix + path if path else (prefix.rstrip(".") or None)
+        name = field or what
+        raise InvalidInput(too_long(name, value.digits, value.head), field=field)
+    return doc
+
+
+def _not_text(data: bytes, encoding: str, exc: UnicodeDecodeError, what: str, prefix: str) -> InvalidInput:
+    """The error for bytes that are not ``encoding`` text, naming the field whose string holds
+    the first bad byte when the document reads as JSON around it."""
+    bad = f"byte 0x{data[exc.start]:02x} at offset {exc.start}"
+    field = None
+    if encoding.startswith("utf-8"):
+        try:
+            found = _find(json.loads(data.decode(encoding, "surrogateescape"), parse_int=_parse_int), "", numbers=False)
+        except ValueError:
+            found = None
+        if found is not None and found[0]:
+            field = prefix + found[0]
+    name = field or what
+    return InvalidInput(
+        f"{name} is not {encoding.upper().removesuffix('-SIG')} text ({bad}): JSON is sent as UTF-8",
+        field=field,
+        code="invalid_json",
+        status=400,
+    )
