@@ -26,6 +26,7 @@ from urllib.parse import quote
 from . import __version__
 from .connection import DEFAULT_URL, check_token, check_url, default_url
 from .errors import (
+    NO_ROUTE,
     InvalidInput,
     MangwaleError,
     NotFound,
@@ -183,7 +184,9 @@ def _checked(resp: Answer) -> Answer:
         except ValueError:
             body = None
         error = from_response(resp.status_code, body)
-        if not is_error_body(body):
+        if not is_error_body(body) or error.code == NO_ROUTE:
+            # No route: mangwale answered, but perhaps at a wrong path of the URL, which
+            # /healthz (at the same path) tells apart from a route an older server lacks.
             raise _Foreign(resp, error)
         raise error
     return resp
@@ -206,6 +209,12 @@ def _not_mangwale(url: str, foreign: _Foreign) -> NotMangwale:
     resp = foreign.resp
     req = resp.request
     server = resp.headers.get("server")
+    if foreign.error.code == NO_ROUTE:
+        return NotMangwale(
+            f"{url} is not the root of a mangwale server (it has no {req.method} {req.url.path}):"
+            " give http://HOST:PORT, without a path, in --url / MANGWALE_URL",
+            answered=resp.status_code,
+        )
     if 300 <= resp.status_code < 400:
         location = resp.headers.get("location")
         said = f"HTTP {resp.status_code}, a redirect" + (f" to {location[:80]}" if location else "")
@@ -609,7 +618,11 @@ class AsyncClient:
             return None
         if _is_health(resp):
             return None
-        return _not_mangwale(self.url, _Foreign(resp, from_response(resp.status_code, None)))
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        return _not_mangwale(self.url, _Foreign(resp, from_response(resp.status_code, body)))
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -217,6 +217,8 @@ class ConfigError(MangwaleError):
     exit_code = ExitCode.USAGE
 
 
+NO_ROUTE = "no_route"  # error.code of a 404 for a path no route has (not a missing job or dataset)
+
 _BY_STATUS: dict[int, type[MangwaleError]] = {
     400: InvalidInput,
     401: Unauthorized,

@@ -164,8 +164,8 @@ async def foreign_server(exc: BaseException, rest: Any) -> NotMangwale | None:
     """For a client that has not reached its server yet: the ``NotMangwale`` error (exit 8, at
     once) when ``exc`` shows that what answers at the URL is not mangwale, else None (retried
     until ``--connect-timeout``). A REST answer has been asked about already; a WebSocket
-    handshake answered with anything but the upgrade (an HTTP status other than 401/403, a
-    reply that is not HTTP/1.1) is checked against ``/healthz`` through ``rest``. A proxy's
+    handshake answered with anything but the upgrade (an HTTP status other than mangwale's own
+    401/403, a reply that is not HTTP/1.1) is checked against ``/healthz`` through ``rest``. A proxy's
     502/503/504 is a mangwale not up yet, not another server."""
     from websockets.exceptions import InvalidHandshake, InvalidStatus
 
@@ -173,7 +173,10 @@ async def foreign_server(exc: BaseException, rest: Any) -> NotMangwale | None:
     if isinstance(exc, NotMangwale):
         found = exc
     elif isinstance(exc, InvalidHandshake) and not (
+        # mangwale's own refusal carries its error body; a bare 403 is what a server answers a
+        # WebSocket at a path it has no route for (a URL with a stray path, another server).
         isinstance(exc, InvalidStatus) and exc.response.status_code in (401, 403)
+        and _error_message(exc.response.body) is not None
     ):
         found = await rest.not_mangwale()
     return found if found is not None and not found.gateway else None

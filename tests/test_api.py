@@ -714,8 +714,9 @@ def test_bad_list_query_is_422(api: TestClient, query: str, field: str) -> None:
 
 
 def test_unknown_route_is_404_in_the_error_shape(api: TestClient) -> None:
-    """An unknown path is 404 with the same JSON error body; a wrong method is 405."""
-    err = assert_error(api.get("/training/nope"), 404, None, "not_found")
+    """An unknown path is 404 with the same JSON error body, code no_route (a missing job is
+    not_found); a wrong method is 405."""
+    err = assert_error(api.get("/training/nope"), 404, None, "no_route")
     assert "/training/nope" in err["message"]
     assert_error(api.delete("/training/jobs"), 405, None, "method_not_allowed")
 

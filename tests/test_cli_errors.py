@@ -322,6 +322,27 @@ def test_an_empty_id_is_a_usage_error(live: ServerProcess, args: tuple[str, ...]
     assert "id is empty" in line
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("jobs", "list"), ("jobs", "show", "job-1"), ("datasets", "list"), ("jobs", "create", "simulate"),
+     ("watch", "job-1"), ("watch", "--all")],
+    ids=lambda a: " ".join(a),
+)
+def test_a_url_with_a_stray_path_is_exit_8_naming_the_root(live: ServerProcess, args: tuple[str, ...]) -> None:
+    """`--url http://host:8080/api`: a mangwale answers, but "no route" (not "job not found",
+    exit 4): exit 8 at once, one line saying the URL must be the server's root."""
+    line = error_line(cli(*args, url=live.url + "/api"), 8)
+    assert f"{live.url}/api is not the root of a mangwale server" in line and "http://HOST:PORT" in line
+
+
+def test_a_route_a_server_lacks_at_its_root_stays_a_plain_error(live: ServerProcess) -> None:
+    """At the root URL, a path no route has is the server's own 404 (an older server than the
+    client), named as such: /healthz answered, so it is mangwale, not a wrong URL."""
+    with httpx.Client(base_url=live.url) as http:
+        body = http.get("/training/nothing-here").json()
+    assert body["error"]["code"] == "no_route" and body["error"]["message"] == "no route GET /training/nothing-here"
+
+
 def test_a_mangwale_error_is_not_taken_for_another_server(live: ServerProcess) -> None:
     """A mangwale 404 stays "not found" (exit 4), without asking /healthz."""
     line = error_line(cli("jobs", "show", "job-nope", url=live.url), 4)

@@ -61,7 +61,7 @@ app.get('/metrics', (req, res) => {
 });
 
 app.use((req, res) => {
-  res.status(404).json({ error: { code: 'not_found', message: `no route ${req.method} ${req.path}`, field: null } });
+  res.status(404).json({ error: { code: 'no_route', message: `no route ${req.method} ${req.path}`, field: null } });
 });
 
 // eslint-disable-next-line no-unused-vars

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .. import __version__, wire
-from ..errors import InvalidInput, MangwaleError
+from ..errors import NO_ROUTE, InvalidInput, MangwaleError
 from ..jsonin import read_json, too_long
 from ..metrics import Metrics
 from ..service import Service
@@ -264,7 +264,9 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.method} {request.url.path}"
+            # A path no route has (not a job or dataset that is missing): its own code, so a
+            # client whose URL has a stray path (http://host:8080/api) can say so.
+            code, message = NO_ROUTE, f"no route {request.method} {request.url.path}"
         err = MangwaleError(message, code=code, status=exc.status_code)
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:  # every method of the path, not only the first route's
