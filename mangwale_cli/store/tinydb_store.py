@@ -244,6 +244,7 @@ class TinyDBStore(Store):
         self._unsynced = False
         self._closed = False
         self._failing: OSError | None = None
+        self._broken: str | None = None  # a failed batch could not be cut off: no more writes
         # snapshots
         self._snap_record = 0
         self._snap_size = 0  # log bytes written when the last snapshot was taken
@@ -468,6 +469,8 @@ class TinyDBStore(Store):
     async def _submit(self, stage: Callable[[_View], Staged | None], *, durable: bool, noop: Any = None) -> Any:
         if self._closed:
             raise Unavailable("the store is closed")
+        if self._broken is not None:
+            raise Unavailable(self._broken)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(stage, durable, fut, noop))
         self._kick.set()
@@ -545,9 +548,9 @@ class TinyDBStore(Store):
             return
         if seq >= self._ceiling:  # reserve more seqs first (a power loss must not reuse one)
             await asyncio.to_thread(self._write_run, clean=False, upto=seq)
+        written = None
         try:
-            segment, start = self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
-            self._written += sum(len(c) for c in chunks)
+            written = self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
             self._unsynced = True
             if durable:
                 await asyncio.to_thread(self.log.sync)
@@ -555,7 +558,15 @@ class TinyDBStore(Store):
                 self.fsyncs += 1
                 self.durable_records += len(staged)
         except OSError as exc:
-            self.log.undo(self.log.size)  # write() cut a failed batch; a failed fsync leaves it unacknowledged
+            # write() cut off what it let through. A failed fsync: the batch is complete in the
+            # log but will not be acknowledged, so it is cut off too, or the next batch would
+            # reuse its record numbers and the log would not read back.
+            if written is not None and not self.log.unwrite(written):
+                self._broken = (
+                    f"the store's log {written.segment.path} could not be cut back after a failed write; "
+                    "restart the server"
+                )
+                log.error("%s", self._broken)
             err = self._write_failed(exc)
             for p, _, _ in staged:
                 if not p.future.done():
@@ -564,9 +575,10 @@ class TinyDBStore(Store):
         if self._failing is not None:
             log.info("store log %s can be written again", self.log.dir)
             self._failing = None
+        self._written += total
         faults.point("wal-synced")
         for rec, end, size in events:  # where each event's text is, once it leaves memory
-            rec.place(segment, start + end - size, size)
+            rec.place(written.segment, written.start + end - size, size)
         self._record, self._seq = record, seq
         records: list[Record] = []
         for p, st, rec in staged:
@@ -604,6 +616,7 @@ class TinyDBStore(Store):
                 try:
                     await asyncio.to_thread(self.log.sync)
                 except OSError as exc:
+                    self._unsynced = True  # still owed: the next round tries again
                     log.error("store log fsync failed: %s", exc.strerror)
 
     async def head(self) -> str:
