@@ -726,9 +726,9 @@ class TinyDBStore(Store):
     async def delete_jobs(self, job_ids: list[str], reason: str = "deleted") -> list[str]:
         def stage(view: _View) -> Staged | None:
             gone = []
+            bases = self._bases_in_use(view)
             for job_id in dict.fromkeys(job_ids):
-                doc = view.get(JOBS, job_id)
-                if doc is not None and doc["status"] in _TERMINAL:
+                if job_id not in bases and self._status(view, job_id) in _TERMINAL:
                     gone.append(job_id)
             if not gone:
                 return None
@@ -737,6 +737,25 @@ class TinyDBStore(Store):
 
         gone: list[str] = await self._submit(stage, durable=True, noop=[])
         return gone
+
+    def _status(self, view: _View, job_id: str) -> str | None:
+        """A job's status as of the batch, from the index (an archived document is not read)."""
+        if (JOBS, job_id) in view.over:
+            doc = view.over[(JOBS, job_id)]
+            return None if doc is None else str(doc["status"])
+        e = self.jobs.entries.get(job_id)
+        return None if e is None else e.status
+
+    def _bases_in_use(self, view: _View) -> set[str]:
+        """``params.baseJobId`` of every queued or running job as of the batch: never deleted."""
+        docs = {job_id: doc for job_id, doc in self.jobs.active_docs() if (JOBS, job_id) not in view.over}
+        docs.update((key, doc) for (table, key), doc in view.over.items() if table == JOBS and doc is not None)
+        out = set()
+        for doc in docs.values():
+            base = (doc.get("params") or {}).get("baseJobId")
+            if isinstance(base, str) and doc["status"] not in _TERMINAL:
+                out.add(base)
+        return out
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = self._tables[JOBS].raw(job_id)
@@ -758,12 +777,8 @@ class TinyDBStore(Store):
     async def count_jobs(self) -> dict[str, int]:
         return self.jobs.counts()
 
-    async def finished_before(self, finished_before: int, statuses: Iterable[JobStatus], limit: int) -> list[Job]:
-        ids = self.jobs.finished_before(finished_before, [s.value for s in statuses], limit)
-        return [Job.from_dict(self.jobs[i]) for i in ids]
-
-    def oldest_finished(self, keep: int, statuses: Iterable[JobStatus], limit: int) -> list[str]:
-        return self.jobs.oldest_finished(keep, [s.value for s in statuses], limit)
+    async def finished_jobs_by_finish_time(self, statuses: Iterable[JobStatus]) -> list[tuple[int, str]]:
+        return self.jobs.finished_by_time([s.value for s in statuses])
 
     # --- datasets ---------------------------------------------------------------------------
 
