@@ -759,6 +759,34 @@ def test_idempotency_keys_expire(tmp_path: Path) -> None:
     run(main)
 
 
+def test_expired_idempotency_keys_leave_memory_at_the_next_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys past their TTL are dropped from memory by the next snapshot (not only from its file),
+    so a server taking a key per request does not grow forever; live keys stay, and a key
+    re-used before the snapshot finishes keeps its new life."""
+    from mangwale_cli.store import tinydb_store
+
+    clock = {"now": 1_000_000}
+    monkeypatch.setattr(tinydb_store, "now_ms", lambda: clock["now"])
+
+    async def main() -> None:
+        async with opened(tmp_path, idempotency_ttl=60) as store:
+            for n in range(1, 4):
+                await store.create_job(make_job(n), (f"old-{n}", "fp"))
+            clock["now"] += 30_000
+            await store.create_job(make_job(4), ("young", "fp"))
+            clock["now"] += 40_000  # the old keys are 70 s old, "young" 40 s
+            await store.snapshot()
+            assert set(store._raw["idem"]) == {"young"}
+            again, created = await store.create_job(make_job(5), ("old-1", "fp"))
+            assert created and again.id == "job-00005"  # an expired key is free again
+        async with opened(tmp_path) as store:
+            assert set(store._raw["idem"]) == {"young", "old-1"}
+
+    run(main)
+
+
 def test_old_events_leave_memory_and_replay_from_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beyond the newest few, ring records keep only where their text is in the log; replay reads
     them back byte for byte, before and after a restart, also once their segment is rolled."""

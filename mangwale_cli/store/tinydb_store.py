@@ -891,6 +891,7 @@ class TinyDBStore(Store):
         # puts a new dict), so holding references is a consistent picture of this record.
         now = now_ms()
         merge = self.jobs.sparse(self._segments, min_size=1024)
+        expired = [k for k, v in self._raw[IDEM].items() if v.get("expiresAt", 0) <= now]
         plan = snapshot.Plan(
             record=self._record,
             seq=self._seq,
@@ -924,6 +925,14 @@ class TinyDBStore(Store):
         self._dataset_files = done.dataset_files
         self._snap_record, self._snap_size = plan.record, self._written
         self.snapshots += 1
+        # Expired Idempotency-Keys leave memory too (the snapshot left them out of its file):
+        # a key per request would otherwise grow the table forever. One re-used meanwhile
+        # (a new expiry) stays.
+        idem = self._tables[IDEM]
+        for key in expired:
+            v = idem.raw(key)
+            if v is not None and v.get("expiresAt", 0) <= now:
+                idem.drop(key)
         await asyncio.to_thread(snapshot.cleanup, self.root, merge, old_files)
         self._drop_log()
 
