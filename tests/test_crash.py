@@ -546,3 +546,30 @@ def test_kills_aimed_at_one_of_two_redis_instances_keep_every_invariant(
     assert final["terminal"] == final["jobs"]
     with capsys.disabled():
         print(f"\nS1 on two Redis instances (seed {seed}): {figures}, {final}")
+
+
+def test_a_corrupt_line_in_the_middle_of_the_log_stops_serve_with_one_line(server: ServerProcess) -> None:
+    """`mangwale serve` on a data dir whose log has a bad line with good lines after it (not a
+    torn tail) exits 1 with one line on stderr naming the file and the line, no traceback, and
+    leaves the log as it was: nothing set aside, nothing rewritten."""
+    with server.client() as http:
+        for _ in range(4):
+            assert http.post("/training/jobs", json={"kind": "simulate", "params": {"steps": 1, "stepMs": 1}}).status_code == 201
+    assert server.stop() == 0
+    logs = sorted((server.data_dir / "log").glob("*.log"))
+    seg = logs[-1]
+    lines = seg.read_bytes().splitlines(keepends=True)
+    assert len(lines) > 6
+    bad = len(lines) // 2
+    line = lines[bad - 1]
+    lines[bad - 1] = line[:20] + (b"X" if line[20:21] != b"X" else b"Y") + line[21:]  # its checksum fails
+    seg.write_bytes(b"".join(lines))
+    before = {p.name: p.read_bytes() for p in server.data_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    env = {k: v for k, v in server.env.items() if k != "MANGWALE_LOG_LEVEL"}  # the default level
+    done = subprocess.run(server.command(), env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 1, done.stderr
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1, done.stderr
+    assert str(seg) in err[0] and f"line {bad}" in err[0] and "Traceback" not in done.stderr
+    after = {p.name: p.read_bytes() for p in server.data_dir.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    assert after == before
