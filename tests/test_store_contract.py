@@ -1395,3 +1395,36 @@ def test_redis_mirror_keeps_old_texts_in_the_stream_and_replays_them_exactly(
             await again.reader.aclose()
 
     run(main)
+
+
+def test_redis_queue_never_hands_an_instance_an_entry_it_holds(redis_server_module: RedisServer) -> None:
+    """An entry this instance holds but could not renew (Redis was away for longer than a lease)
+    is not handed to it a second time: the second copy found the job starting here and removed
+    the entry, and when the start then failed the job stayed queued with no entry, forever."""
+    from mangwale_cli.jobqueue import RedisQueue
+
+    async def main() -> None:
+        prefix = f"test-{uuid.uuid4().hex[:8]}:"
+        client = redis.asyncio.Redis.from_url(redis_server_module.url)
+        reader = redis.asyncio.Redis.from_url(redis_server_module.url)
+        queue = RedisQueue(client, reader, url=redis_server_module.url, prefix=prefix, consumer="a", lease=0.05, block=0.05)
+        try:
+            await queue._ensure_group()  # no heartbeat: the held entry is never renewed
+            await queue.put("job-1")
+            first = await queue.take()
+            assert first.job_id == "job-1"
+
+            async def idle_past_lease() -> bool:
+                rows = await client.xpending_range(queue.k.queue, "workers", "-", "+", 1)
+                return bool(rows) and rows[0]["time_since_delivered"] > 100
+
+            await wait_until(idle_past_lease)
+            await queue.put("job-2")
+            second = await asyncio.wait_for(queue.take(), 5)
+            assert second.job_id == "job-2"
+            assert queue.held[first.entry or b""] is first
+        finally:
+            await client.aclose()
+            await reader.aclose()
+
+    run(main)
