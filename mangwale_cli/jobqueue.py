@@ -220,6 +220,12 @@ class RedisQueue:
                 self._failing = False
                 log.info("job queue at %s is back", self.url)
             if lease is not None:
+                if lease.entry is not None and lease.entry in self.held:
+                    # Our own entry, idle because renewals failed while Redis was away: the copy
+                    # holding it here still starts or runs the job (XAUTOCLAIM just renewed it).
+                    # A second copy would find the job busy here and delete the entry, which a
+                    # start that then failed needs to be taken again.
+                    continue
                 self.held[lease.entry or b""] = lease
                 return lease
 

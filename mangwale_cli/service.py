@@ -426,24 +426,31 @@ class Service:
         if statuses and len(wanted) != len(statuses):
             active = ", ".join(s.value for s in statuses if not s.terminal)
             raise InvalidInput(f"only finished jobs are pruned; not {active}", field="status")
+        # (finishedAt, id) from the store's index: no finished job's document is decoded.
+        finished = await self.store.finished_jobs_by_finish_time(wanted)
         candidates: set[str] = set()
         if older_than is not None:
             before = now_ms() - int(older_than * 1000)
-            candidates |= {j.id for j in await self.store.finished_before(before, wanted, 10**9)}
+            candidates = {job_id for at, job_id in finished if at < before}
         if keep is not None:
-            beyond = await self._oldest_finished(keep, wanted)
+            beyond = {job_id for _, job_id in finished[: max(0, len(finished) - keep)]}
             candidates = candidates & beyond if older_than is not None else beyond
         protected = {
             str(j.params["baseJobId"])
             for j in await self.store.list_jobs(statuses=ACTIVE)
             if isinstance(j.params.get("baseJobId"), str)
         }
+        kept = candidates & protected
         chosen = sorted(candidates - protected)
         deleted: list[str] = []
         if not dry_run:
             for i in range(0, len(chosen), PRUNE_BATCH):
-                gone = await self.store.delete_jobs(chosen[i : i + PRUNE_BATCH], reason)
+                batch = chosen[i : i + PRUNE_BATCH]
+                gone = await self.store.delete_jobs(batch, reason)
                 deleted += gone
+                if len(gone) < len(batch):  # spared in the deletion: a fine-tune's base since
+                    left = set(batch).difference(gone)
+                    kept |= {j for j in left if await self.store.get_job(j) is not None}
                 for job_id in gone:
                     await self.predictor.forget(job_id)
                     await self.store.delete_artifacts(job_id)
@@ -453,17 +460,8 @@ class Service:
             "deleted": deleted if not dry_run else chosen,
             "count": len(deleted) if not dry_run else len(chosen),
             "dryRun": dry_run,
-            "kept": sorted(candidates & protected),
+            "kept": sorted(kept),
         }
-
-    async def _oldest_finished(self, keep: int, statuses: list[JobStatus]) -> set[str]:
-        """Finished jobs of ``statuses`` beyond the newest ``keep`` (by finish time)."""
-        oldest = getattr(self.store, "oldest_finished", None)
-        if oldest is not None:  # the embedded store answers from its index
-            return set(oldest(keep, statuses, 10**9))
-        jobs = await self.store.list_jobs(statuses=statuses)
-        jobs.sort(key=lambda j: (j.finished_at or j.updated_at, j.id), reverse=True)
-        return {j.id for j in jobs[keep:]}
 
     async def retention_loop(self) -> None:
         """``[retention]``: prune by age and/or count every ``retention.interval`` seconds."""

@@ -131,8 +131,9 @@ class Settings:
     config_file: Path | None = None
     # Sections later issues add (trainers, auth) are kept raw here until they are read.
     extra: dict[str, Any] = field(default_factory=dict)
-    #: one line per deprecated setting that was given (logged as a warning at start-up)
-    deprecations: list[str] = field(default_factory=list)
+    #: one line per setting given that is deprecated or does nothing with this store (logged
+    #: once, as a warning, at start-up)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def shared_store(self) -> bool:
@@ -325,12 +326,17 @@ def load(
         if name in _BY_NAME:
             merged[name] = _coerce(_BY_NAME[name], value, f"--{name.replace('_', '-')}")
     known = {f.name for f in fields(Settings)}
-    deprecations = [_BY_NAME[k].deprecated for k in merged if k in _BY_NAME and _BY_NAME[k].deprecated]
+    warnings = [d for k in merged if k in _BY_NAME and (d := _BY_NAME[k].deprecated)]
+    if "events_fsync_interval" in merged and merged.get("store_backend", "tinydb") != "tinydb":
+        warnings.append(
+            "events.fsync_interval has no effect with a Redis store: its durability is Redis's "
+            "appendonly/appendfsync setting (docs/storage.md)"
+        )
     return Settings(
         data_dir=data_dir,
         config_file=config_path,
         extra=extra,
-        deprecations=[d for d in deprecations if d],
+        warnings=warnings,
         **{k: v for k, v in merged.items() if k in known},
     )
 

@@ -3,9 +3,13 @@ scope, the CLI, and the [retention] pass that prunes on its own."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,12 @@ from conftest import FAST_ENV, ServerProcess, stored, wait_for
 from fastapi.testclient import TestClient
 from tokentools import auth_extra, new_token
 
+from mangwale_cli import wire
 from mangwale_cli.server.app import create_app
+from mangwale_cli.service import Service
 from mangwale_cli.settings import load
+from mangwale_cli.store import archive
+from mangwale_cli.wire import Job, JobStatus
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -150,3 +158,102 @@ def test_retention_prunes_by_itself(server_factory: Any, env: dict[str, str]) ->
             ids.append(job)
         wait_for(lambda: len(http.get("/training/jobs").json()) == 2, what="retention to prune", timeout=15)
         assert [j["id"] for j in http.get("/training/jobs").json()] == ids[:-3:-1]
+
+
+# --- the prune itself, in-process on both stores ------------------------------------------------
+
+
+@asynccontextmanager
+async def service(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> AsyncIterator[Service]:
+    """A Service whose store is open (no runner): what ``prune`` needs, on ``kind``'s store."""
+    env = {**FAST_ENV, "MANGWALE_DATA_DIR": str(tmp_path / "d"), "MANGWALE_RUNNER_SAMPLE_DATASET": "false"}
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server_module")
+        env |= {"MANGWALE_STORE_BACKEND": server.url, "MANGWALE_STORE_PREFIX": f"t-{uuid.uuid4().hex[:8]}:"}
+    svc = Service(load({}, env=env))
+    if not svc.shared:
+        svc.datadir.prepare()
+    await svc.store.open()
+    try:
+        yield svc
+    finally:
+        await svc.store.close()
+        if not svc.shared:
+            svc.datadir.unlock()
+
+
+async def finished(svc: Service, n: int, status: JobStatus = JobStatus.SUCCEEDED, **params: Any) -> Job:
+    t = 1_000 + n
+    job = Job(id=f"job-{n:04d}", kind="simulate", dataset_id=None, status=status, attempt=1, params=params,
+              created_at=t, updated_at=t + 10, finished_at=t + 10 if status.terminal else None)  # fmt: skip
+    return (await svc.store.create_job(job))[0]
+
+
+@pytest.mark.parametrize("kind", ["tinydb", "redis"])
+def test_prune_spares_a_base_that_a_fine_tune_created_meanwhile_starts_from(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str
+) -> None:
+    """A fine-tune queued after prune chose its candidates, before it deletes them, still keeps
+    its base: the check is inside each deletion, and the prune names the base as kept."""
+
+    async def main() -> None:
+        async with service(request, tmp_path, kind) as svc:
+            for n in range(1, 6):
+                await finished(svc, n)
+            real_delete = svc.store.delete_jobs
+            meanwhile: list[str] = []
+
+            async def delete_jobs(job_ids: list[str], reason: str = "deleted") -> list[str]:
+                if not meanwhile:  # the candidates are chosen: a fine-tune of one of them arrives
+                    tune = Job(id="job-tune", kind="fine-tune", dataset_id=None, params={"baseJobId": "job-0002"},
+                               created_at=5_000, updated_at=5_000)  # fmt: skip
+                    await svc.store.create_job(tune)
+                    meanwhile.append(tune.id)
+                return await real_delete(job_ids, reason)
+
+            svc.store.delete_jobs = delete_jobs  # type: ignore[method-assign]
+            result = await svc.prune(older_than=0)
+            assert meanwhile and result["deleted"] == ["job-0001", "job-0003", "job-0004", "job-0005"]
+            assert result["kept"] == ["job-0002"]
+            assert await svc.store.get_job("job-0002") is not None
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["tinydb", "redis"])
+def test_prune_decodes_no_finished_job_document(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Choosing what to prune (by age or by count) reads (finishedAt, id) from an index: no
+    finished job's document is read back or decoded, archived or not."""
+
+    async def main() -> None:
+        async with service(request, tmp_path, kind) as svc:
+            for n in range(1, 31):
+                await finished(svc, n, JobStatus.FAILED if n % 3 else JobStatus.SUCCEEDED)
+            await finished(svc, 40, JobStatus.QUEUED)
+            if hasattr(svc.store, "snapshot"):
+                await svc.store.snapshot()  # the finished ones go to the archive
+            decoded: list[str] = []
+            real_from_dict, real_read = Job.from_dict.__func__, archive.Reader.read  # type: ignore[attr-defined]
+
+            def from_dict(cls: type[Job], d: dict[str, Any]) -> Job:
+                if d.get("status") in {s.value for s in wire.TERMINAL}:
+                    decoded.append(d["id"])
+                return real_from_dict(cls, d)  # type: ignore[no-any-return]
+
+            def read(self: archive.Reader, *args: Any) -> Any:
+                decoded.append("archived")
+                return real_read(self, *args)
+
+            monkeypatch.setattr(Job, "from_dict", classmethod(from_dict))
+            monkeypatch.setattr(archive.Reader, "read", read)
+            kept = await svc.prune(keep=10, dry_run=True)
+            assert kept["count"] == 20
+            assert (await svc.prune(older_than=0, keep=25))["count"] == 5
+            assert (await svc.prune(older_than=0))["count"] == 25
+            assert decoded == []
+            monkeypatch.undo()
+            assert [j.id for j in await svc.store.list_jobs()] == ["job-0040"]
+
+    asyncio.run(main())

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from mangwale_cli import wire
-from mangwale_cli.errors import InsufficientStorage, StaleWrite, StoreError
+from mangwale_cli.errors import InsufficientStorage, StaleWrite, StoreError, Unavailable
 from mangwale_cli.eventlog import Record
 from mangwale_cli.store import snapshot, wal
 from mangwale_cli.store.base import Cursor, Expect
@@ -401,6 +401,120 @@ def test_a_failed_write_keeps_nothing_and_the_next_one_works(tmp_path: Path, mon
     run(main)
 
 
+def test_a_failed_fsync_keeps_nothing_and_the_log_reads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fsync of a durable batch that fails: the batch's lines are cut off the log, none of it
+    is answered, applied, numbered or broadcast, the next write goes on without a gap, and the
+    next start reads the log back."""
+
+    async def main() -> None:
+        async with opened(tmp_path, fsync_interval=0) as store:
+            await store.create_job(make_job(1))
+            size = last_segment(tmp_path).stat().st_size
+            shown: list[int] = []
+            store.on_events = lambda batch: shown.extend(r.seq for r in batch)
+            real_fsync = os.fsync
+            failed: list[int] = []
+
+            def fail_once(fd: int) -> None:
+                if not failed:
+                    failed.append(fd)
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", fail_once)
+            with pytest.raises(Unavailable):
+                await store.create_job(make_job(2))
+            assert failed
+            assert last_segment(tmp_path).stat().st_size == size
+            assert await store.get_job("job-00002") is None and store.ring.head == 1 and shown == []
+            await store.create_job(make_job(3))
+            assert shown == [2]
+            assert [e["seq"] for e in await store.events_after(0)] == [1, 2]
+        assert [ln.record for ln in log_lines(tmp_path)] == [1, 2]
+        async with opened(tmp_path) as store:
+            assert [j.id for j in await store.list_jobs()] == ["job-00003", "job-00001"]
+            await store.create_job(make_job(4))
+            assert [e["seq"] for e in await store.events_after(0)] == [1, 2, 3]
+
+    run(main)
+
+
+def test_a_failed_batch_that_cannot_be_cut_off_stops_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If cutting an unacknowledged batch off the log fails too, the store takes no more writes
+    (they would number records twice); the next start keeps the batch, as after kill -9."""
+
+    async def main() -> None:
+        async with opened(tmp_path, fsync_interval=0) as store:
+            await store.create_job(make_job(1))
+
+            def eio(*_: Any) -> None:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+            with monkeypatch.context() as m:
+                m.setattr(os, "fsync", eio)
+                m.setattr(os, "ftruncate", eio)
+                with pytest.raises(Unavailable):
+                    await store.create_job(make_job(2))
+            with pytest.raises(Unavailable, match="restart"):
+                await store.create_job(make_job(3))
+        async with opened(tmp_path) as store:
+            assert [j.id for j in await store.list_jobs()] == ["job-00002", "job-00001"]
+
+    run(main)
+
+
+def test_a_failed_background_fsync_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress waits for the ``events.fsync_interval`` fsync; when that fails, the next round
+    fsyncs it rather than forget it."""
+
+    async def main() -> None:
+        async with opened(tmp_path, fsync_interval=0.01) as store:
+            job = await start(store, (await store.create_job(make_job(1)))[0])
+            calls: list[int] = []
+            real_fsync = os.fsync
+
+            def fail_first(fd: int) -> None:
+                calls.append(fd)
+                if len(calls) == 1:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", fail_first)
+            job.progress = 10
+            await store.write_job(job, wire.training_update(job), expect=Expect.lease_of(job))
+            async with asyncio.timeout(10):
+                while len(calls) < 2 or store._unsynced:
+                    await asyncio.sleep(0.01)
+            monkeypatch.setattr(os, "fsync", real_fsync)
+
+    run(main)
+
+
+def test_a_failed_directory_fsync_is_retried_by_the_next_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory fsync that makes a new segment's name durable fails: the next sync does it
+    again rather than forget it."""
+    calls: list[Path] = []
+    real = wal.fsync_dir
+
+    def fail_first(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(path)
+
+    monkeypatch.setattr(wal, "fsync_dir", fail_first)
+    log = wal.RecordLog(tmp_path / "log")
+    log.discover()
+    log.open_for_append("e1")  # creates a segment: its directory entry needs an fsync
+    with pytest.raises(OSError):
+        log.sync()
+    log.sync()
+    assert calls == [tmp_path / "log", tmp_path / "log"]
+    log.sync()
+    assert len(calls) == 2  # done once it worked
+    log.close()
+
+
 def test_log_lines_a_crash_kept_from_the_job_file_are_written_once(tmp_path: Path) -> None:
     """A log line is in the record before the job's logs file; a crash between the two is
     repaired at start-up, and a line that made it to both is not written twice."""
@@ -641,6 +755,34 @@ def test_idempotency_keys_expire(tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
             third, created = await store.create_job(make_job(3), ("k", "fp"))
             assert created and third.id == "job-00003"
+
+    run(main)
+
+
+def test_expired_idempotency_keys_leave_memory_at_the_next_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys past their TTL are dropped from memory by the next snapshot (not only from its file),
+    so a server taking a key per request does not grow forever; live keys stay, and a key
+    re-used before the snapshot finishes keeps its new life."""
+    from mangwale_cli.store import tinydb_store
+
+    clock = {"now": 1_000_000}
+    monkeypatch.setattr(tinydb_store, "now_ms", lambda: clock["now"])
+
+    async def main() -> None:
+        async with opened(tmp_path, idempotency_ttl=60) as store:
+            for n in range(1, 4):
+                await store.create_job(make_job(n), (f"old-{n}", "fp"))
+            clock["now"] += 30_000
+            await store.create_job(make_job(4), ("young", "fp"))
+            clock["now"] += 40_000  # the old keys are 70 s old, "young" 40 s
+            await store.snapshot()
+            assert set(store._raw["idem"]) == {"young"}
+            again, created = await store.create_job(make_job(5), ("old-1", "fp"))
+            assert created and again.id == "job-00005"  # an expired key is free again
+        async with opened(tmp_path) as store:
+            assert set(store._raw["idem"]) == {"young", "old-1"}
 
     run(main)
 

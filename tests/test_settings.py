@@ -209,7 +209,7 @@ def test_missing_or_invalid_config_file(tmp_path: Path) -> None:
 def test_every_setting_is_documented() -> None:
     """Each Settings field but the resolved ones (and serve --processes' own index) has a spec, listed in the README table."""
     names = {s.name for s in SPECS}
-    fields = set(Settings.__dataclass_fields__) - {"data_dir", "config_file", "extra", "process_index", "deprecations"}
+    fields = set(Settings.__dataclass_fields__) - {"data_dir", "config_file", "extra", "process_index", "warnings"}
     assert names == fields
     table = settings_table()
     for spec in SPECS:
@@ -233,7 +233,40 @@ def test_a_deprecated_setting_still_starts_and_says_so(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "old.toml", "[store]\nflush_interval = 0.05\n[events]\nfsync_interval = 0.3\n")
     s = load({"config_file": cfg}, env={"MANGWALE_DATA_DIR": str(tmp_path)})
     assert s.store_flush_interval == 0.05 and s.events_fsync_interval == 0.3
-    assert len(s.deprecations) == 1
-    assert "store.flush_interval is deprecated" in s.deprecations[0] and "events.fsync_interval" in s.deprecations[0]
-    assert load({}, env={"MANGWALE_DATA_DIR": str(tmp_path)}).deprecations == []
-    assert load({}, env={"MANGWALE_STORE_FLUSH_INTERVAL": "1"}).deprecations == s.deprecations
+    assert len(s.warnings) == 1
+    assert "store.flush_interval is deprecated" in s.warnings[0] and "events.fsync_interval" in s.warnings[0]
+    assert load({}, env={"MANGWALE_DATA_DIR": str(tmp_path)}).warnings == []
+    assert load({}, env={"MANGWALE_STORE_FLUSH_INTERVAL": "1"}).warnings == s.warnings
+
+
+def test_fsync_interval_with_a_redis_store_says_it_does_nothing(tmp_path: Path) -> None:
+    """events.fsync_interval set while the store is Redis: one start-up warning saying it does
+    nothing there (Redis's appendfsync decides); not set, or on the embedded store, none."""
+    redis = {"MANGWALE_DATA_DIR": str(tmp_path), "MANGWALE_STORE_BACKEND": "redis://127.0.0.1:6379/0"}
+    s = load({}, env={**redis, "MANGWALE_EVENTS_FSYNC_INTERVAL": "0.2"})
+    assert len(s.warnings) == 1
+    assert "events.fsync_interval" in s.warnings[0] and "appendfsync" in s.warnings[0]
+    cfg = write_config(tmp_path / "c.toml", "[events]\nfsync_interval = 2\n")
+    assert load({"config_file": cfg}, env=redis).warnings == s.warnings
+    assert load({}, env=redis).warnings == []
+    assert load({}, env={"MANGWALE_DATA_DIR": str(tmp_path), "MANGWALE_EVENTS_FSYNC_INTERVAL": "0.2"}).warnings == []
+
+
+def test_an_old_config_starts_and_warns_once(server_factory: Any, tmp_path: Path) -> None:
+    """A real `mangwale serve` over a data dir whose mangwale.toml still has store.flush_interval
+    starts, and its log says so exactly once."""
+    data = tmp_path / "old"
+    write_config(data / CONFIG_NAME, "[store]\nflush_interval = 0.5\n")
+    server = server_factory(data_dir=data)
+    server.stop()
+    lines = [ln for ln in server.output().splitlines() if "flush_interval" in ln]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "deprecated" in lines[0], server.output()
+
+
+def test_fsync_interval_on_a_redis_server_warns_once(server_factory: Any, redis_server: Any) -> None:
+    """A real `mangwale serve --store redis://...` given events.fsync_interval starts and warns,
+    once, that the setting does nothing there."""
+    server = server_factory(env={"MANGWALE_STORE_BACKEND": redis_server.url, "MANGWALE_EVENTS_FSYNC_INTERVAL": "0.5"})
+    server.stop()
+    lines = [ln for ln in server.output().splitlines() if "fsync_interval" in ln]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "appendfsync" in lines[0], server.output()

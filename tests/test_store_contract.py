@@ -612,6 +612,53 @@ def test_delete_jobs_skips_active_jobs_with_one_event(backend: Backend) -> None:
     run(main)
 
 
+def test_delete_jobs_spares_the_base_of_a_queued_or_running_job(backend: Backend) -> None:
+    """A finished job that a queued or running job names as ``params.baseJobId`` is not deleted,
+    checked inside the deletion itself; once that job is finished too, its base can go."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            for n in (1, 2, 3, 4):
+                await store.create_job(make_job(n, S, attempt=1))
+            tune, running_tune, done_tune = make_job(5), make_job(6, R, attempt=1), make_job(7, F, attempt=1)
+            tune.params, running_tune.params = {"baseJobId": "job-01"}, {"baseJobId": "job-02"}
+            done_tune.params = {"baseJobId": "job-03"}
+            for job in (tune, running_tune, done_tune):
+                await store.create_job(job)
+            seq = await head(store)
+            assert await store.delete_jobs(["job-01", "job-02"]) == []
+            assert await store.events_after(seq) == []
+            assert await store.delete_jobs(["job-01", "job-02", "job-03", "job-04"], "pruned") == ["job-03", "job-04"]
+            assert (await store.events_after(seq))[-1]["jobIds"] == ["job-03", "job-04"]
+            assert await store.get_job("job-01") is not None and await store.get_job("job-02") is not None
+            tune.status, tune.attempt = C, 1
+            await store.write_job(tune, update(tune), durable=True)
+            assert await store.delete_jobs(["job-01", "job-02"]) == ["job-01"]
+
+    run(main)
+
+
+def test_finished_jobs_by_finish_time(backend: Backend) -> None:
+    """``finished_jobs_by_finish_time``: (finishedAt, id) of the finished jobs of the statuses
+    asked for, oldest first (updatedAt where finishedAt is missing; ties by id), from an index."""
+
+    async def main() -> None:
+        async with backend.open() as store:
+            rows = [(1, S, 500), (2, F, 300), (3, S, 300), (4, C, None), (5, R, None), (6, Q, None)]
+            for n, status, finished in rows:
+                job = make_job(n, status, attempt=1)
+                job.finished_at = finished
+                job.updated_at = 400 if finished is None else finished
+                await store.create_job(job)
+            assert await store.finished_jobs_by_finish_time([S, F, C]) == [
+                (300, "job-02"), (300, "job-03"), (400, "job-04"), (500, "job-01")]  # fmt: skip
+            assert await store.finished_jobs_by_finish_time([S]) == [(300, "job-03"), (500, "job-01")]
+            await store.delete_jobs(["job-03"])
+            assert await store.finished_jobs_by_finish_time([S]) == [(500, "job-01")]
+
+    run(main)
+
+
 def test_head_moves_with_every_job_and_dataset_write(backend: Backend) -> None:
     """head() changes with each write that changes a job or a dataset (create, status, log line,
     delete, dataset create/save/delete), before the write returns; a refused write or a read
@@ -1346,5 +1393,38 @@ def test_redis_mirror_keeps_old_texts_in_the_stream_and_replays_them_exactly(
             assert await again.texts(again.history(0, {"job-03"})) == [expected[2]]
             await again.stop()
             await again.reader.aclose()
+
+    run(main)
+
+
+def test_redis_queue_never_hands_an_instance_an_entry_it_holds(redis_server_module: RedisServer) -> None:
+    """An entry this instance holds but could not renew (Redis was away for longer than a lease)
+    is not handed to it a second time: the second copy found the job starting here and removed
+    the entry, and when the start then failed the job stayed queued with no entry, forever."""
+    from mangwale_cli.jobqueue import RedisQueue
+
+    async def main() -> None:
+        prefix = f"test-{uuid.uuid4().hex[:8]}:"
+        client = redis.asyncio.Redis.from_url(redis_server_module.url)
+        reader = redis.asyncio.Redis.from_url(redis_server_module.url)
+        queue = RedisQueue(client, reader, url=redis_server_module.url, prefix=prefix, consumer="a", lease=0.05, block=0.05)
+        try:
+            await queue._ensure_group()  # no heartbeat: the held entry is never renewed
+            await queue.put("job-1")
+            first = await queue.take()
+            assert first.job_id == "job-1"
+
+            async def idle_past_lease() -> bool:
+                rows = await client.xpending_range(queue.k.queue, "workers", "-", "+", 1)
+                return bool(rows) and rows[0]["time_since_delivered"] > 100
+
+            await wait_until(idle_past_lease)
+            await queue.put("job-2")
+            second = await asyncio.wait_for(queue.take(), 5)
+            assert second.job_id == "job-2"
+            assert queue.held[first.entry or b""] is first
+        finally:
+            await client.aclose()
+            await reader.aclose()
 
     run(main)

@@ -244,7 +244,7 @@ def _stop_requested(sig: int, frame: object) -> None:
 def serve(settings: Settings, processes: int = 1) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM."""
     configure_logging(settings.log_level)
-    for line in settings.deprecations:
+    for line in settings.warnings:
         log.warning("%s", line)
     check_exposure(settings)
     if processes > 1 and not settings.shared_store:

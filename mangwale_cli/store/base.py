@@ -222,8 +222,9 @@ class Store(ABC):
     async def delete_jobs(self, job_ids: list[str], reason: str = "deleted") -> list[str]:
         """Delete finished jobs (with their lines) and log one ``job_deleted`` event (``reason``:
         deleted or pruned) naming the ones deleted, as one unit; jobs that are unknown or still
-        queued/running are skipped. Returns the ids deleted. Durable. Files are removed by
-        ``delete_artifacts``."""
+        queued/running are skipped, and so is the base (``params.baseJobId``) of a queued or
+        running job, checked in the same unit (a fine-tune created a moment ago keeps its base).
+        Returns the ids deleted. Durable. Files are removed by ``delete_artifacts``."""
 
     @abstractmethod
     async def get_job(self, job_id: str) -> Job | None: ...
@@ -242,14 +243,11 @@ class Store(ABC):
     async def count_jobs(self) -> dict[str, int]:
         """Number of jobs per status (every status, zeros included)."""
 
-    async def finished_before(self, finished_before: int, statuses: Iterable[JobStatus], limit: int) -> list[Job]:
-        """Up to ``limit`` finished jobs of ``statuses`` whose ``finishedAt`` is before the
-        given time, oldest first (what pruning by age deletes)."""
-        wanted = {s.value for s in statuses}
-        out = [j for j in await self.list_jobs(statuses=[s for s in TERMINAL if s.value in wanted])
-               if (j.finished_at or j.updated_at) < finished_before]  # fmt: skip
-        out.sort(key=lambda j: (j.finished_at or j.updated_at, j.id))
-        return out[:limit]
+    @abstractmethod
+    async def finished_jobs_by_finish_time(self, statuses: Iterable[JobStatus]) -> list[tuple[int, str]]:
+        """``(finishedAt, id)`` of every finished job of ``statuses``, oldest first (``updatedAt``
+        where a job has no ``finishedAt``; ties by id): what pruning chooses from. Read from an
+        index, not by decoding the documents (history can be 100k jobs)."""
 
     # --- datasets -------------------------------------------------------------------------
 

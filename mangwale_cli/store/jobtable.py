@@ -17,11 +17,12 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from itertools import islice
 from typing import Any
 
-from ..wire import TERMINAL, JobStatus
+from ..wire import ACTIVE, TERMINAL, JobStatus
 from .archive import Reader
 
 STATUSES = tuple(s.value for s in JobStatus)
 _TERMINAL = frozenset(s.value for s in TERMINAL)
+_ACTIVE = tuple(sorted(s.value for s in ACTIVE))
 CACHE = 512  # archived documents kept decoded
 
 
@@ -153,20 +154,22 @@ class JobTable(MutableMapping[str, dict[str, Any]]):
     def counts(self) -> dict[str, int]:
         return {s: len(lst) for s, lst in self.by_status.items()}
 
-    def finished_before(self, when: int, statuses: Iterable[str], limit: int) -> list[str]:
-        """Up to ``limit`` ids of finished jobs of ``statuses`` that finished before ``when``,
-        oldest first. A scan of the index (no documents), for pruning."""
-        wanted = set(statuses) & _TERMINAL
-        hits = [(e.finished, job_id) for job_id, e in self.entries.items() if e.status in wanted and e.finished < when]
-        return [job_id for _, job_id in heapq.nsmallest(limit, hits)]
+    def finished_by_time(self, statuses: Iterable[str]) -> list[tuple[int, str]]:
+        """``(finish time, id)`` of the finished jobs of ``statuses``, oldest first: the index
+        alone (no document), for pruning."""
+        entries = self.entries
+        out = [(entries[job_id].finished, job_id)
+               for s in sorted(set(statuses) & _TERMINAL) for _, job_id in self.by_status[s]]  # fmt: skip
+        out.sort()
+        return out
 
-    def oldest_finished(self, keep: int, statuses: Iterable[str], limit: int) -> list[str]:
-        """Finished jobs of ``statuses`` beyond the newest ``keep`` of them (by finish time),
-        oldest first, at most ``limit``: what pruning by count deletes."""
-        wanted = set(statuses) & _TERMINAL
-        hits = sorted((e.finished, job_id) for job_id, e in self.entries.items() if e.status in wanted)
-        excess = hits[: max(0, len(hits) - keep)]
-        return [job_id for _, job_id in excess[:limit]]
+    def active_docs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Queued and running jobs with their documents (always in memory)."""
+        for s in _ACTIVE:
+            for _, job_id in self.by_status[s]:
+                doc = self.entries[job_id].doc
+                if doc is not None:
+                    yield job_id, doc
 
     # --- archiving (the snapshot) -------------------------------------------------------------
 

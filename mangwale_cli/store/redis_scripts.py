@@ -217,10 +217,27 @@ return finish({'ok'})
 #       its id and its id as a JSON string
 DELETE_JOBS = PRELUDE + """
 local prefix = ARGV[3]
+-- The base model of a queued or running fine-tune is never deleted. Checked here, in the unit
+-- that deletes: a fine-tune created after the caller chose what to delete still keeps its base.
+-- Only the documents naming a base are decoded.
+local in_use = {}
+for i, name in ipairs(STATUS_NAMES) do
+  if ACTIVE[name] then
+    for _, id in ipairs(redis.call('ZRANGE', KEYS[5 + i], 0, -1)) do
+      local doc = redis.call('GET', prefix .. 'job:' .. id)
+      if doc and string.find(doc, '"baseJobId"', 1, true) then
+        local params = cjson.decode(doc)['params']
+        if type(params) == 'table' and type(params['baseJobId']) == 'string' then
+          in_use[params['baseJobId']] = true
+        end
+      end
+    end
+  end
+end
 local gone, quoted, where = {}, {}, {}
 for i = 6, #ARGV, 2 do
   local id = ARGV[i]
-  local doc = redis.call('GET', prefix .. 'job:' .. id)
+  local doc = not in_use[id] and redis.call('GET', prefix .. 'job:' .. id)
   if doc then
     local s = cjson.decode(doc)['status']
     if TERMINAL[s] and not where[id] then
@@ -245,6 +262,24 @@ for _, id in ipairs(gone) do
   end
 end
 return finish(gone)
+"""
+
+# (finishedAt, id) of finished jobs, for choosing what to prune: the caller sends ids from the
+# status indexes in batches, so Redis decodes a few hundred documents per call and the reply is
+# the pairs, not the documents. A job deleted meanwhile is left out.
+# ARGV: job key prefix, then job ids. Reply: id, finishedAt (updatedAt if none), id, ...
+FINISH_TIMES = """
+local out = {}
+for i = 2, #ARGV do
+  local doc = redis.call('GET', ARGV[1] .. ARGV[i])
+  if doc then
+    local d = cjson.decode(doc)
+    local t = tonumber(d['finishedAt']) or tonumber(d['updatedAt']) or 0
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = string.format('%d', t)
+  end
+end
+return out
 """
 
 # A dataset and its dataset_update. Replies: {'ok'}, {'exists'} (create), {'none'} (delete of

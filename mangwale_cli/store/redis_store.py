@@ -71,6 +71,7 @@ from .redis_scripts import (
     DATASET,
     DELETE_JOBS,
     ENSURE_EPOCH,
+    FINISH_TIMES,
     LIST_JOBS,
     MIGRATE_1_TO_2,
     RENEW_LEASE,
@@ -157,6 +158,7 @@ def _write_file(path: Path, data: bytes) -> None:
         raise
 
 
+FINISH_BATCH = 256  # documents per round trip when reading finish times (pruning)
 IN_DOUBT = 1000  # writes whose reply was lost, remembered so their retry keeps its write id
 
 
@@ -285,6 +287,7 @@ class RedisStore(Store):
                 ("create", CREATE_JOB), ("save", SAVE_JOB), ("log", APPEND_LOG), ("delete", DELETE_JOBS),
                 ("dataset", DATASET), ("claim", CLAIM_META), ("renew", RENEW_LEASE),
                 ("epoch", ENSURE_EPOCH), ("list", LIST_JOBS), ("migrate", MIGRATE_1_TO_2),
+                ("finish_times", FINISH_TIMES),
             )
         }  # fmt: skip
         try:
@@ -593,6 +596,20 @@ class RedisStore(Store):
         async with self._redis():
             docs = await self._scripts["list"](keys=keys, args=args)
         return [Job.from_dict(wire.loads(d)) for d in docs]
+
+    async def finished_jobs_by_finish_time(self, statuses: Iterable[JobStatus]) -> list[tuple[int, str]]:
+        # The status indexes give the ids; finish times are in the documents, read by a script
+        # FINISH_BATCH at a time: Redis and the event loop each get a turn between round trips.
+        wanted = sorted({s for s in statuses if s.terminal}, key=lambda s: s.value)
+        out: list[tuple[int, str]] = []
+        async with self._redis() as r:
+            for status in wanted:
+                ids: list[bytes] = await r.zrange(self.keys.status(status), 0, -1)  # type: ignore[assignment]  # redis-py: sync and async in one hint
+                for i in range(0, len(ids), FINISH_BATCH):
+                    reply = await self._scripts["finish_times"](keys=[], args=[self.keys.job(""), *ids[i : i + FINISH_BATCH]])
+                    out += [(int(reply[j + 1]), _text(reply[j])) for j in range(0, len(reply), 2)]
+        out.sort()
+        return out
 
     async def count_jobs(self) -> dict[str, int]:
         async with self._redis() as r, r.pipeline(transaction=True) as pipe:

@@ -244,6 +244,7 @@ class TinyDBStore(Store):
         self._unsynced = False
         self._closed = False
         self._failing: OSError | None = None
+        self._broken: str | None = None  # a failed batch could not be cut off: no more writes
         # snapshots
         self._snap_record = 0
         self._snap_size = 0  # log bytes written when the last snapshot was taken
@@ -468,6 +469,8 @@ class TinyDBStore(Store):
     async def _submit(self, stage: Callable[[_View], Staged | None], *, durable: bool, noop: Any = None) -> Any:
         if self._closed:
             raise Unavailable("the store is closed")
+        if self._broken is not None:
+            raise Unavailable(self._broken)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(stage, durable, fut, noop))
         self._kick.set()
@@ -545,9 +548,9 @@ class TinyDBStore(Store):
             return
         if seq >= self._ceiling:  # reserve more seqs first (a power loss must not reuse one)
             await asyncio.to_thread(self._write_run, clean=False, upto=seq)
+        written = None
         try:
-            segment, start = self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
-            self._written += sum(len(c) for c in chunks)
+            written = self.log.write(b"".join(chunks), record, max_seq, max_log_seq)
             self._unsynced = True
             if durable:
                 await asyncio.to_thread(self.log.sync)
@@ -555,7 +558,15 @@ class TinyDBStore(Store):
                 self.fsyncs += 1
                 self.durable_records += len(staged)
         except OSError as exc:
-            self.log.undo(self.log.size)  # write() cut a failed batch; a failed fsync leaves it unacknowledged
+            # write() cut off what it let through. A failed fsync: the batch is complete in the
+            # log but will not be acknowledged, so it is cut off too, or the next batch would
+            # reuse its record numbers and the log would not read back.
+            if written is not None and not self.log.unwrite(written):
+                self._broken = (
+                    f"the store's log {written.segment.path} could not be cut back after a failed write; "
+                    "restart the server"
+                )
+                log.error("%s", self._broken)
             err = self._write_failed(exc)
             for p, _, _ in staged:
                 if not p.future.done():
@@ -564,9 +575,10 @@ class TinyDBStore(Store):
         if self._failing is not None:
             log.info("store log %s can be written again", self.log.dir)
             self._failing = None
+        self._written += total
         faults.point("wal-synced")
         for rec, end, size in events:  # where each event's text is, once it leaves memory
-            rec.place(segment, start + end - size, size)
+            rec.place(written.segment, written.start + end - size, size)
         self._record, self._seq = record, seq
         records: list[Record] = []
         for p, st, rec in staged:
@@ -604,6 +616,7 @@ class TinyDBStore(Store):
                 try:
                     await asyncio.to_thread(self.log.sync)
                 except OSError as exc:
+                    self._unsynced = True  # still owed: the next round tries again
                     log.error("store log fsync failed: %s", exc.strerror)
 
     async def head(self) -> str:
@@ -713,9 +726,9 @@ class TinyDBStore(Store):
     async def delete_jobs(self, job_ids: list[str], reason: str = "deleted") -> list[str]:
         def stage(view: _View) -> Staged | None:
             gone = []
+            bases = self._bases_in_use(view)
             for job_id in dict.fromkeys(job_ids):
-                doc = view.get(JOBS, job_id)
-                if doc is not None and doc["status"] in _TERMINAL:
+                if job_id not in bases and self._status(view, job_id) in _TERMINAL:
                     gone.append(job_id)
             if not gone:
                 return None
@@ -724,6 +737,25 @@ class TinyDBStore(Store):
 
         gone: list[str] = await self._submit(stage, durable=True, noop=[])
         return gone
+
+    def _status(self, view: _View, job_id: str) -> str | None:
+        """A job's status as of the batch, from the index (an archived document is not read)."""
+        if (JOBS, job_id) in view.over:
+            doc = view.over[(JOBS, job_id)]
+            return None if doc is None else str(doc["status"])
+        e = self.jobs.entries.get(job_id)
+        return None if e is None else e.status
+
+    def _bases_in_use(self, view: _View) -> set[str]:
+        """``params.baseJobId`` of every queued or running job as of the batch: never deleted."""
+        docs = {job_id: doc for job_id, doc in self.jobs.active_docs() if (JOBS, job_id) not in view.over}
+        docs.update((key, doc) for (table, key), doc in view.over.items() if table == JOBS and doc is not None)
+        out = set()
+        for doc in docs.values():
+            base = (doc.get("params") or {}).get("baseJobId")
+            if isinstance(base, str) and doc["status"] not in _TERMINAL:
+                out.add(base)
+        return out
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = self._tables[JOBS].raw(job_id)
@@ -745,12 +777,8 @@ class TinyDBStore(Store):
     async def count_jobs(self) -> dict[str, int]:
         return self.jobs.counts()
 
-    async def finished_before(self, finished_before: int, statuses: Iterable[JobStatus], limit: int) -> list[Job]:
-        ids = self.jobs.finished_before(finished_before, [s.value for s in statuses], limit)
-        return [Job.from_dict(self.jobs[i]) for i in ids]
-
-    def oldest_finished(self, keep: int, statuses: Iterable[JobStatus], limit: int) -> list[str]:
-        return self.jobs.oldest_finished(keep, [s.value for s in statuses], limit)
+    async def finished_jobs_by_finish_time(self, statuses: Iterable[JobStatus]) -> list[tuple[int, str]]:
+        return self.jobs.finished_by_time([s.value for s in statuses])
 
     # --- datasets ---------------------------------------------------------------------------
 
@@ -863,6 +891,7 @@ class TinyDBStore(Store):
         # puts a new dict), so holding references is a consistent picture of this record.
         now = now_ms()
         merge = self.jobs.sparse(self._segments, min_size=1024)
+        expired = [k for k, v in self._raw[IDEM].items() if v.get("expiresAt", 0) <= now]
         plan = snapshot.Plan(
             record=self._record,
             seq=self._seq,
@@ -896,6 +925,14 @@ class TinyDBStore(Store):
         self._dataset_files = done.dataset_files
         self._snap_record, self._snap_size = plan.record, self._written
         self.snapshots += 1
+        # Expired Idempotency-Keys leave memory too (the snapshot left them out of its file):
+        # a key per request would otherwise grow the table forever. One re-used meanwhile
+        # (a new expiry) stays.
+        idem = self._tables[IDEM]
+        for key in expired:
+            v = idem.raw(key)
+            if v is not None and v.get("expiresAt", 0) <= now:
+                idem.drop(key)
         await asyncio.to_thread(snapshot.cleanup, self.root, merge, old_files)
         self._drop_log()
 

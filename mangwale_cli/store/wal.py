@@ -115,6 +115,18 @@ def _header(epoch: str, first: int) -> bytes:
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
+@dataclass(slots=True, frozen=True)
+class Written:
+    """Where ``RecordLog.write`` put a batch, and what its segment said before it."""
+
+    segment: Segment
+    start: int  # the batch's offset in the segment file
+    last: int
+    max_seq: int
+    max_log_seq: int
+    next_record: int
+
+
 class Corrupt(Exception):
     """A line that does not check out (not raised past ``RecordLog``)."""
 
@@ -310,9 +322,9 @@ class RecordLog:
         self.segments.append(Segment(path, first, first - 1, epoch=epoch))
         self._write(_header(epoch, first))
 
-    def write(self, data: bytes, last_record: int, max_seq: int, max_log_seq: int) -> tuple[Segment, int]:
-        """Append encoded lines (records up to ``last_record``) with one ``write``; returns the
-        segment and where in it the batch starts. Raises OSError, after cutting off what a full
+    def write(self, data: bytes, last_record: int, max_seq: int, max_log_seq: int) -> Written:
+        """Append encoded lines (records up to ``last_record``) with one ``write``; returns where
+        the batch went (``unwrite`` takes it back). Raises OSError, after cutting off what a full
         disk let through, so the log never holds half a batch."""
         if self._size >= self.segment_bytes:
             self._new_segment(self.epoch)
@@ -324,11 +336,29 @@ class RecordLog:
             raise
         faults.point("wal-written")
         seg = self.segments[-1]
+        written = Written(seg, before, seg.last, seg.max_seq, seg.max_log_seq, self.next_record)
         seg.last = last_record
         seg.max_seq = max(seg.max_seq, max_seq)
         seg.max_log_seq = max(seg.max_log_seq, max_log_seq)
         self.next_record = last_record + 1
-        return seg, before
+        return written
+
+    def unwrite(self, written: Written) -> bool:
+        """Cut a batch ``write`` appended back off (its fsync failed, so it is not acknowledged):
+        the log is again what it was before it, and the records it numbered are free. False when
+        the cut itself fails: the log then holds records nobody was told of, and appending more
+        would number them twice."""
+        seg = written.segment
+        if self._fd is None or seg is not self.segments[-1]:
+            return False
+        try:
+            os.ftruncate(self._fd, written.start)
+        except OSError:
+            return False
+        self._size = written.start
+        seg.last, seg.max_seq, seg.max_log_seq = written.last, written.max_seq, written.max_log_seq
+        self.next_record = written.next_record
+        return True
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None
@@ -353,8 +383,12 @@ class RecordLog:
         if self._fd is not None:
             os.fsync(self._fd)
         if self._dir_dirty:
-            self._dir_dirty = False
-            fsync_dir(self.dir)
+            self._dir_dirty = False  # before: a segment created meanwhile (on the loop) marks it again
+            try:
+                fsync_dir(self.dir)
+            except OSError:
+                self._dir_dirty = True  # the next sync tries again: a name not yet durable stays owed
+                raise
 
     def drop_through(self, record: int, seq: int) -> list[Segment]:
         """Delete whole segments (never the current one) whose records are all at or below
