@@ -211,7 +211,7 @@ def test_prune_spares_a_base_that_a_fine_tune_created_meanwhile_starts_from(
                     meanwhile.append(tune.id)
                 return await real_delete(job_ids, reason)
 
-            svc.store.delete_jobs = delete_jobs  # type: ignore[method-assign]
+            svc.store.delete_jobs = delete_jobs  # type: ignore[method-assign]  # a spy in place of the real method
             result = await svc.prune(older_than=0)
             assert meanwhile and result["deleted"] == ["job-0001", "job-0003", "job-0004", "job-0005"]
             assert result["kept"] == ["job-0002"]
@@ -235,12 +235,12 @@ def test_prune_decodes_no_finished_job_document(
             if hasattr(svc.store, "snapshot"):
                 await svc.store.snapshot()  # the finished ones go to the archive
             decoded: list[str] = []
-            real_from_dict, real_read = Job.from_dict.__func__, archive.Reader.read  # type: ignore[attr-defined]
+            real_from_dict, real_read = Job.from_dict.__func__, archive.Reader.read  # type: ignore[attr-defined]  # a classmethod's function, to call it unbound
 
             def from_dict(cls: type[Job], d: dict[str, Any]) -> Job:
                 if d.get("status") in {s.value for s in wire.TERMINAL}:
                     decoded.append(d["id"])
-                return real_from_dict(cls, d)  # type: ignore[no-any-return]
+                return real_from_dict(cls, d)  # type: ignore[no-any-return]  # the unbound function is untyped
 
             def read(self: archive.Reader, *args: Any) -> Any:
                 decoded.append("archived")
