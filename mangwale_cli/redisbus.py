@@ -111,6 +111,11 @@ class RedisEventBus(EventBus):
     async def _load(self, epoch: str) -> None:
         """Fill the mirror with the newest kept events of ``epoch``, newest first, a page at a
         time; beyond the hot window only their place is kept (no text, no reply of 100k)."""
+        # The committed seq, read BEFORE the stream: when the stream turns out empty, nothing was
+        # appended in between, so this is where the copy starts. Read after, it could count an
+        # event another instance appended meanwhile: that event is in the stream, yet the copy
+        # would start above it and report a replay from 0 as trimmed (a spurious resync).
+        committed = int(await self.r.get(self.k.seq) or 0)
         pages: list[list[Record]] = []
         kept = 0
         end = "+"
@@ -130,10 +135,7 @@ class RedisEventBus(EventBus):
                 break
             end = "(" + _text(entries[-1][0])
         records = [r for page in reversed(pages) for r in reversed(page)]
-        if records:
-            base = records[0].seq - 1
-        else:
-            base = int(await self.r.get(self.k.seq) or 0)
+        base = records[0].seq - 1 if records else committed
         self.log.reset(epoch, base)
         self.log.floor = base
         self.log.keep(records)

@@ -1397,6 +1397,38 @@ def test_redis_mirror_keeps_old_texts_in_the_stream_and_replays_them_exactly(
     run(main)
 
 
+def test_redis_mirror_loaded_while_another_instance_appends_replays_from_0(
+    redis_server_module: RedisServer, tmp_path: Path
+) -> None:
+    """An instance that starts on an empty stream while another appends its first event (the
+    sample dataset of instances started together) replays from 0 without a resync: its copy
+    starts below that event, which it then reads, rather than above it (the SSE replay of a
+    three-instance test waited forever for events the resync left out)."""
+    from mangwale_cli import redisbus
+
+    async def main() -> None:
+        async with Backend("redis", tmp_path, redis_server_module).open() as store:
+            bus = redisbus.RedisEventBus(store, store.connect(extra_timeout=0.2), block=0.2)
+            real_xrevrange = bus.r.xrevrange
+
+            async def xrevrange_then_another_instance_appends(*args: Any, **kwargs: Any) -> Any:
+                entries = await real_xrevrange(*args, **kwargs)
+                await store.create_dataset(make_dataset(1))  # in Redis now, after the read
+                return entries
+
+            bus.r.xrevrange = xrevrange_then_another_instance_appends  # type: ignore[method-assign]  # the race, made to happen
+            await bus.open()
+            bus.r.xrevrange = real_xrevrange  # type: ignore[method-assign]  # the race, made to happen
+            await asyncio.wait_for(bus.catch_up(1), 5)
+            sub = bus.subscribe(since=0)
+            assert sub.resync is None and [r.seq for r in sub.replay] == [1]
+            bus.unsubscribe(sub.subscriber)
+            await bus.stop()
+            await bus.reader.aclose()
+
+    run(main)
+
+
 def test_redis_queue_never_hands_an_instance_an_entry_it_holds(redis_server_module: RedisServer) -> None:
     """An entry this instance holds but could not renew (Redis was away for longer than a lease)
     is not handed to it a second time: the second copy found the job starting here and removed
