@@ -28,6 +28,13 @@ from mangwale_cli.store.tinydb_store import Inspection, inspect
 
 BANNER = re.compile(r"serving on (http://\S+) ")
 
+# Tests press Ctrl-C (SIGINT) on the CLIs they start. A suite launched with SIGINT ignored (in
+# the background of a non-interactive shell, under nohup) hands SIG_IGN down to every child, and
+# a CLI that inherits it rightly never sees a Ctrl-C: watch and logs -f then run until killed.
+# A handler here is reset to the default in each child at exec, as a terminal would have it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> Any:
     """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` s."""
