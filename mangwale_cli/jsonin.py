@@ -33,6 +33,11 @@ def too_long(name: str, digits: int, head: str) -> str:
     return f"{name} is a number of {digits} digits ({head[:10]}…); a number may have at most {MAX_DIGITS}"
 
 
+def _lenient_int(literal: str) -> int | None:
+    """An integer literal, or None past ``MAX_DIGITS`` (while only strings are looked for)."""
+    return int(literal) if len(literal.lstrip("-")) <= MAX_DIGITS else None
+
+
 class _TooLong:
     """Stands in for an integer literal of more than ``MAX_DIGITS`` digits while reading."""
 
@@ -41,33 +46,33 @@ class _TooLong:
         self.head = literal[:10]
 
 
-def _parse_int(literal: str) -> int | _TooLong:
-    return _TooLong(literal) if len(literal.lstrip("-")) > MAX_DIGITS else int(literal)
-
-
 def _join(path: str, key: Any) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
-    key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:  # a byte that was not UTF-8 shows as itself (\xff)
+        raw = key.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate a \u escape wrote
+        raw = key.encode("utf-8", "surrogatepass")
+    key = raw.decode("utf-8", "backslashreplace")
     return f"{path}.{key}" if path else key
 
 
-def _find(value: Any, path: str, numbers: bool = True) -> tuple[str, Any] | None:
-    """The path and value of the first unreadable integer (unless not ``numbers``) or string
-    holding a byte that was not UTF-8 in ``value``."""
-    if (numbers and isinstance(value, _TooLong)) or (isinstance(value, str) and _bad_bytes(value)):
+def _find(value: Any, path: str, hit: Callable[[Any], bool]) -> tuple[str, Any] | None:
+    """The path and value of the first key or value in ``value`` that is a ``hit``."""
+    if hit(value):
         return path, value
     items: Any = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        if isinstance(key, str) and _bad_bytes(key):
+        if hit(key):
             return _join(path, key), key
-        if found := _find(item, _join(path, key), numbers):
+        if found := _find(item, _join(path, key), hit):
             return found
     return None
 
 
-def _bad_bytes(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+def _bad_bytes(value: Any) -> bool:
+    """A string holding a byte that was not UTF-8 (decoded with ``surrogateescape``)."""
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
 def read_json(
@@ -90,8 +95,19 @@ def read_json(
             raise _not_text(bytes(data), encoding, exc, what, prefix) from None
     else:
         text = data
-    doc = json.loads(text, parse_int=_parse_int, parse_constant=parse_constant)
-    found = _find(doc, "")
+    unreadable: list[_TooLong] = []
+
+    def parse_int(literal: str) -> int | _TooLong:
+        if len(literal.lstrip("-")) <= MAX_DIGITS:
+            return int(literal)
+        unreadable.append(_TooLong(literal))
+        return unreadable[-1]
+
+    doc = json.loads(text, parse_int=parse_int, parse_constant=parse_constant)
+    # Only a document that held such a number is walked (to name its field): the usual
+    # request body is read at json.loads's cost. A lone surrogate from a \u escape is valid
+    # JSON, not a byte that was not UTF-8: only numbers are looked for here.
+    found = _find(doc, "", lambda v: isinstance(v, _TooLong)) if unreadable else None
     if found is not None:
         path, value = found
         field = prefix + path if path else (prefix.rstrip(".") or None)
@@ -107,7 +123,7 @@ def _not_text(data: bytes, encoding: str, exc: UnicodeDecodeError, what: str, pr
     field = None
     if encoding.startswith("utf-8"):
         try:
-            found = _find(json.loads(data.decode(encoding, "surrogateescape"), parse_int=_parse_int), "", numbers=False)
+            found = _find(json.loads(data.decode(encoding, "surrogateescape"), parse_int=_lenient_int), "", _bad_bytes)
         except ValueError:
             found = None
         if found is not None and found[0]:

@@ -175,3 +175,17 @@ def test_a_body_that_is_not_utf8_is_400_naming_the_field(http: httpx.Client) -> 
         assert err["code"] == "invalid_json" and err["field"] == field, err
         assert "not UTF-8 text" in err["message"] and (field or "the request body") in err["message"], err
         assert not any(p in err["message"] for p in PYTHON) and "error parsing" not in err["message"], err
+
+
+def test_a_lone_surrogate_escape_is_valid_json_not_a_500(http: httpx.Client) -> None:
+    """``"\\udcff"`` is valid JSON (a \\u escape of a lone surrogate), not a byte that was not
+    UTF-8: a job that carries it in a param is created and reads back, a dataset name with it is
+    refused as any bad name would be, never a 500."""
+    headers = {"Content-Type": "application/json"}
+    body = b'{"kind": "simulate", "params": {"steps": 1, "stepMs": 0, "note": "a\\udcffb\\ud800"}}'
+    resp = http.post("/training/jobs", content=body, headers=headers)
+    assert resp.status_code in (201, 422), resp.text
+    if resp.status_code == 201:
+        assert http.get(f"/training/jobs/{resp.json()['id']}").status_code == 200
+    resp = http.post("/training/datasets", content=b'{"name": "\\udcff", "examples": []}', headers=headers)
+    assert resp.status_code < 500, resp.text
