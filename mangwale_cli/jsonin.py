@@ -19,13 +19,15 @@ from .errors import InvalidInput
 
 MAX_DIGITS = 4300  # Python's default sys.get_int_max_str_digits(), which bounds json.loads too
 
-_LONG_RUN = re.compile(r"\d{25,}")
+# A run already cut by an older server ("1000...") has lost its length: it is not counted.
+_LONG_RUN = re.compile(r"\d{25,}(\.\.\.|…)?")
 
 
 def cut_digits(text: str) -> str:
     """``text`` with each run of more than 24 digits cut to its first ten and its length, as
-    ``1000000000…(310 digits)``: what any error line shows of a long number."""
-    return _LONG_RUN.sub(lambda m: f"{m.group()[:10]}…({len(m.group())} digits)", text)
+    ``1000000000…(310 digits)`` (``1000000000…`` when it was cut already): what any error line,
+    the server's or the CLI's, shows of a long number."""
+    return _LONG_RUN.sub(lambda m: m.group()[:10] + ("…" if m.group(1) else f"…({len(m.group())} digits)"), text)
 
 
 def too_long(name: str, digits: int, head: str) -> str:

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..jsonin import cut_digits
+
 _out: Console | None = None
 
 
@@ -41,8 +43,6 @@ def error_line(message: str) -> None:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# A run of digits the server has cut already ("1000...") has lost its length: it is not counted.
-_LONG_NUMBER = re.compile(r"\d{25,}(\.\.\.|…)?")
 _LONG_WORD = re.compile(r"\S{121,}")
 MAX_LINE = 600
 
@@ -54,7 +54,7 @@ def one_line(message: str) -> str:
     the whole at most ``MAX_LINE`` characters."""
     text = " ".join(message.split())
     text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-    text = _LONG_NUMBER.sub(lambda m: m.group()[:10] + ("…" if m.group(1) else f"…({len(m.group())} digits)"), text)
+    text = cut_digits(text)
     text = _LONG_WORD.sub(lambda m: f"{m.group()[:60]}…({len(m.group())} characters)", text)
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 1] + "…"
 
