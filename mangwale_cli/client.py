@@ -173,18 +173,23 @@ class _Foreign(Exception):
         self.error = error
 
 
+def _error_of(resp: Answer) -> tuple[MangwaleError, bool]:
+    """The error an answer of 400 or more describes, and whether it is in mangwale's error body."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    return from_response(resp.status_code, body), is_error_body(body)
+
+
 def _checked(resp: Answer) -> Answer:
-    if 300 <= resp.status_code < 400:
+    if _is_redirect(resp):
         # mangwale never redirects, and neither path follows one: an http:// URL of an https
         # site, a login page, a path of another server's.
         raise _Foreign(resp, MangwaleError(f"HTTP {resp.status_code}"))
     if resp.status_code >= 400:
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        error = from_response(resp.status_code, body)
-        if not is_error_body(body) or error.code == NO_ROUTE:
+        error, ours = _error_of(resp)
+        if not ours or error.code == NO_ROUTE:
             # No route: mangwale answered, but perhaps at a wrong path of the URL, which
             # /healthz (at the same path) tells apart from a route an older server lacks.
             raise _Foreign(resp, error)
@@ -192,8 +197,8 @@ def _checked(resp: Answer) -> Answer:
     return resp
 
 
-def _redirect(foreign: _Foreign) -> bool:
-    return 300 <= foreign.resp.status_code < 400
+def _is_redirect(resp: Answer) -> bool:
+    return 300 <= resp.status_code < 400
 
 
 def _is_health(resp: Answer) -> bool:
@@ -215,7 +220,7 @@ def _not_mangwale(url: str, foreign: _Foreign) -> NotMangwale:
             " give http://HOST:PORT, without a path, in --url / MANGWALE_URL",
             answered=resp.status_code,
         )
-    if 300 <= resp.status_code < 400:
+    if _is_redirect(resp):
         location = resp.headers.get("location")
         said = f"HTTP {resp.status_code}, a redirect" + (f" to {location[:80]}" if location else "")
     elif resp.status_code >= 400:
@@ -315,7 +320,7 @@ class Client:
         """The error for an answer no mangwale server gives: ``NotMangwale`` unless ``/healthz``
         says mangwale is there after all (a proxy between answered), then the plain error. A
         redirect is ``NotMangwale`` either way: mangwale never sends one."""
-        if _redirect(foreign):
+        if _is_redirect(foreign.resp):
             return _not_mangwale(self.url, foreign)
         try:
             mangwale = _is_health(self._send("GET", "/healthz", timeout=5))
@@ -598,7 +603,7 @@ class AsyncClient:
         """As ``Client._foreign``."""
         import httpx
 
-        if _redirect(foreign):
+        if _is_redirect(foreign.resp):
             return _not_mangwale(self.url, foreign)
         try:
             mangwale = _is_health(await self._http.get("/healthz", timeout=5))
@@ -618,11 +623,7 @@ class AsyncClient:
             return None
         if _is_health(resp):
             return None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        return _not_mangwale(self.url, _Foreign(resp, from_response(resp.status_code, body)))
+        return _not_mangwale(self.url, _Foreign(resp, _error_of(resp)[0]))
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
