@@ -401,6 +401,19 @@ def test_a_failed_write_keeps_nothing_and_the_next_one_works(tmp_path: Path, mon
     run(main)
 
 
+def failing_once(real: Callable[[Any], None], calls: list[Any]) -> Callable[[Any], None]:
+    """``real`` (an fsync), except that its first call fails with EIO; each call's argument is
+    added to ``calls``."""
+
+    def wrapped(arg: Any) -> None:
+        calls.append(arg)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(arg)
+
+    return wrapped
+
+
 def test_a_failed_fsync_keeps_nothing_and_the_log_reads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An fsync of a durable batch that fails: the batch's lines are cut off the log, none of it
     is answered, applied, numbered or broadcast, the next write goes on without a gap, and the
@@ -412,16 +425,8 @@ def test_a_failed_fsync_keeps_nothing_and_the_log_reads_back(tmp_path: Path, mon
             size = last_segment(tmp_path).stat().st_size
             shown: list[int] = []
             store.on_events = lambda batch: shown.extend(r.seq for r in batch)
-            real_fsync = os.fsync
             failed: list[int] = []
-
-            def fail_once(fd: int) -> None:
-                if not failed:
-                    failed.append(fd)
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-                real_fsync(fd)
-
-            monkeypatch.setattr(os, "fsync", fail_once)
+            monkeypatch.setattr(os, "fsync", failing_once(os.fsync, failed))
             with pytest.raises(Unavailable):
                 await store.create_job(make_job(2))
             assert failed
@@ -472,14 +477,7 @@ def test_a_failed_background_fsync_is_retried(tmp_path: Path, monkeypatch: pytes
             job = await start(store, (await store.create_job(make_job(1)))[0])
             calls: list[int] = []
             real_fsync = os.fsync
-
-            def fail_first(fd: int) -> None:
-                calls.append(fd)
-                if len(calls) == 1:
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
-                real_fsync(fd)
-
-            monkeypatch.setattr(os, "fsync", fail_first)
+            monkeypatch.setattr(os, "fsync", failing_once(real_fsync, calls))
             job.progress = 10
             await store.write_job(job, wire.training_update(job), expect=Expect.lease_of(job))
             async with asyncio.timeout(10):
@@ -494,15 +492,7 @@ def test_a_failed_directory_fsync_is_retried_by_the_next_sync(tmp_path: Path, mo
     """The directory fsync that makes a new segment's name durable fails: the next sync does it
     again rather than forget it."""
     calls: list[Path] = []
-    real = wal.fsync_dir
-
-    def fail_first(path: Path) -> None:
-        calls.append(path)
-        if len(calls) == 1:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real(path)
-
-    monkeypatch.setattr(wal, "fsync_dir", fail_first)
+    monkeypatch.setattr(wal, "fsync_dir", failing_once(wal.fsync_dir, calls))
     log = wal.RecordLog(tmp_path / "log")
     log.discover()
     log.open_for_append("e1")  # creates a segment: its directory entry needs an fsync
