@@ -16,7 +16,7 @@ is put back in the queue as a new attempt while ``attempt < max_attempts``, othe
 with "abandoned after N attempts". A graceful shutdown puts running jobs back in the queue the
 same way. Execution is therefore at-least-once; each re-run is a new ``attempt``.
 
-With a shared store (Redis) several instances run jobs from one queue (``jobqueue.RedisQueue``).
+With a shared store (Redis) several instances run jobs from one queue (``redisqueue.RedisQueue``).
 A job whose instance died is found ``running`` by the instance whose worker takes over its queue
 entry; ``begin_attempt`` starts the next attempt only once the dead instance's lease has run
 out. A cancel for a job running elsewhere is sent to its instance.

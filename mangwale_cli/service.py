@@ -137,8 +137,8 @@ class Service:
     async def _start_shared(self) -> None:
         from redis.exceptions import RedisError
 
-        from .jobqueue import RedisQueue
         from .redisbus import RedisEventBus
+        from .redisqueue import RedisQueue
         from .store.redis_store import RedisStore
 
         s = self.settings

@@ -1433,7 +1433,7 @@ def test_redis_queue_never_hands_an_instance_an_entry_it_holds(redis_server_modu
     """An entry this instance holds but could not renew (Redis was away for longer than a lease)
     is not handed to it a second time: the second copy found the job starting here and removed
     the entry, and when the start then failed the job stayed queued with no entry, forever."""
-    from mangwale_cli.jobqueue import RedisQueue
+    from mangwale_cli.redisqueue import RedisQueue
 
     async def main() -> None:
         prefix = f"test-{uuid.uuid4().hex[:8]}:"

@@ -26,7 +26,7 @@ The record (``RedisStore``; each change is one Lua script, ``redis_scripts``)::
     write:{id}           string  the reply of a write script, kept ``WRITE_TTL`` s or more: a retry of
                                  the same write (a lost reply) gets it back and changes nothing
 
-The job queue (``jobqueue.RedisQueue``)::
+The job queue (``redisqueue.RedisQueue``)::
 
     queue                stream  runnable job ids, read by the consumer group ``WORKERS_GROUP``
     queue:entries        hash    job id -> its entry in ``queue``: an entry nobody read is deleted

@@ -256,7 +256,7 @@ for _, id in ipairs(gone) do
   redis.call('DEL', prefix .. 'job:' .. id, prefix .. 'lease:' .. id,
     prefix .. 'lines:' .. id .. ':logs', prefix .. 'lines:' .. id .. ':metrics', prefix .. 'artifact:' .. id)
   local entry = redis.call('HGET', prefix .. 'queue:entries', id)
-  if entry then  -- the queue entry of a finished job nobody read (jobqueue.RedisQueue.forget)
+  if entry then  -- the queue entry of a finished job nobody read (redisqueue.RedisQueue.forget)
     redis.call('HDEL', prefix .. 'queue:entries', id)
     redis.call('XDEL', prefix .. 'queue', entry)
   end
