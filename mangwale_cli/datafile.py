@@ -315,7 +315,8 @@ def parse_examples(
     else:
         examples = _parse_csv(text)
     if not examples:
-        raise DataFileError("empty file: no examples found")
+        what = "only a header line" if fmt == "csv" else "no example in it"
+        raise DataFileError(f"no examples found: the file has {what}")
     return examples
 
 

@@ -186,6 +186,12 @@ def test_json_empty_array() -> None:
     assert "no examples" in _raises("[]", fmt="json").message
 
 
+def test_a_csv_header_alone_is_named_as_such() -> None:
+    """A CSV with its header and no row says so, not "empty file" (it is not empty)."""
+    message = _raises("text,intent\n", fmt="csv").message
+    assert message == "no examples found: the file has only a header line"
+
+
 # ---------------------------------------------------------------- CSV
 
 

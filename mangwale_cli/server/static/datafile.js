@@ -154,6 +154,9 @@ export function parseExamples(text, filename) {
   if (!text.trim()) throw new DataFileError("empty file: no examples found");
   const fmt = detectFormat(text, filename);
   const examples = fmt === "jsonl" ? parseJsonl(text) : fmt === "json" ? parseJson(text) : parseCsv(text);
-  if (!examples.length) throw new DataFileError("empty file: no examples found");
+  if (!examples.length) {
+    const what = fmt === "csv" ? "only a header line" : "no example in it";
+    throw new DataFileError(`no examples found: the file has ${what}`);
+  }
   return examples;
 }
