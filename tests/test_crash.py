@@ -608,13 +608,16 @@ def queue_state(url: str, prefix: str = "mangwale:") -> dict[str, Any]:
     """The job queue as Redis holds it (for a failure message)."""
     import redis as redis_py
 
+    from mangwale_cli.store.redis_keys import ENTRIES_SUFFIX, WORKERS_GROUP, RedisKeys
+
+    queue = RedisKeys(prefix).queue
     r = redis_py.Redis.from_url(url, decode_responses=True)
     try:
         return {
-            "entries": r.xrange(prefix + "queue"),
-            "listed": r.hgetall(prefix + "queue:entries"),
-            "pending": r.xpending_range(prefix + "queue", "workers", "-", "+", 100),
-            "groups": r.xinfo_groups(prefix + "queue"),
+            "entries": r.xrange(queue),
+            "listed": r.hgetall(queue + ENTRIES_SUFFIX),
+            "pending": r.xpending_range(queue, WORKERS_GROUP, "-", "+", 100),
+            "groups": r.xinfo_groups(queue),
         }
     finally:
         r.close()
