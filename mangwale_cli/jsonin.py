@@ -72,6 +72,30 @@ def _find(value: Any, path: str, hit: Callable[[Any], bool]) -> tuple[str, Any] 
     return None
 
 
+# What can put a surrogate code point in a parsed string: a \u escape of D800-DFFF (a pair of
+# them is one character, which json.loads joins; a lone one stays), or one already in the text
+# (a command-line argument holding bytes that were not UTF-8). Only a text that has one of
+# these is walked.
+_MAY_HOLD_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+
+
+def _surrogate(value: Any) -> bool:
+    return isinstance(value, str) and any("\ud800" <= ch <= "\udfff" for ch in value)
+
+
+def not_text(name: str, value: str) -> str:
+    """How any refusal of a string holding a lone surrogate reads (it cannot be stored or sent
+    as UTF-8, so it is refused where it comes in, never left to fail a write)."""
+    ch = next(ch for ch in value if "\ud800" <= ch <= "\udfff")
+    return f"{name} holds \\u{ord(ch):04x}, half of a UTF-16 surrogate pair: not a character; send text only"
+
+
+def find_surrogate(doc: Any) -> tuple[str, str] | None:
+    """The path (``params.a[1]``; "" for ``doc`` itself) and the string of the first key or
+    string value in ``doc`` that holds a lone surrogate, or None."""
+    return _find(doc, "", _surrogate)
+
+
 def _bad_bytes(value: Any) -> bool:
     """A string holding a byte that was not UTF-8 (decoded with ``surrogateescape``)."""
     return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
@@ -113,8 +137,13 @@ def read_json(
     if found is not None:
         path, value = found
         field = prefix + path if path else (prefix.rstrip(".") or None)
-        name = field or what
-        raise InvalidInput(too_long(name, value.digits, value.head), field=field)
+        raise InvalidInput(too_long(field or what, value.digits, value.head), field=field)
+    # A lone surrogate (a \u escape of half a pair) is valid JSON but not text: it cannot be
+    # written as UTF-8, by the store or by the client sending it on. Refused here, by name.
+    if _MAY_HOLD_SURROGATE.search(text) and (lone := find_surrogate(doc)):
+        path, value = lone
+        field = prefix + path if path else (prefix.rstrip(".") or None)
+        raise InvalidInput(not_text(field or what, value), field=field)
     return doc
 
 

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .jsonin import cut_digits
+from .jsonin import cut_digits, find_surrogate, not_text
 
 PROTOCOL_VERSION = 1
 
@@ -241,6 +241,8 @@ class JobCreate(BaseModel):
     @field_validator("params")
     @classmethod
     def _params_size(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if lone := find_surrogate(v):  # a body parsed by FastAPI, not jsonin.read_json
+            raise ValueError("must be text: " + not_text(f"params.{lone[0]}", lone[1]))
         try:
             size = len(dumps(v).encode())
         except ValueError:  # NaN or infinity: the service names the field

@@ -437,3 +437,14 @@ def test_an_empty_data_file_is_one_line_exit_2(live: ServerProcess, tmp_path: Pa
     empty.write_text("")
     line = error_line(cli("datasets", "create", "e", "--file", str(empty), url=live.url), 2)
     assert str(empty) in line
+
+
+@pytest.mark.parametrize(
+    "arg", ["message=caf\udce9", 'message="a\\udcff"', '{"message": "a\\ud800"}'], ids=["not UTF-8", "-p escape", "--params"]
+)
+def test_a_param_that_is_not_text_is_one_line_exit_2(live: ServerProcess, arg: str) -> None:
+    """A -p value with bytes that are not UTF-8 (a Latin-1 shell), or a JSON string holding half
+    a surrogate pair, exits 2 in one line naming params.message: never a bug report (exit 70)."""
+    args = ("--params", arg) if arg.startswith("{") else ("-p", arg)
+    line = error_line(cli("jobs", "create", "simulate", *args, url=live.url), 2)
+    assert "params.message holds \\ud" in line and "surrogate pair" in line, line

@@ -22,7 +22,7 @@ NOT_FINITE = "is not a finite number (NaN, Infinity and numbers past 1.8e308 hav
 
 def _parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
     from ..client import non_finite
-    from ..jsonin import read_json
+    from ..jsonin import find_surrogate, not_text, read_json
 
     params: dict[str, Any] = {}
     if raw is not None:
@@ -45,6 +45,9 @@ def _parse_params(pairs: list[str], raw: str | None) -> dict[str, Any]:
             params[key] = value
         if non_finite(params[key]):
             raise InvalidInput(f"-p {pair}: {value} {NOT_FINITE}", field=f"params.{key}")
+    if lone := find_surrogate(params):  # a plain -p value with bytes that were not UTF-8
+        field = f"params.{lone[0]}"
+        raise InvalidInput(not_text(field, lone[1]), field=field)
     return params
 
 

@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from .. import __version__, wire
 from ..errors import NO_ROUTE, InvalidInput, MangwaleError
-from ..jsonin import read_json, too_long
+from ..jsonin import not_text, read_json, too_long
 from ..metrics import Metrics
 from ..service import Service
 from ..settings import Settings
@@ -141,6 +141,8 @@ def describe_invalid(error: dict[str, Any], field: str | None) -> str:
     if kind == "int_parsing_size":  # past Python's 4,300 digits: a query's since=1000...
         text = str(value).strip()
         return too_long(name, len(text.lstrip("+-")), text)
+    if kind == "string_unicode" and isinstance(value, str):  # a lone surrogate, from a \u escape
+        return not_text(name, value)
     if kind == "finite_number":
         return f"{name} must be a finite number, got {wire.show(value)}"
     if kind in _BOUNDS:
